@@ -1,0 +1,230 @@
+"""model.py against independent references: transformers' GPT2LMHeadModel, plain re-computations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPT2_SIZES, GPTConfig
+
+
+@pytest.fixture(scope="module")
+def hf_small(tmp_path_factory):
+    """A random transformers GPT-2 with non-square sizes, saved in HF format, and the model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(1)
+    config = GPT2Config(n_positions=40, n_embd=48, n_layer=3, n_head=3, vocab_size=101)
+    model = GPT2LMHeadModel(config).eval()
+    # A random init has tiny LayerNorm/bias spread; perturb everything so a wrong transpose shows.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path_factory.mktemp("hf_small")
+    model.save_pretrained(path)
+    return str(path), model
+
+
+def test_from_pretrained_matches_transformers(hf_small):
+    path, hf_model = hf_small
+    model = GPT.from_pretrained(path).eval()
+    assert model.config == GPTConfig(block_size=40, vocab_size=101, n_layer=3, n_head=3, n_embd=48)
+    idx = torch.randint(0, 101, (3, 40), generator=torch.Generator().manual_seed(0))
+    targets = torch.roll(idx, -1, dims=1)
+    with torch.no_grad():
+        ours, our_loss = model(idx, targets)
+        theirs = hf_model(idx).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    their_loss = F.cross_entropy(theirs.view(-1, 101), targets.view(-1))
+    torch.testing.assert_close(our_loss, their_loss, atol=1e-5, rtol=0)
+
+
+def test_save_pretrained_round_trips_into_transformers(hf_small, tmp_path):
+    from transformers import GPT2LMHeadModel
+    path, _ = hf_small
+    model = GPT.from_pretrained(path).eval()
+    model.save_pretrained(tmp_path / "export")
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    idx = torch.randint(0, 101, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
+
+
+def test_padded_vocab_loads_trains_and_exports_without_the_padding(hf_gpt2_dir, tmp_path):
+    from transformers import GPT2LMHeadModel
+    hf_model = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
+    model = GPT.from_pretrained(hf_gpt2_dir, vocab_size=50304)
+    assert model.config.vocab_size == 50304
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits, _ = model(idx)
+        reference = hf_model(idx).logits
+    # The real rows are GPT-2's; the padding rows give ordinary (not dominating) logits.
+    torch.testing.assert_close(logits[..., :50257], reference, atol=1e-5, rtol=0)
+    assert (logits[..., 50257:].max(-1).values < reference.max(-1).values).all()
+    # Training steps through the padded model, then export drops the padding rows.
+    optimizer, _ = model.configure_optimizers(0.1, 1e-3, device_type="cpu")
+    for _ in range(2):
+        _, loss = model(idx, torch.roll(idx, -1, 1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.isfinite(loss)
+    model.eval().save_pretrained(tmp_path / "export")
+    exported = GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    assert exported.config.vocab_size == 50257
+    with torch.no_grad():
+        torch.testing.assert_close(exported(idx).logits, model(idx)[0][..., :50257], atol=1e-5, rtol=0)
+    # Sampling never picks a padding token, even when the padding rows are made to dominate.
+    with torch.no_grad():
+        model.lm_head.weight[50257:] = model.transformer.ln_f.weight * 100
+    samples = model.generate(idx[:, :4], 8, top_k=None, generator=torch.Generator().manual_seed(0))
+    assert samples.max() < 50257
+
+
+def test_124m_parameter_count_and_tied_weights():
+    model = GPT(GPTConfig())
+    assert model.num_parameters() == 124_439_808
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    # HF names, so OpenAI's weights map one to one
+    names = dict(model.named_parameters())
+    assert "transformer.h.11.attn.c_attn.weight" in names and "transformer.h.0.mlp.c_fc.bias" in names
+
+
+def test_gpt2_sizes_by_name():
+    sizes = {name: (c.n_layer, c.n_head, c.n_embd) for name in GPT2_SIZES for c in [GPTConfig.from_name(name)]}
+    assert sizes == {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
+                     "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
+    assert GPTConfig.from_name("gpt2", vocab_size=50304).vocab_size == 50304
+    with pytest.raises(ValueError, match="gpt2-small"):
+        GPTConfig.from_name("gpt2-small")
+    assert GPTConfig(n_embd=50, n_head=3).problems() == ["n_embd=50 is not divisible by n_head=3"]
+
+
+def test_gpt2_initialisation():
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=64, vocab_size=512, n_layer=8, n_head=4, n_embd=256)
+    model = GPT(config)
+    residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert p.abs().max() == 0, name
+        elif ".ln_" in name or "ln_f" in name:
+            assert (p == 1).all(), name
+        elif name.endswith("c_proj.weight"):
+            assert p.std().item() == pytest.approx(residual_std, rel=0.05), name
+        else:
+            assert p.std().item() == pytest.approx(0.02, rel=0.05), name
+            assert abs(p.mean().item()) < 0.002, name
+
+
+def test_sdpa_attention_equals_plain_masked_softmax():
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=24, vocab_size=64, n_layer=1, n_head=3, n_embd=48)
+    attn = GPT(config).transformer.h[0].attn
+    x = torch.randn(2, 24, 48)
+    B, T, C = x.shape
+    hs = C // 3
+    q, k, v = (x @ attn.c_attn.weight.T + attn.c_attn.bias).split(C, dim=2)
+    q, k, v = (t.view(B, T, 3, hs).transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(hs)
+    scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+    expected = y @ attn.c_proj.weight.T + attn.c_proj.bias
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=0)
+
+
+def test_loss_ignores_targets_of_minus_one():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+    idx = torch.randint(0, 50, (2, 16))
+    targets = torch.randint(0, 50, (2, 16))
+    targets[0, :5] = -1
+    targets[1, 10:] = -1
+    logits, loss = model(idx, targets)
+    keep = targets != -1
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(loss, expected)
+
+
+def greedy_without_cache(model, idx, max_new_tokens):
+    """The reference: a full forward over the (cropped) context for every new token."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("max_new_tokens", [20, 40])  # 40 runs past block_size (32): cropping
+def test_greedy_decoding_with_kv_cache_equals_full_recompute(max_new_tokens):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=80, n_layer=2, n_head=2, n_embd=32)).eval()
+    prompt = torch.randint(0, 80, (3, 6))
+    with torch.no_grad():
+        expected = greedy_without_cache(model, prompt, max_new_tokens)
+    got = model.generate(prompt, max_new_tokens, top_k=1)
+    assert got.shape == (3, 6 + max_new_tokens)
+    assert torch.equal(got, expected)
+
+
+def test_seeded_sampling_repeats_and_seeds_differ():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=80, n_layer=2, n_head=2, n_embd=32)).eval()
+    prompt = torch.zeros(2, 3, dtype=torch.long)
+    a = model.generate(prompt, 20, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(42))
+    b = model.generate(prompt, 20, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(42))
+    c = model.generate(prompt, 20, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(43))
+    assert torch.equal(a, b)
+    assert torch.equal(a[:, :3], prompt)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_tiny_model_overfits_one_batch(dtype, tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    optimizer, _ = model.configure_optimizers(weight_decay=0.0, learning_rate=3e-3, device_type="cpu")
+    idx = torch.randint(0, tiny_config.vocab_size, (4, 32))
+    targets = torch.roll(idx, -1, 1)
+    for _ in range(150):
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            _, loss = model(idx, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert loss.item() < 0.1
+
+
+def test_weight_decay_groups(tiny_config):
+    model = GPT(tiny_config)
+    optimizer, info = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, device_type="cpu")
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each exactly once
+    assert all(p.dim() < 2 for p in no_decay["params"]) and all(p.dim() >= 2 for p in decay["params"])
+    named = {id(p): n for n, p in model.named_parameters()}
+    assert {named[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters()
+                                                         if n.endswith("bias") or ".ln_" in n or "ln_f" in n}
+    assert info["num_decay_params"] + info["num_nodecay_params"] == model.num_parameters()
+    assert info["num_nodecay_params"] == sum(p.numel() for p in no_decay["params"])
+
+
+def test_flops_per_token_matches_the_architecture():
+    config = GPTConfig()
+    L, C, V, T = config.n_layer, config.n_embd, config.vocab_size, 1024
+    per_layer = 4 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
+    matmul_params = V * C + L * per_layer + 2 * C  # wte/lm_head once, blocks, ln_f; no wpe
+    expected = 6 * matmul_params + 12 * L * C * T
+    assert GPT(config).flops_per_token(T) == expected
+
+
+def test_from_checkpoint_restores_the_model(tiny_config, tmp_path):
+    from dataclasses import asdict
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    torch.save({"model": model.state_dict(), "model_config": asdict(tiny_config)}, tmp_path / "ckpt.pt")
+    restored = GPT.from_checkpoint(tmp_path / "ckpt.pt")
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 8))
+    assert restored.config == tiny_config
+    assert torch.equal(restored(idx)[0], model(idx)[0])
