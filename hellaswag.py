@@ -1,0 +1,402 @@
+"""HellaSwag: how our GPT-2 compares with OpenAI's GPT-2 and GPT-3 on common-sense sentence endings.
+
+    python hellaswag.py -m gpt2                        # OpenAI's 124M from the Hugging Face hub
+    python hellaswag.py -m log/checkpoints/step_00019073.pt --predictions preds.jsonl
+    python hellaswag.py -m ./my-gpt2 --data hellaswag_val.jsonl --limit 500   # offline
+    torchrun --standalone --nproc_per_node 8 hellaswag.py -m gpt2-xl         # examples over 8 GPUs
+
+    from hellaswag import load_examples, evaluate      # what train_gpt2.py does every eval interval
+    result = evaluate(model, load_examples(path), "cuda", rank=rank, world_size=world_size,
+                      autocast_dtype=torch.bfloat16)  # counts over this rank's share; all-reduce them
+
+Each HellaSwag example is a context ("A man is sitting on a roof. he") and four endings, one of
+them right. The data is the validation set of the original repo, 10,042 examples, downloaded
+once into $HELLASWAG_CACHE (default ~/.cache/gpt2-repro/hellaswag); `--data FILE` reads a local
+copy instead. A line needs "ctx" (text), "endings" (4 texts) and "label" (0-3); other keys are
+ignored.
+
+Scoring is completion style, the way a base model like GPT-2 is scored: each ending follows the
+context as plain text (tokens of ctx, then tokens of " " + ending), and the model's cross-entropy
+is taken over the ending tokens only.
+  - acc      picks the ending with the lowest summed loss (the most likely continuation),
+  - acc_norm picks the ending with the lowest mean loss per ending token (length-normalised),
+and the last line printed is `acc: X acc_norm: Y n: N`. The reference values on the full
+validation set, completion style as here:
+    OpenAI GPT-2 124M   acc 0.2859  acc_norm 0.2955
+    OpenAI GPT-2 1.5B   acc 0.3842  acc_norm 0.4893   (gpt2-xl)
+    GPT-3 small 125M             acc_norm 0.337     (GPT-3 paper, zero-shot; not released)
+EleutherAI's lm-evaluation-harness reports higher acc_norm for the same models (GPT-2 124M:
+acc 0.2892, acc_norm 0.3114) because its `hellaswag` task is scored differently: it rewrites the
+text first (activity label prefix, capitalised ctx_b, "[title]"-style markup removed) and its
+acc_norm divides the summed log-likelihood by the ending's length in characters, not tokens.
+Compare numbers from this file with each other and with the completion-style column above.
+
+Speed: many examples go through the model per forward pass. Every row (context + ending) is
+right-padded to one fixed length T, the longest row of the whole set rounded up to a multiple of
+32, and the last batch is filled up with dummy rows, so every batch has the same shape and a
+torch.compile'd model compiles once. A row longer than the model's block size keeps its last
+block_size tokens (the start of the context is dropped). On GPU the forward runs under bf16
+autocast. Memory: one batch of `batch_size` examples is 4 * batch_size rows, and the model's
+logits are 4 * batch_size * T * vocab_size numbers (bf16 on GPU): with the default 16 examples
+and, say, T = 192 that is 64 * 192 * 50304 * 2 bytes = 1.2 GB; the float32 losses are computed from
+the ending positions only, a small fraction of that. Halve --batch-size on a small GPU or CPU.
+Under torchrun each rank scores examples[rank::world_size] and the counts are summed.
+
+A model whose vocabulary is padded (50304 rows for speed) is scored over GPT-2's 50,257 real
+tokens only, so a checkpoint and its Hugging Face export (which drops the padding) agree.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import sys
+import urllib.request
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from tokenizer import get_tokenizer
+
+DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+DATA_FILE = "hellaswag_val.jsonl"
+GPT2_VOCAB_SIZE = 50257  # scored over these tokens only; more rows are padding
+PAD_MULTIPLE = 32  # the fixed row length is a multiple of this (friendlier kernels, few shapes)
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class HellaSwagConfig:
+    model: str = "gpt2"  # HF hub name, local HF directory, or train_gpt2.py checkpoint (.pt)
+    data: str | None = None  # local HellaSwag jsonl; None downloads the validation set once
+    device: str = "auto"  # auto picks cuda > mps > cpu
+    batch_size: int = 16  # examples per forward pass (4 rows each)
+    limit: int | None = None  # score only the first N examples
+    predictions: str | None = None  # write one JSON line per example here
+
+    def problems(self):
+        """Every value that cannot work, as readable strings (empty when the config is fine)."""
+        found = []
+        if self.batch_size < 1:
+            found.append(f"--batch-size {self.batch_size} must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            found.append(f"--limit {self.limit} must be at least 1")
+        if self.data is not None and not os.path.isfile(self.data):
+            found.append(f"--data {self.data} is not a file; give the path of a HellaSwag .jsonl "
+                         f"or leave --data out to download the validation set")
+        if not os.path.exists(self.model) and (self.model.endswith(".pt") or self.model.startswith((".", "/", "~"))):
+            found.append(f"--model {self.model} does not exist; give a train_gpt2.py checkpoint (.pt), "
+                         f"a Hugging Face directory, or a hub name such as gpt2")
+        if self.predictions is not None:
+            directory = os.path.dirname(os.path.abspath(self.predictions))
+            if not os.path.isdir(directory):
+                found.append(f"--predictions {self.predictions}: directory {directory} does not exist")
+        device_type = self.device.split(":")[0]
+        if device_type not in ("auto", "cpu", "cuda", "mps"):
+            found.append(f"--device {self.device} is not one of auto, cpu, cuda, cuda:N, mps")
+        elif device_type == "cuda" and not torch.cuda.is_available():
+            found.append(f"--device {self.device} but this torch sees no CUDA GPU; use --device cpu")
+        elif device_type == "mps" and not torch.backends.mps.is_available():
+            found.append(f"--device {self.device} but MPS is not available here; use --device cpu")
+        return found
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Score a GPT-2 on HellaSwag (completion style).")
+    parser.add_argument("-m", "--model", default=HellaSwagConfig.model,
+                        help="Hugging Face name (gpt2, gpt2-medium, ...), local HF directory, "
+                             "or a train_gpt2.py checkpoint .pt (default: %(default)s)")
+    parser.add_argument("--data", default=None,
+                        help="local HellaSwag .jsonl; default: download the validation set into "
+                             "$HELLASWAG_CACHE or ~/.cache/gpt2-repro/hellaswag")
+    parser.add_argument("--device", default=HellaSwagConfig.device,
+                        help="cpu, cuda, cuda:N, mps, or auto for cuda > mps > cpu (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=HellaSwagConfig.batch_size,
+                        help="examples per forward pass, 4 rows each (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    parser.add_argument("--predictions", default=None,
+                        help="write one JSON line per example: index, label, pred, pred_norm, losses")
+    config = HellaSwagConfig(**vars(parser.parse_args(argv)))
+    problems = config.problems()
+    if problems:
+        parser.exit(2, f"{parser.prog}: error: {'; '.join(problems)}\n")
+    return config
+
+
+# -----------------------------------------------------------------------------
+# The data
+
+
+class DataError(Exception):
+    """A HellaSwag file that cannot be read or downloaded; the message says where and how to fix it."""
+
+
+def cache_dir():
+    default = os.path.join(os.path.expanduser("~"), ".cache", "gpt2-repro", "hellaswag")
+    return os.environ.get("HELLASWAG_CACHE") or default
+
+
+def download(url=DATA_URL, directory=None):
+    """The validation set in the cache directory, fetched from url the first time; returns its path."""
+    directory = directory or cache_dir()
+    path = os.path.join(directory, DATA_FILE)
+    if os.path.exists(path):
+        return path
+    tmp = f"{path}.tmp{os.getpid()}"  # several ranks may download at once: each to its own name
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {DATA_FILE}") as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            if size is not None and f.tell() != size:
+                raise OSError(f"got {f.tell()} of {size} bytes")
+        os.replace(tmp, path)  # only a complete file ever has the final name
+    except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors too
+        raise DataError(f"could not download HellaSwag from {url} ({e}); "
+                        f"pass --data FILE with a local copy of {DATA_FILE}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_examples(path):
+    """The examples of a HellaSwag .jsonl file as dicts with "ctx", "endings" (4) and "label".
+
+    Every line is checked; the first bad one raises DataError naming the file and line number.
+    """
+    examples = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():  # tolerate blank lines, e.g. a trailing one
+                    examples.append(_parse_line(line, f"{path} line {number}"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if not examples:
+        raise DataError(f"{path} holds no examples")
+    return examples
+
+
+def _parse_line(line, where):
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with ctx, endings and label")
+    missing = [key for key in ("ctx", "endings", "label") if key not in record]
+    if missing:
+        raise DataError(f"{where}: missing key(s) {', '.join(missing)}")
+    ctx, endings, label = record["ctx"], record["endings"], record["label"]
+    if not isinstance(ctx, str) or not ctx:
+        raise DataError(f"{where}: ctx must be a non-empty string")
+    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+        count = f"{len(endings)} items" if isinstance(endings, list) else type(endings).__name__
+        raise DataError(f"{where}: endings must be a list of 4 strings, got {count}")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 3:
+        raise DataError(f"{where}: label must be an integer 0-3, got {label!r}")
+    return {"ctx": ctx, "endings": endings, "label": label}
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+def tokenize(example, enc):
+    """(context tokens, [tokens of each ending]); an ending is a continuation, so it gets a leading space."""
+    return enc.encode_ordinary(example["ctx"]), [enc.encode_ordinary(" " + e) for e in example["endings"]]
+
+
+def build_batch(rendered, batch_size, seq_len):
+    """Rows ctx + ending for up to batch_size examples, as fixed-shape tensors.
+
+    Returns tokens (4 * batch_size, seq_len) int64, right-padded, and mask of the same shape, True
+    on ending tokens. Rows longer than seq_len keep their last seq_len tokens. Missing examples
+    (the last batch) are dummy rows with an empty mask, so the shape never changes.
+    """
+    tokens = torch.zeros(4 * batch_size, seq_len, dtype=torch.long)  # padding: token 0, never scored
+    mask = torch.zeros(4 * batch_size, seq_len, dtype=torch.bool)
+    for i, (ctx, endings) in enumerate(rendered):
+        for j, ending in enumerate(endings):
+            row = (ctx + ending)[-seq_len:]
+            n_ending = min(len(ending), len(row))
+            tokens[4 * i + j, :len(row)] = torch.tensor(row)
+            mask[4 * i + j, len(row) - n_ending:len(row)] = True
+    return tokens, mask
+
+
+def ending_losses(logits, tokens, mask):
+    """Summed and mean cross-entropy over each row's ending tokens: two (rows,) float32 tensors."""
+    logits = logits[:, :-1, :GPT2_VOCAB_SIZE]  # position t predicts token t + 1; no padding tokens
+    targets = tokens[:, 1:]
+    mask = mask[:, 1:]  # a row's first token has no prediction, so it cannot be scored
+    # Only the ending positions go to float32: a fraction of the full (rows, T, vocab) logits.
+    losses = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")  # (n_scored,)
+    row_of = torch.arange(len(mask), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    sums = torch.zeros(len(mask), device=losses.device).index_add_(0, row_of, losses)  # (rows,)
+    means = sums / mask.sum(dim=1).clamp(min=1)
+    return sums, means
+
+
+def _block_size(model):
+    """The longest sequence the model takes: our GPTConfig.block_size or HF's n_positions."""
+    model = getattr(model, "module", model)  # a DistributedDataParallel wrapper holds it in .module
+    config = model.config  # torch.compile's wrapper forwards attribute lookups to the model
+    return getattr(config, "block_size", None) or config.n_positions
+
+
+def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None,
+             progress=False):
+    """Score examples[rank::world_size]; returns counts for this rank's share and its predictions.
+
+    model: our GPT (returns (logits, loss)), a transformers GPT-2 (returns .logits), or either
+    wrapped by torch.compile, already on device. Under DDP pass the module inside the wrapper:
+    ranks score different numbers of batches, so no forward may wait for the others.
+    Returns {"correct", "correct_norm", "total", "predictions"}, predictions a list of
+    {"index", "label", "pred", "pred_norm", "losses"} per example: index into examples, losses
+    the four mean losses. The caller all-reduces the counts.
+    """
+    enc = get_tokenizer()
+    device = torch.device(device)
+    # One row length for the whole set (not this rank's share), so every rank and batch agree.
+    rendered = [tokenize(example, enc) for example in examples]
+    longest = max(len(ctx) + len(ending) for ctx, endings in rendered for ending in endings)
+    seq_len = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, _block_size(model))
+    indices = list(range(rank, len(examples), world_size))
+
+    result = {"correct": 0, "correct_norm": 0, "total": 0, "predictions": []}
+    was_training = model.training
+    model.eval()
+    # no_grad, not inference_mode: inference tensors would break a compiled model that trains next.
+    try:
+        with torch.no_grad(), tqdm(total=len(indices), unit="ex", desc="hellaswag", disable=not progress) as bar:
+            for start in range(0, len(indices), batch_size):
+                batch = indices[start:start + batch_size]
+                tokens, mask = build_batch([rendered[i] for i in batch], batch_size, seq_len)
+                tokens, mask = tokens.to(device), mask.to(device)
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    output = model(tokens)
+                logits = output[0] if isinstance(output, tuple) else output.logits  # (rows, T, vocab)
+                sums, means = ending_losses(logits, tokens, mask)
+                sums = sums.view(-1, 4).tolist()  # (batch_size, 4), dummy examples at the end
+                means = means.view(-1, 4).tolist()
+                for k, index in enumerate(batch):
+                    label = examples[index]["label"]
+                    pred = min(range(4), key=sums[k].__getitem__)  # most likely ending
+                    pred_norm = min(range(4), key=means[k].__getitem__)  # most likely per token
+                    result["correct"] += pred == label
+                    result["correct_norm"] += pred_norm == label
+                    result["total"] += 1
+                    result["predictions"].append({"index": index, "label": label, "pred": pred,
+                                                  "pred_norm": pred_norm, "losses": means[k]})
+                bar.update(len(batch))
+                bar.set_postfix(acc_norm=f"{result['correct_norm'] / result['total']:.4f}")
+    finally:
+        model.train(was_training)
+    return result
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+class ModelError(Exception):
+    """A model that cannot be loaded or scored; the message says which and why."""
+
+
+def pick_device(requested, local_rank):
+    if requested == "auto":
+        if torch.cuda.is_available():
+            requested = "cuda"
+        elif torch.backends.mps.is_available():
+            requested = "mps"
+        else:
+            requested = "cpu"
+    if requested == "cuda" and local_rank is not None:
+        requested = f"cuda:{local_rank}"  # torchrun: one GPU per process
+    return torch.device(requested)
+
+
+def load_model(name_or_path, device):
+    """Our GPT from a train_gpt2.py checkpoint (.pt file) or from a HF name / directory."""
+    from model import GPT
+    try:
+        if os.path.isfile(name_or_path):
+            model = GPT.from_checkpoint(name_or_path)
+        else:
+            model = GPT.from_pretrained(name_or_path)
+    except Exception as e:  # torch.load, safetensors and the hub each raise their own kinds
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load model {name_or_path}: {message}") from None
+    if model.config.vocab_size < GPT2_VOCAB_SIZE:
+        raise ModelError(f"model {name_or_path} has vocab_size {model.config.vocab_size}; "
+                         f"HellaSwag text needs GPT-2's {GPT2_VOCAB_SIZE} tokens")
+    return model.to(device)
+
+
+def write_predictions(path, predictions):
+    """One JSON line per example in index order, written to a temp name and renamed when complete."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for p in sorted(predictions, key=lambda p: p["index"]):
+                f.write(json.dumps(p) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv=None):
+    config = parse_args(argv)
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # set by torchrun
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(config.device, int(os.environ["LOCAL_RANK"]) if distributed else None)
+    if distributed:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    try:
+        examples = load_examples(config.data or download())[:config.limit]
+        model = load_model(config.model, device)
+        if rank == 0:
+            print(f"{config.model}: {model.num_parameters():,} parameters on {device}, "
+                  f"{len(examples)} examples over {world_size} process(es)")
+        autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+        result = evaluate(model, examples, device, batch_size=config.batch_size, rank=rank,
+                          world_size=world_size, autocast_dtype=autocast_dtype, progress=rank == 0)
+        predictions = result["predictions"]
+        counts = torch.tensor([result["correct"], result["correct_norm"], result["total"]], device=device)
+        if distributed:
+            dist.all_reduce(counts)
+            gathered = [None] * world_size if rank == 0 else None
+            dist.gather_object(predictions, gathered, dst=0)
+            if rank == 0:
+                predictions = [p for part in gathered for p in part]
+        correct, correct_norm, total = counts.tolist()
+        if rank == 0:
+            if config.predictions:
+                write_predictions(config.predictions, predictions)
+            print(f"acc: {correct / total:.4f} acc_norm: {correct_norm / total:.4f} n: {total}")
+    except (DataError, ModelError, OSError) as e:
+        if rank == 0:
+            print(f"hellaswag.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""hellaswag.py: scores equal a one-example-at-a-time re-computation with transformers' GPT-2.
+
+The data is a small HellaSwag-format file of real English sentences written here, with endings
+of very different lengths (so summed and mean losses pick different endings) and one context
+longer than the test model's 64 positions (so left truncation is exercised). The model is the
+random GPT-2 of the `hf_gpt2_dir` fixture.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import hellaswag
+from model import GPT
+from tokenizer import get_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "hellaswag.py")
+
+EXAMPLES = [
+    ("A man is sitting on a roof. He",
+     ["is using wrap to wrap a pair of skis.", "starts pulling up the old shingles one by one.",
+      "sings.", "is holding a cup of coffee and watching the sunset over the quiet lake below the hills."], 1),
+    ("The chef cracks two eggs into a bowl. She",
+     ["whisks them with a fork until they are smooth.", "paints the bowl blue.",
+      "throws the bowl at the window, then sweeps the kitchen floor for a very long time.", "sleeps."], 0),
+    ("A girl kneels next to her bicycle on the sidewalk. She",
+     ["flies.", "reads a newspaper about the weather in another country and then calls her grandmother.",
+      "pumps air into the flat back tire.", "eats the tire."], 2),
+    ("The students open their textbooks to chapter three. The teacher",
+     ["dances on the desk.", "swims.", "writes the first equation on the board and asks a question.",
+      "drives a truck across the field towards the barn while the farmer waves at him from the gate."], 2),
+    ("To make a paper airplane, fold the sheet in half lengthwise. Then",
+     ["fold the top corners down to the center line.", "burn it.",
+      "put the sheet in the washing machine with your shirts and wait for an hour.", "cry."], 0),
+    ("A woman is standing at a bus stop in the rain. She",
+     ["opens her umbrella and checks the timetable.", "melts.",
+      "plants a tree in the middle of the road and then leaves.", "becomes a bus."], 0),
+    ("Two boys are playing chess in the park. One of them",
+     ["moves his knight and says check.", "eats the board.", "jumps into the fountain with his clothes on.",
+      "flies a kite."], 0),
+    ("The dog runs to the door when the bell rings. It",
+     ["barks loudly and wags its tail.", "opens a bank account.", "writes a letter.", "turns into a cat."], 0),
+    ("A gardener kneels beside a row of tomato plants. He",
+     ["ties the tall stems to wooden stakes with string.", "sells the garden.",
+      "launches a rocket.", "reads."], 0),
+    ("The orchestra takes its seats and the lights dim. The conductor",
+     ["raises the baton and the music begins.", "leaves to buy groceries.",
+      "starts painting the ceiling of the concert hall in bright colours.", "sleeps."], 0),
+    ("A toddler is stacking colourful wooden blocks on the carpet. The tower",
+     ["wobbles and falls over.", "sings a song.", "becomes a real castle with a king and a queen.",
+      "drives away."], 0),
+    ("The mechanic lifts the hood of the old car. He",
+     ["checks the oil level with the dipstick.", "plays the violin.",
+      "orders a pizza for everyone in the garage and then goes home early.", "paints it."], 0),
+    # Longer than the test model's 64 positions with any ending: rows keep their last 64 tokens.
+    ("It was a cold morning in the small mountain village, and the baker had been awake since four "
+     "o'clock, kneading dough, heating the old stone oven, and arranging loaves on the wooden shelves "
+     "by the window while the first customers gathered outside the shop in the snow. When the door "
+     "finally opened, the baker",
+     ["greeted them with a warm smile and fresh bread.", "flew to the moon.",
+      "closed the shop, locked the door and went back to bed without selling a single loaf all day.",
+      "laughed."], 0),
+]
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return [{"ctx": ctx, "endings": endings, "label": label} for ctx, endings, label in EXAMPLES]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory, examples):
+    path = tmp_path_factory.mktemp("hellaswag") / "val.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def hf_model(hf_gpt2_dir):
+    from transformers import GPT2LMHeadModel
+    return GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def reference(hf_model, examples):
+    """Per example: the four summed and mean losses, one forward of ctx + ending at a time."""
+    enc = get_tokenizer()
+    block_size = hf_model.config.n_positions
+    out = []
+    for example in examples:
+        ctx = enc.encode_ordinary(example["ctx"])
+        sums, means = [], []
+        for ending in example["endings"]:
+            end = enc.encode_ordinary(" " + ending)
+            row = (ctx + end)[-block_size:]  # too long: drop the start of the context
+            with torch.no_grad():
+                logprobs = hf_model(torch.tensor([row])).logits[0].float().log_softmax(-1)
+            first = len(row) - len(end)  # where the ending starts in row
+            scored = [-logprobs[p - 1, row[p]].item() for p in range(max(first, 1), len(row))]
+            sums.append(sum(scored))
+            means.append(sum(scored) / len(scored))
+        out.append({"sums": sums, "means": means, "label": example["label"],
+                    "pred": sums.index(min(sums)), "pred_norm": means.index(min(means))})
+    return out
+
+
+def assert_matches_reference(result, reference, indices=None):
+    indices = range(len(reference)) if indices is None else indices
+    predictions = sorted(result["predictions"], key=lambda p: p["index"])
+    assert [p["index"] for p in predictions] == list(indices)
+    for p, i in zip(predictions, indices):
+        ref = reference[i]
+        assert (p["label"], p["pred"], p["pred_norm"]) == (ref["label"], ref["pred"], ref["pred_norm"]), i
+        torch.testing.assert_close(torch.tensor(p["losses"]), torch.tensor(ref["means"]), atol=1e-4, rtol=0)
+    assert result["total"] == len(indices)
+    assert result["correct"] == sum(reference[i]["pred"] == reference[i]["label"] for i in indices)
+    assert result["correct_norm"] == sum(reference[i]["pred_norm"] == reference[i]["label"] for i in indices)
+
+
+def test_test_data_separates_acc_from_acc_norm(reference, hf_model, examples):
+    # Otherwise a swap of the two metrics would go unnoticed; and the long example must be longer
+    # than the model's context, so truncation is really tested.
+    assert any(r["pred"] != r["pred_norm"] for r in reference)
+    enc = get_tokenizer()
+    assert len(enc.encode_ordinary(examples[-1]["ctx"])) > hf_model.config.n_positions
+
+
+def test_our_gpt_matches_reference(hf_gpt2_dir, examples, reference):
+    model = GPT.from_pretrained(hf_gpt2_dir).train()
+    result = hellaswag.evaluate(model, examples, "cpu", batch_size=4)
+    assert_matches_reference(result, reference)
+    assert model.training  # the caller's mode is restored
+
+
+def test_transformers_model_matches_reference(hf_model, examples, reference):
+    assert_matches_reference(hellaswag.evaluate(hf_model, examples, "cpu", batch_size=5), reference)
+
+
+def test_batch_size_and_rank_split_change_nothing(hf_gpt2_dir, examples, reference):
+    model = GPT.from_pretrained(hf_gpt2_dir)
+    for batch_size in (1, 3, 7):
+        assert_matches_reference(hellaswag.evaluate(model, examples, "cpu", batch_size=batch_size), reference)
+    # Three ranks each score examples[rank::3]; together they are the whole set.
+    for rank in range(3):
+        result = hellaswag.evaluate(model, examples, "cpu", batch_size=2, rank=rank, world_size=3)
+        assert_matches_reference(result, reference, indices=range(rank, len(examples), 3))
+
+
+def test_every_batch_has_one_shape(hf_gpt2_dir, examples):
+    # Rows are padded to the longest row of the whole set rounded up to 32 (capped by the model's
+    # 64 positions), and a short last batch is filled with dummy rows: one shape, one compile.
+    model = GPT.from_pretrained(hf_gpt2_dir)
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    enc = get_tokenizer()
+    short = examples[:-1]  # without the long example
+    longest = max(len(enc.encode_ordinary(e["ctx"] + " " + ending)) for e in short for ending in e["endings"])
+    rounded = -(-longest // 32) * 32
+    assert longest < rounded < 64
+    hellaswag.evaluate(model, short, "cpu", batch_size=5)  # 12 examples: 5 + 5 + 2 and 3 dummies
+    assert shapes == [(20, rounded)] * 3
+    # Rank 1 of 2 scores only short examples, but the long one (index 12, rank 0's) sets the length
+    # for every rank.
+    shapes.clear()
+    hellaswag.evaluate(model, examples, "cpu", batch_size=5, rank=1, world_size=2)
+    assert shapes == [(20, 64)] * 2
+
+
+def test_padded_vocabulary_scores_like_gpt2s(hf_gpt2_dir, examples, reference):
+    # The 47 padding rows start at the mean embedding, so their logits are ordinary: counting
+    # them in the softmax would change every loss.
+    model = GPT.from_pretrained(hf_gpt2_dir, vocab_size=50304)
+    assert_matches_reference(hellaswag.evaluate(model, examples, "cpu", batch_size=4), reference)
+
+
+def test_compiled_model_matches_reference(hf_gpt2_dir, examples, reference):
+    model = torch.compile(GPT.from_pretrained(hf_gpt2_dir))
+    assert_matches_reference(hellaswag.evaluate(model, examples, "cpu", batch_size=7), reference)
+
+
+def test_load_examples_reads_what_was_written(data_file, examples, tmp_path):
+    assert hellaswag.load_examples(data_file) == examples
+    with_extras = tmp_path / "extras.jsonl"  # the real file's other keys are ignored; blank lines too
+    record = {"ind": 24, "activity_label": "Roof shingle removal", **examples[0], "split": "val"}
+    with_extras.write_text(json.dumps(record) + "\n\n", encoding="utf-8")
+    assert hellaswag.load_examples(str(with_extras)) == examples[:1]
+
+
+def test_download_copies_the_file_once_and_atomically(data_file, tmp_path):
+    # A file:// URL goes through the same urllib code as the real https download.
+    cache = tmp_path / "cache"
+    path = hellaswag.download(f"file://{data_file}", str(cache))
+    assert path == str(cache / hellaswag.DATA_FILE)
+    with open(path, "rb") as a, open(data_file, "rb") as b:
+        assert a.read() == b.read()
+    assert os.listdir(cache) == [hellaswag.DATA_FILE]
+    # Cached: a second call does not fetch again, even from a URL that would fail.
+    assert hellaswag.download(f"file://{tmp_path}/missing.jsonl", str(cache)) == path
+
+    with pytest.raises(hellaswag.DataError, match="--data FILE") as error:
+        hellaswag.download(f"file://{tmp_path}/missing.jsonl", str(tmp_path / "other"))
+    assert "missing.jsonl" in str(error.value)
+    assert os.listdir(tmp_path / "other") == []  # no partial file left behind
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def read_predictions(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_checkpoint_and_its_hf_export_score_identically(hf_gpt2_dir, data_file, reference, tmp_path):
+    # A train_gpt2.py-style checkpoint with a padded vocabulary, and its export to HF format.
+    model = GPT.from_pretrained(hf_gpt2_dir, vocab_size=50304)
+    checkpoint = tmp_path / "step_00000010.pt"
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "step": 10}, checkpoint)
+    export = tmp_path / "export"
+    model.save_pretrained(str(export))
+
+    outputs = {}
+    for name, path in (("checkpoint", checkpoint), ("export", export)):
+        predictions = tmp_path / f"{name}.jsonl"
+        proc = run_cli("-m", str(path), "--data", data_file, "--device", "cpu", "--batch-size", "3",
+                       "--limit", "10", "--predictions", str(predictions))
+        assert proc.returncode == 0, proc.stderr
+        outputs[name] = (proc.stdout.strip().splitlines()[-1], read_predictions(predictions))
+
+    line, predictions = outputs["checkpoint"]
+    assert outputs["export"][0] == line
+    ref = reference[:10]
+    acc = sum(r["pred"] == r["label"] for r in ref) / 10
+    acc_norm = sum(r["pred_norm"] == r["label"] for r in ref) / 10
+    assert line == f"acc: {acc:.4f} acc_norm: {acc_norm:.4f} n: 10"
+    for ours, theirs, r in zip(predictions, outputs["export"][1], ref, strict=True):
+        assert set(ours) == {"index", "label", "pred", "pred_norm", "losses"}
+        assert (ours["pred"], ours["pred_norm"]) == (theirs["pred"], theirs["pred_norm"]) == (r["pred"], r["pred_norm"])
+        torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), atol=1e-5, rtol=0)
+    assert [p["index"] for p in predictions] == list(range(10))
+
+
+def bad_lines(examples):
+    good = json.dumps(examples[0])
+    return {
+        "not JSON": ("{\"ctx\": \"A man is sitting", "line 3: not valid JSON"),
+        "missing key": (json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"]}), "line 3: missing key(s) label"),
+        "three endings": (json.dumps({**examples[0], "endings": ["a", "b", "c"]}),
+                          "line 3: endings must be a list of 4 strings, got 3 items"),
+        "label out of range": (json.dumps({**examples[0], "label": 4}), "line 3: label must be an integer 0-3, got 4"),
+    }, good
+
+
+@pytest.mark.parametrize("case", ["not JSON", "missing key", "three endings", "label out of range"])
+def test_malformed_line_stops_with_its_line_number(case, examples, hf_gpt2_dir, tmp_path):
+    cases, good = bad_lines(examples)
+    bad, message = cases[case]
+    data = tmp_path / "bad.jsonl"
+    data.write_text(f"{good}\n{good}\n{bad}\n{good}\n", encoding="utf-8")
+    predictions = tmp_path / "predictions.jsonl"
+    proc = run_cli("-m", hf_gpt2_dir, "--data", str(data), "--device", "cpu", "--predictions", str(predictions))
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{data} {message}" in proc.stderr
+    assert os.listdir(tmp_path) == ["bad.jsonl"]  # no predictions, not even a temp file
+
+
+def test_usage_errors_are_listed_together(tmp_path):
+    predictions = tmp_path / "predictions.jsonl"
+    proc = run_cli("-m", str(tmp_path / "nothing.pt"), "--data", str(tmp_path / "missing.jsonl"),
+                   "--batch-size", "0", "--predictions", str(predictions))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for flag in ("--model", "--data", "--batch-size"):
+        assert flag in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_unloadable_model_is_one_line(data_file, tmp_path):
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    predictions = tmp_path / "predictions.jsonl"
+    proc = run_cli("-m", str(not_a_model), "--data", data_file, "--device", "cpu", "--predictions", str(predictions))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"hellaswag.py: error: cannot load model {not_a_model}")
+    assert "Traceback" not in proc.stderr
+    assert not predictions.exists()
+
+
+@pytest.mark.multiprocess
+def test_torchrun_splits_examples_and_reduces(hf_gpt2_dir, data_file, reference, tmp_path):
+    predictions = tmp_path / "predictions.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
+         "-m", hf_gpt2_dir, "--data", data_file, "--device", "cpu", "--batch-size", "2",
+         "--predictions", str(predictions)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "over 2 process(es)" in proc.stdout
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2  # rank 0 prints; rank 1 stays quiet
+    n = len(reference)
+    acc = sum(r["pred"] == r["label"] for r in reference) / n
+    acc_norm = sum(r["pred_norm"] == r["label"] for r in reference) / n
+    assert lines[-1] == f"acc: {acc:.4f} acc_norm: {acc_norm:.4f} n: {n}"
+    written = read_predictions(predictions)
+    assert [p["index"] for p in written] == list(range(n))
+    assert [(p["pred"], p["pred_norm"]) for p in written] == [(r["pred"], r["pred_norm"]) for r in reference]
