@@ -1,0 +1,411 @@
+"""train_gpt2.py end to end on tiny GPTs and real text (Python's reference manual), on CPU.
+
+The reference run ("straight") trains 8 steps in one go; resumed, killed-and-relaunched, DDP,
+other micro batch, compiled and bf16 runs are compared with it. Runs call main(argv) in-process
+where they can; exit codes, killed runs and torchrun use subprocesses.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+import fineweb
+import hellaswag
+import train_gpt2
+from model import GPT
+from train_gpt2 import ShardLoader, TrainError, get_lr, main, parse_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_gpt2.py")
+STEPS = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and other tests may share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, corpus_documents):
+    path = tmp_path_factory.mktemp("data")
+    fineweb.write_shards(corpus_documents, str(path), "pydocs", shard_size=4096, num_proc=1, progress=False)
+    return str(path)
+
+
+def args(data_dir, log_dir, *extra):
+    """A tiny GPT (2 layers, 2 heads, 32 wide), 256 tokens per step = 4 x 32 x 2 micro steps."""
+    return ["--data-dir", data_dir, "--log-dir", str(log_dir), "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
+            "--block-size", "64", "--vocab-size", "50257", "--seq-len", "32", "--batch-size", "4",
+            "--total-batch-size", "256", "--max-steps", str(STEPS), "--warmup-steps", "2", "--max-lr", "1e-2",
+            "--min-lr", "1e-3", "--eval-interval", "4", "--val-tokens", "512", "--hellaswag-interval", "0",
+            "--sample-interval", "0", "--checkpoint-interval", "2", "--no-compile", "--dtype", "float32",
+            "--device", "cpu", *extra]
+
+
+def metrics(log_dir):
+    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def series(log_dir, key):
+    """{step: value} of one metric; fails if a step is logged twice."""
+    records = [r for r in metrics(log_dir) if key in r]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"duplicate steps for {key}: {steps}"
+    return {r["step"]: r[key] for r in records}
+
+
+def checkpoint(log_dir, step):
+    return torch.load(os.path.join(log_dir, "checkpoints", f"step_{step:08d}.pt"), weights_only=True)
+
+
+def assert_close_runs(log_dir, reference, atol):
+    for key in ("train_loss", "grad_norm", "val_loss"):
+        got, want = series(log_dir, key), series(reference, key)
+        assert got.keys() == want.keys()
+        for step in want:
+            assert abs(got[step] - want[step]) <= atol * max(1.0, abs(want[step])), (key, step, got[step], want[step])
+
+
+def run_subprocess(argv, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, env=env, timeout=300,
+                          **kwargs)
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("straight")
+    assert main(args(data_dir, log_dir)) == 0
+    return str(log_dir)
+
+
+# -----------------------------------------------------------------------------
+# The reference run: logs, checkpoints, schedule
+
+
+def test_a_run_logs_every_step_once_and_learns(straight):
+    train = series(straight, "train_loss")
+    assert sorted(train) == list(range(STEPS))
+    assert train[STEPS - 1] < train[0] - 0.5  # real text: the loss falls
+    assert sorted(series(straight, "val_loss")) == [0, 4, 8]
+    assert series(straight, "val_loss")[8] < series(straight, "val_loss")[0] - 0.5
+    assert math.isclose(series(straight, "val_loss")[0], math.log(50257), rel_tol=0.02)  # untrained: uniform
+    config = parse_args(args("d", "l"))
+    assert series(straight, "lr") == {s: pytest.approx(get_lr(s, config)) for s in range(STEPS)}
+    record = next(r for r in metrics(straight) if "train_loss" in r)
+    assert set(record) == {"step", "train_loss", "lr", "grad_norm", "dt_ms", "tokens_per_sec", "mfu"}
+    assert record["mfu"] is None  # no known peak for a CPU
+    with open(os.path.join(straight, "log.txt")) as f:
+        log = f.read()
+    assert log.count("=== launch") == 1 and f"torch {torch.__version__}" in log and "world size 1" in log
+    assert '"max_lr": 0.01' in log  # the config heads the log
+
+
+def test_checkpoints_keep_the_last_k_and_load_as_a_model(straight, data_dir):
+    names = sorted(os.listdir(os.path.join(straight, "checkpoints")))
+    assert names == ["step_00000004.pt", "step_00000006.pt", "step_00000008.pt"]  # keep 3 of 2, 4, 6, 8
+    ckpt = checkpoint(straight, STEPS)
+    assert {"model", "model_config", "optimizer", "step", "config", "loader", "rng"} <= set(ckpt)
+    assert ckpt["step"] == STEPS and ckpt["config"]["max_lr"] == 1e-2
+    assert all(not k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    # the model of the checkpoint reproduces the logged val loss
+    model = GPT.from_checkpoint(os.path.join(straight, "checkpoints", f"step_{STEPS:08d}.pt"))
+    loader = ShardLoader(data_dir, "val", 4, 32, min_rows=1)
+    with torch.no_grad():
+        losses = [model(*loader.read_rows(range(i, i + 4)))[1].item() for i in range(0, 16, 4)]
+    assert sum(losses) / 4 == pytest.approx(series(straight, "val_loss")[STEPS], rel=1e-5)
+
+
+def test_lr_schedule_warmup_peak_decay_and_floor():
+    config = parse_args(["--max-lr", "1e-3", "--min-lr", "1e-4", "--warmup-steps", "10", "--max-steps", "110"])
+    assert get_lr(0, config) == pytest.approx(1e-4)  # warmup: linear, (step + 1) / warmup
+    assert get_lr(4, config) == pytest.approx(5e-4)
+    assert get_lr(9, config) == pytest.approx(1e-3)  # the peak at the end of warmup ...
+    assert get_lr(10, config) == pytest.approx(1e-3)  # ... where the cosine starts
+    assert get_lr(60, config) == pytest.approx(5.5e-4)  # half way: the mean of max and min
+    assert get_lr(35, config) == pytest.approx(1e-4 + 0.9e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    decay = [get_lr(s, config) for s in range(10, 111)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert get_lr(110, config) == pytest.approx(1e-4) and get_lr(500, config) == pytest.approx(1e-4)  # the floor
+
+
+# -----------------------------------------------------------------------------
+# Resume: stopped, corrupt checkpoint, killed
+
+
+def test_a_stopped_run_resumed_with_the_same_arguments_matches_bitwise(straight, data_dir, tmp_path):
+    assert main(args(data_dir, tmp_path, "--stop-at-step", "4")) == 0
+    assert sorted(series(tmp_path, "train_loss")) == [0, 1, 2, 3]
+    assert main(args(data_dir, tmp_path)) == 0  # relaunch: --resume auto
+    assert series(tmp_path, "train_loss") == series(straight, "train_loss")  # fp32 on CPU: bitwise
+    assert series(tmp_path, "val_loss") == series(straight, "val_loss")
+    final, reference = checkpoint(tmp_path, STEPS), checkpoint(straight, STEPS)
+    assert all(torch.equal(final["model"][k], reference["model"][k]) for k in reference["model"])
+    with open(tmp_path / "log.txt") as f:
+        assert f.read().count("=== launch") == 2  # appended, one header per launch
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(straight, data_dir, tmp_path, capsys):
+    assert main(args(data_dir, tmp_path, "--stop-at-step", "6")) == 0
+    latest = tmp_path / "checkpoints" / "step_00000006.pt"
+    os.truncate(latest, os.path.getsize(latest) // 2)  # a write cut short
+    capsys.readouterr()
+    assert main(args(data_dir, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "skipping unreadable checkpoint" in out and "resuming at step 4" in out
+    assert series(tmp_path, "train_loss") == series(straight, "train_loss")
+    final, reference = checkpoint(tmp_path, STEPS)["model"], checkpoint(straight, STEPS)["model"]
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+@pytest.mark.multiprocess
+def test_a_killed_run_relaunched_finishes_like_one_never_killed(straight, data_dir, tmp_path):
+    argv = args(data_dir, tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    first = tmp_path / "checkpoints" / "step_00000002.pt"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    assert not (tmp_path / "checkpoints" / f"step_{STEPS:08d}.pt").exists()
+    result = run_subprocess(argv)
+    assert result.returncode == 0, result.stderr
+    assert series(tmp_path, "train_loss") == series(straight, "train_loss")  # also: no step twice
+    assert series(tmp_path, "val_loss") == series(straight, "val_loss")
+
+
+# -----------------------------------------------------------------------------
+# Same tokens, same gradients: DDP, micro batch size
+
+
+@pytest.mark.multiprocess
+def test_ddp_on_two_processes_matches_one_process_with_accumulation(straight, data_dir, tmp_path):
+    # 2 ranks x 1 micro step of 4 x 32 vs the straight run's 1 rank x 2 micro steps: same 256 tokens
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+               *args(data_dir, tmp_path, "--stop-at-step", "4")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 devices x 1 micro steps" in result.stdout
+    assert all(not k.startswith(("module.", "_orig_mod.")) for k in checkpoint(tmp_path, 4)["model"])
+    # the DDP checkpoint resumes in one process (another world size, same total batch)
+    assert main(args(data_dir, tmp_path)) == 0
+    assert_close_runs(tmp_path, straight, atol=1e-5)  # steps 0-3 on 2 ranks, 4-7 on one
+
+
+@pytest.mark.multiprocess
+def test_under_torchrun_only_rank_0_prints_and_every_rank_fails(data_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+               *args(data_dir, tmp_path, "--total-batch-size", "384")]  # 384 tokens over 2 x 4 x 32
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: invalid settings: total_batch_size=384 is not divisible by batch_size * seq_len * "
+                      "world_size = 4 * 32 * 2 = 256"]
+    assert "exitcode  : 2" in result.stderr  # torchrun's report (a rank still running is then stopped)
+
+
+def test_another_micro_batch_with_the_same_total_batch_gives_the_same_run(straight, data_dir, tmp_path):
+    assert main(args(data_dir, tmp_path, "--batch-size", "8")) == 0  # 1 micro step of 8 x 32
+    assert_close_runs(tmp_path, straight, atol=1e-5)
+
+
+def test_gradients_do_not_depend_on_the_micro_batch(data_dir):
+    grads = []
+    for batch_size in (2, 4, 8):  # 4, 2 and 1 micro steps of the same 256 tokens
+        config = parse_args(args(data_dir, "unused", "--batch-size", str(batch_size), "--grad-clip", "0"))
+        model = train_gpt2.build_model(config, torch.device("cpu"))
+        optimizer, _ = model.configure_optimizers(0.0, 0.0, device_type="cpu")
+        loader = ShardLoader(data_dir, "train", batch_size, 32)
+        loss, norm = train_gpt2.train_step(model, optimizer, loader, 256 // (batch_size * 32), 0.0, config,
+                                           torch.device("cpu"), nullcontext(), 0)
+        grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    # the reference: one forward over all 8 rows
+    config = parse_args(args(data_dir, "unused"))
+    model = train_gpt2.build_model(config, torch.device("cpu"))
+    x, y = ShardLoader(data_dir, "train", 8, 32).next_batch()
+    _, loss = model(x, y)
+    loss.backward()
+    for got_loss, got in grads:
+        assert got_loss == pytest.approx(loss.item(), rel=1e-6)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-7)
+
+
+# -----------------------------------------------------------------------------
+# compile, bf16 autocast, HellaSwag and samples
+
+HELLASWAG = [
+    ("The chef cracked two eggs into the bowl and", ["whisked them with a fork.", "parked the car outside.",
+                                                     "sang to the audience.", "climbed the ladder to the roof."], 0),
+    ("To open the file, the program first", ["barks at the mailman.", "calls the open function with its name.",
+                                             "melts in the sun.", "plants a tree."], 1),
+    ("She put on her running shoes and", ["ate the shoes.", "read the newspaper upside down.",
+                                          "went for a jog around the park.", "turned into a bird."], 2),
+    ("A for loop in Python repeats its body", ["once for every item of the sequence.", "only on Tuesdays.",
+                                               "until the cat wakes up.", "in a different language."], 0),
+    ("The function returns None when it", ["is hungry.", "is painted red.",
+                                           "reaches the end without a return statement.", "sleeps."], 2),
+]
+
+
+@pytest.fixture(scope="module")
+def hellaswag_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hellaswag") / "hellaswag_val.jsonl"
+    with open(path, "w") as f:
+        for ctx, endings, label in HELLASWAG:
+            f.write(json.dumps({"ctx": ctx, "endings": endings, "label": label}) + "\n")
+    return str(path)
+
+
+def test_compiled_training_evaluates_and_samples_without_recompiling(straight, data_dir, hellaswag_file, tmp_path,
+                                                                     monkeypatch):
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    graphs = []  # compiled graphs so far, after each training step (and the evals before it)
+
+    def counting_train_step(*a, **k):
+        result = train_step(*a, **k)
+        graphs.append(counters["stats"]["unique_graphs"])
+        return result
+
+    train_step = train_gpt2.train_step
+    monkeypatch.setattr(train_gpt2, "train_step", counting_train_step)
+    argv = args(data_dir, tmp_path, "--compile", "--stop-at-step", "4", "--eval-interval", "1",
+                "--hellaswag-interval", "1", "--hellaswag-file", hellaswag_file,
+                "--sample-interval", "1", "--sample-tokens", "6", "--num-samples", "2")
+    assert main(argv) == 0
+    assert graphs[0] > 0 and graphs == [graphs[0]] * 4  # train, val and HellaSwag compiled once, in step 0
+    # the compiled model trains like the plain one (val: at the steps both runs evaluated)
+    for key, steps in (("train_loss", {0, 1, 2, 3}), ("val_loss", {0})):
+        values, reference = series(tmp_path, key), series(straight, key)
+        assert set(values) & set(reference) == steps
+        for step in steps:
+            assert values[step] == pytest.approx(reference[step], abs=1e-4)
+    assert sorted(series(tmp_path, "hellaswag_acc")) == [0, 1, 2, 3]
+    samples = series(tmp_path, "samples")
+    assert sorted(samples) == [0, 1, 2, 3] and all(len(s) == 2 for s in samples.values())
+    assert all(text.startswith("Hello, I'm a language model,") for s in samples.values() for text in s)
+    # HellaSwag through the compiled model = HellaSwag on the plain model of the same weights
+    ckpt = checkpoint(tmp_path, 2)
+    assert all(not k.startswith("_orig_mod.") for k in ckpt["model"])
+    model = GPT.from_checkpoint(os.path.join(tmp_path, "checkpoints", "step_00000002.pt"))
+    result = hellaswag.evaluate(model, hellaswag.load_examples(hellaswag_file), "cpu")
+    assert series(tmp_path, "hellaswag_acc")[2] == result["correct_norm"] / result["total"]
+
+
+def test_bf16_autocast_trains_close_to_float32(straight, data_dir, tmp_path):
+    assert main(args(data_dir, tmp_path, "--dtype", "bfloat16", "--stop-at-step", "4")) == 0
+    reference = series(straight, "train_loss")
+    losses = series(tmp_path, "train_loss")
+    assert sorted(losses) == [0, 1, 2, 3]
+    for step, loss in losses.items():
+        assert loss == pytest.approx(reference[step], abs=0.05) and loss != reference[step]  # bf16, not fp32
+    assert series(tmp_path, "val_loss")[0] == pytest.approx(series(straight, "val_loss")[0], abs=0.05)
+
+
+# -----------------------------------------------------------------------------
+# Errors: one line, exit code, nothing damaged
+
+
+def error_of(capsys, argv, code):
+    capsys.readouterr()
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    return err
+
+
+def test_missing_data_dir_names_the_command_that_makes_it(tmp_path):
+    result = run_subprocess(args(str(tmp_path / "nowhere"), tmp_path / "log"))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "does not exist; make it with `python fineweb.py`" in result.stderr and "--demo" in result.stderr
+
+
+def test_batch_sizes_that_do_not_divide(data_dir, tmp_path, capsys):
+    err = error_of(capsys, args(data_dir, tmp_path, "--total-batch-size", "320"), 2)
+    assert "total_batch_size=320 is not divisible by batch_size * seq_len * world_size = 4 * 32 * 1 = 128" in err
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_every_impossible_setting_is_listed_at_once(data_dir, tmp_path, capsys):
+    err = error_of(capsys, args(data_dir, tmp_path, "--n-embd", "50", "--n-head", "3", "--seq-len", "128",
+                                "--warmup-steps", "20", "--max-steps", "10", "--max-lr", "1e-3", "--min-lr", "1e-2"), 2)
+    for problem in ("n_embd=50 is not divisible by n_head=3", "seq_len=128 is over block_size=64",
+                    "warmup_steps=20 is over max_steps=10", "min_lr=0.01 is over max_lr=0.001"):
+        assert problem in err
+
+
+def test_a_checkpoint_whose_settings_differ_from_the_flags(straight, data_dir, tmp_path, capsys):
+    log_dir = tmp_path / "run"
+    shutil.copytree(straight, log_dir)
+
+    def snapshot():
+        return {name: hashlib.sha256(open(os.path.join(root, name), "rb").read()).hexdigest()
+                for root, _, names in os.walk(log_dir) for name in names}
+
+    before = snapshot()
+    err = error_of(capsys, args(data_dir, log_dir, "--max-lr", "1e-3", "--seed", "7"), 2)
+    assert "max_lr=0.01 in the checkpoint but 0.001 now" in err and "seed=1337 in the checkpoint but 7 now" in err
+    assert snapshot() == before  # nothing written, nothing removed
+
+
+def test_a_non_finite_loss_stops_before_the_step_and_keeps_the_last_checkpoint(data_dir, tmp_path, capsys):
+    # lr 1e30: step 0 is fine, its update blows the weights up and step 1's loss is NaN
+    err = error_of(capsys, args(data_dir, tmp_path, "--max-lr", "1e30", "--warmup-steps", "0",
+                                "--checkpoint-interval", "1"), 1)
+    assert "non-finite loss/grad norm at step 1" in err
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000001.pt"]
+    ckpt = checkpoint(tmp_path, 1)  # the last good one stays, readable
+    assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert sorted(series(tmp_path, "train_loss")) == [0]
+
+
+def test_a_non_finite_loss_leaves_parameters_and_optimizer_untouched(data_dir):
+    config = parse_args(args(data_dir, "unused"))
+    model = train_gpt2.build_model(config, torch.device("cpu"))
+    optimizer, _ = model.configure_optimizers(0.1, 1e-3, device_type="cpu")
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = ShardLoader(data_dir, "train", 4, 32)
+    with pytest.raises(TrainError, match="non-finite loss/grad norm at step 5"):
+        train_gpt2.train_step(model, optimizer, loader, 2, 1e-3, config, torch.device("cpu"), nullcontext(), 5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not optimizer.state  # AdamW never stepped
+
+
+# -----------------------------------------------------------------------------
+# The newcomer's first command
+
+
+def test_demo_builds_its_data_and_trains_end_to_end(tmp_path, capsys):
+    data, log = tmp_path / "demo_data", tmp_path / "log_demo"
+    assert main(["--demo", "--data-dir", str(data), "--log-dir", str(log), "--max-steps", "4", "--warmup-steps", "1",
+                 "--eval-interval", "4", "--val-tokens", "2048", "--sample-interval", "4", "--sample-tokens", "8"]) == 0
+    assert sorted(os.listdir(data))[-1].startswith("pydocs_val_") and len(os.listdir(data)) > 5
+    out = capsys.readouterr().out
+    assert "val loss" in out and "sample 0: \"Hello, I'm a language model," in out
+    assert sorted(series(log, "train_loss")) == [0, 1, 2, 3] and sorted(series(log, "val_loss")) == [0, 4]
+    config = checkpoint(log, 4)["config"]
+    assert (config["n_layer"], config["n_embd"], config["seq_len"], config["demo"]) == (4, 128, 128, True)

@@ -1,0 +1,774 @@
+"""Train GPT-2 (124M) on FineWeb-Edu shards, the way GPT-2 / GPT-3 small were trained.
+
+    python train_gpt2.py --demo                    # no GPU, no internet: a small GPT in a few minutes
+    python fineweb.py                              # once: tokenize FineWeb-Edu 10B into edu_fineweb10B/
+    python train_gpt2.py                           # one device (cuda, else mps, else cpu)
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py          # 8 GPUs on one machine
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \\
+        --rdzv-endpoint=HOST:29500 --rdzv-id=gpt2 train_gpt2.py     # the same on each of 2 machines
+    torchrun --standalone --nproc_per_node=8 --max-restarts=3 train_gpt2.py   # survive a crashed worker
+
+Relaunching the same command continues the run: `--resume auto` (the default) loads the latest
+readable checkpoint in `<log dir>/checkpoints/` (a shared directory for multi-node runs), or starts
+fresh when there is none. `--resume never` always starts fresh; `--resume PATH` loads that file.
+
+The defaults are the GPT-3 small recipe on 10B tokens: 524,288 tokens per step (64 x 1024 per
+micro batch, gradient accumulation over the rest), AdamW (0.9, 0.95) with weight decay 0.1, lr 6e-4
+warmed up over 715 steps then cosine-decayed to 6e-5 at step 19,073, gradients clipped at 1.0,
+vocab padded to 50304, bf16 autocast, TF32 matmuls and torch.compile. Every setting is a flag
+(`python train_gpt2.py --help`); `--demo` only changes the defaults, explicit flags still win.
+
+Each step prints one line (loss, lr, grad norm, ms, tokens/s, MFU) and appends the same to
+`<log dir>/metrics.jsonl`; evaluations (val loss, HellaSwag, samples) go there too, and a text
+copy with a header per launch goes to `<log dir>/log.txt`. play.ipynb plots them.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hellaswag
+from model import GPT, GPT2_SIZES, GPTConfig
+from tokenizer import get_tokenizer
+
+# -----------------------------------------------------------------------------
+# Config: one dataclass, one flag per field (kebab-case), validated once
+
+
+def setting(default, help, **argparse_kwargs):
+    """A config field whose metadata becomes its command-line flag."""
+    return field(default=default, metadata=dict(help=help, **argparse_kwargs))
+
+
+@dataclass
+class TrainConfig:
+    # data and output
+    data_dir: str = setting("edu_fineweb10B", "directory of uint16 token shards made by fineweb.py")
+    log_dir: str = setting("log", "where metrics.jsonl, log.txt and checkpoints/ go (appended to)")
+    shuffle: bool = setting(True, "shuffle train shard order and window order each epoch")
+    # model
+    model: str = setting("gpt2", "GPT-2 size to train from scratch", choices=list(GPT2_SIZES))
+    n_layer: int = setting(None, "override the size's number of layers", type=int)
+    n_head: int = setting(None, "override the size's number of attention heads", type=int)
+    n_embd: int = setting(None, "override the size's embedding width", type=int)
+    block_size: int = setting(1024, "longest sequence the model can see (learned positions)")
+    vocab_size: int = setting(50304, "vocabulary size; 50304 pads GPT-2's 50257 to a multiple of 128 for speed")
+    init_from: str = setting("scratch", "'scratch', or a Hugging Face GPT-2 name or local directory to fine-tune")
+    # batch: total_batch_size tokens per optimizer step = batch_size * seq_len * world size * accumulation
+    batch_size: int = setting(64, "micro batch size B per device")
+    seq_len: int = setting(1024, "sequence length T")
+    total_batch_size: int = setting(524288, "tokens per optimizer step, over all devices and micro steps")
+    # optimization
+    max_steps: int = setting(19073, "optimizer steps; 19073 * 524288 tokens = one pass over 10B tokens")
+    warmup_steps: int = setting(715, "steps of linear lr warmup")
+    max_lr: float = setting(6e-4, "peak learning rate, reached at the end of warmup")
+    min_lr: float = setting(6e-5, "learning rate at the end of the cosine decay")
+    weight_decay: float = setting(0.1, "AdamW weight decay (matmul weights and embeddings only)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0: no clipping)")
+    # evaluation, sampling and checkpoints (an interval of 0 turns that event off)
+    eval_interval: int = setting(250, "steps between validation losses")
+    val_tokens: int = setting(10485760, "validation tokens per evaluation, whatever the number of devices")
+    hellaswag_interval: int = setting(250, "steps between HellaSwag evaluations")
+    hellaswag_file: str = setting(None, "local HellaSwag val .jsonl (default: hellaswag.py downloads it)", type=str)
+    sample_interval: int = setting(250, "steps between printed samples")
+    sample_prompt: str = setting("Hello, I'm a language model,", "prompt the samples continue")
+    num_samples: int = setting(4, "samples per sampling event")
+    sample_tokens: int = setting(32, "new tokens per sample")
+    checkpoint_interval: int = setting(1000, "steps between checkpoints (the final step always writes one)")
+    keep_checkpoints: int = setting(3, "how many of the latest checkpoints to keep")
+    stop_at_step: int = setting(0, "end this launch with a checkpoint after this step (0: run to max_steps); "
+                                   "relaunch to go on, e.g. within a job time limit")
+    # system
+    device: str = setting("auto", "'auto' (cuda, else mps, else cpu), or e.g. cpu, cuda, mps")
+    dtype: str = setting("bfloat16", "autocast dtype of the forward pass", choices=["float32", "bfloat16"])
+    compile: bool = setting(True, "torch.compile the model (training, val loss and HellaSwag)")
+    peak_flops: float = setting(None, "device peak FLOP/s for MFU (default: a table of bf16 peaks)", type=float)
+    seed: int = setting(1337, "seed of the initial weights and the data shuffle")
+    resume: str = setting("auto", "'auto' (latest checkpoint in the log dir, if any), 'never', or a checkpoint path")
+    demo: bool = setting(False, "defaults for a small CPU run on the Python docs (builds demo_data/ on first use)")
+
+
+# --demo changes defaults only: a 4-layer, 128-wide GPT (7.3M parameters, 6.4M of them the 50304 x 128
+# embedding) on Python's reference manual (pydoc_data: 139k tokens, so ~2 epochs), 150 steps of
+# 2,048 tokens: about 3 minutes on 2 CPU cores. float32 without compile, as measured on 2 cores:
+# compile spent ~30 s compiling and then ran no faster, and bf16 autocast was only ~5% faster on
+# a CPU with AVX512-BF16 (CPUs without bf16 instructions run it slower than float32).
+DEMO_DEFAULTS = dict(
+    data_dir="demo_data", log_dir="log_demo", n_layer=4, n_head=4, n_embd=128, block_size=256,
+    batch_size=8, seq_len=128, total_batch_size=2048, max_steps=150, warmup_steps=15, max_lr=2e-3,
+    min_lr=2e-4, eval_interval=25, val_tokens=8192, hellaswag_interval=0, sample_interval=50,
+    checkpoint_interval=50, compile=False, dtype="float32",
+)
+# Settings that may change when a run resumes: where and how it runs and reports, not what it
+# learns. The micro batch and the number of devices may change too (same total batch: the loader
+# state counts rows, not batches). max_steps may not: it sets the cosine schedule's length.
+RESUMABLE = {"data_dir", "log_dir", "batch_size", "eval_interval", "val_tokens", "hellaswag_interval",
+             "hellaswag_file", "sample_interval", "sample_prompt", "num_samples", "sample_tokens",
+             "checkpoint_interval", "keep_checkpoints", "stop_at_step", "device", "compile", "peak_flops", "resume",
+             "demo"}
+
+
+class TrainError(Exception):
+    """A problem the user can fix: printed as one line, no traceback. exit_code 2 = usage."""
+
+    def __init__(self, message, exit_code=1, every_rank=True):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.every_rank = every_rank  # False: only this rank saw it, so this rank must print it
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train GPT-2 on token shards. --demo changes the defaults shown "
+                                     "here to DEMO_DEFAULTS in this file.", argument_default=argparse.SUPPRESS)
+    for f in fields(TrainConfig):
+        kwargs = dict(f.metadata)
+        if f.type is bool:  # --compile / --no-compile, and plain --demo
+            kwargs["action"] = "store_true" if f.name == "demo" else argparse.BooleanOptionalAction
+        else:
+            kwargs.setdefault("type", type(f.default))
+        kwargs["help"] += f" (default: {f.default})"
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
+    defaults = {}
+    if given.get("demo"):
+        defaults = dict(DEMO_DEFAULTS)
+        if given.get("hellaswag_file"):
+            defaults["hellaswag_interval"] = defaults["eval_interval"]
+    return TrainConfig(**{**defaults, **given})
+
+
+def model_config(config):
+    """The GPTConfig of a from-scratch model: the named size, with any size flags applied."""
+    sizes = {k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd") if getattr(config, k) is not None}
+    return GPTConfig.from_name(config.model, block_size=config.block_size, vocab_size=config.vocab_size, **sizes)
+
+
+def config_problems(config, world_size):
+    """Every setting that cannot work, as readable strings (empty when all is well)."""
+    found = list(model_config(config).problems())
+    positive = ["batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "keep_checkpoints",
+                "num_samples", "sample_tokens"]
+    found += [f"{k}={getattr(config, k)} must be positive" for k in positive if getattr(config, k) <= 0]
+    non_negative = ["warmup_steps", "min_lr", "weight_decay", "grad_clip", "eval_interval", "val_tokens",
+                    "hellaswag_interval", "sample_interval", "checkpoint_interval", "stop_at_step", "seed", "adam_eps"]
+    found += [f"{k}={getattr(config, k)} must not be negative" for k in non_negative if getattr(config, k) < 0]
+    if config.init_from == "scratch" and config.seq_len > config.block_size:
+        found.append(f"seq_len={config.seq_len} is over block_size={config.block_size}")
+    if config.warmup_steps > config.max_steps:
+        found.append(f"warmup_steps={config.warmup_steps} is over max_steps={config.max_steps}")
+    if config.min_lr > config.max_lr:
+        found.append(f"min_lr={config.min_lr} is over max_lr={config.max_lr}")
+    if config.eval_interval and 0 <= config.val_tokens < config.seq_len:
+        found.append(f"val_tokens={config.val_tokens} is less than one sequence of seq_len={config.seq_len}")
+    tokens_per_micro_step = config.batch_size * config.seq_len * world_size
+    if tokens_per_micro_step > 0 and config.total_batch_size % tokens_per_micro_step:
+        found.append(f"total_batch_size={config.total_batch_size} is not divisible by batch_size * seq_len * "
+                     f"world_size = {config.batch_size} * {config.seq_len} * {world_size} = {tokens_per_micro_step}")
+    return found
+
+
+# -----------------------------------------------------------------------------
+# Distributed helpers: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain python is rank 0 of 1
+
+
+def is_master():
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def print0(*args, **kwargs):
+    if is_master():
+        print(*args, **kwargs, flush=True)
+
+
+def pick_device(name):
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise TrainError(f"unknown --device {name}; use auto, cpu, cuda, cuda:N or mps", exit_code=2)
+        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not available.get(device.type, False):
+            raise TrainError(f"--device {name}: no such device on this machine; use --device auto", exit_code=2)
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def setup_distributed(device_name):
+    """-> (rank, local_rank, world_size, device); starts the process group under torchrun."""
+    device = pick_device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 0, 1, device
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")  # CPU (tests, laptops): gloo is the backend that works there
+    return rank, local_rank, world_size, device
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor):
+    """Sum over ranks in place (gloo has no AVG, so averages divide the sum themselves)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# -----------------------------------------------------------------------------
+# The loader: windows of T+1 tokens over the concatenated shards of a split
+#
+# A split's shards, in this epoch's order, form one long token stream; row i is the window
+# stream[i*T : i*T + T + 1] (x = its first T tokens, y = its last T). A window may span two
+# shards, so no tokens are lost at shard ends: an epoch leaves out less than one window at its
+# end. The loader counts rows from the start of training; at the end of the split the count runs
+# on into the next epoch, with its own shuffled shard and row order (seeded by (seed, epoch), the
+# same on every rank). Micro batch g is rows [g*B, (g+1)*B); at step s, micro step k, rank r of W
+# reads g = (s * accum + k) * W + r. So the ranks read disjoint rows, and their union is exactly
+# what one process reads with W times the accumulation: both runs train on the same tokens, and
+# the state (the next row) is the same on every rank and holds for any B and W.
+
+
+def find_shards(data_dir, split):
+    if not os.path.isdir(data_dir):
+        raise TrainError(f"data directory {data_dir} does not exist; make it with `python fineweb.py` "
+                         f"(or try `python train_gpt2.py --demo`, which needs no download)")
+    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].npy")))
+    if not paths:
+        raise TrainError(f"no {split} shards (*_{split}_NNNNNN.npy) in {data_dir}; make them with `python fineweb.py`")
+    return paths
+
+
+def open_shard(path):
+    """A shard as a read-only memory map (nothing is read until a window needs it)."""
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # truncated, not .npy, unreadable
+        raise TrainError(f"{path} is not a readable token shard ({e}); delete it and rerun `python fineweb.py`")
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise TrainError(f"{path} holds a {tokens.dtype} array of shape {tokens.shape}, not uint16 tokens; "
+                         f"delete it and rerun `python fineweb.py`")
+    return tokens
+
+
+class ShardLoader:
+    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, vocab_size=None,
+                 seed=0, shuffle=False, min_rows=None):
+        self.paths = find_shards(data_dir, split)
+        self.shards = [open_shard(p) for p in self.paths]
+        self.split, self.B, self.T = split, batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.vocab_size, self.seed, self.shuffle = vocab_size, seed, shuffle
+        self.num_tokens = sum(len(s) for s in self.shards)
+        self.rows_per_epoch = max(0, (self.num_tokens - 1) // seq_len)  # each window needs T+1 tokens
+        min_rows = batch_size * world_size if min_rows is None else min_rows  # one micro step on all ranks
+        if self.rows_per_epoch < min_rows:
+            raise TrainError(f"the {split} split of {data_dir} holds {self.num_tokens} tokens, fewer than one batch "
+                             f"of {min_rows} windows of {seq_len}+1 tokens; use more data or a smaller "
+                             f"--batch-size/--seq-len")
+        self.row = 0  # the next row to read, counted over epochs; the same on every rank
+        self._epoch = None  # the epoch whose order is cached below
+
+    def _order(self, epoch):
+        """This epoch's shard order, each shard's start in the stream, and row order (or None)."""
+        if self._epoch != epoch:
+            shard_order, self._rows = np.arange(len(self.shards)), None
+            if self.shuffle:
+                rng = np.random.default_rng((self.seed, epoch))
+                shard_order = rng.permutation(len(self.shards))
+                self._rows = rng.permutation(self.rows_per_epoch)
+            self._shard_order = shard_order
+            self._starts = np.cumsum([0] + [len(self.shards[i]) for i in shard_order])
+            self._epoch = epoch
+        return self._shard_order, self._starts, self._rows
+
+    def _window(self, epoch, row):
+        """Tokens stream[row*T : row*T + T + 1] of an epoch, read across shard ends."""
+        shard_order, starts, _ = self._order(epoch)
+        start, pieces, need = row * self.T, [], self.T + 1
+        i = int(np.searchsorted(starts, start, side="right")) - 1  # the shard holding `start`
+        while need:
+            shard = shard_order[i]
+            piece = self.shards[shard][start - starts[i]:start - starts[i] + need]
+            # Token ids are checked on every window read: a max over T+1 tokens costs nothing next
+            # to the forward pass, and it catches bad ids anywhere without a scan of every shard.
+            if self.vocab_size is not None and len(piece) and int(piece.max()) >= self.vocab_size:
+                raise TrainError(f"{self.paths[shard]} holds token id {int(piece.max())}, beyond the model's "
+                                 f"vocab_size={self.vocab_size}; raise --vocab-size or re-tokenize with "
+                                 f"GPT-2's tokenizer",
+                                 every_rank=False)
+            pieces.append(piece)
+            start, need, i = start + len(piece), need - len(piece), i + 1
+        return np.concatenate(pieces)
+
+    def read_rows(self, rows):
+        """(x, y) int64 tensors of shape (len(rows), T) for rows counted over epochs."""
+        windows = np.empty((len(rows), self.T + 1), dtype=np.int64)
+        for j, row in enumerate(rows):
+            epoch, index = divmod(int(row), self.rows_per_epoch)
+            order = self._order(epoch)[2]
+            windows[j] = self._window(epoch, index if order is None else int(order[index]))
+        windows = torch.from_numpy(windows)
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+    def next_batch(self):
+        """This rank's next micro batch (x, y), each (B, T); all ranks move on by W*B rows."""
+        first = self.row + self.rank * self.B
+        self.row += self.B * self.world_size
+        return self.read_rows(range(first, first + self.B))
+
+    def state_dict(self):
+        epoch, row = divmod(self.row, self.rows_per_epoch)
+        return {"epoch": epoch, "row": row, "num_tokens": self.num_tokens, "seq_len": self.T}
+
+    def load_state_dict(self, state):
+        if (state["num_tokens"], state["seq_len"]) != (self.num_tokens, self.T):
+            raise TrainError(f"the checkpoint's loader read {state['num_tokens']} {self.split} tokens as windows of "
+                             f"{state['seq_len']}, but the data holds {self.num_tokens} tokens and --seq-len is "
+                             f"{self.T}; resume with the same data, or start fresh with --resume never")
+        self.row = state["epoch"] * self.rows_per_epoch + state["row"]
+
+
+# -----------------------------------------------------------------------------
+# The learning-rate schedule: linear warmup, then cosine decay to min_lr at max_steps
+
+
+def get_lr(step, config):
+    if step < config.warmup_steps:
+        return config.max_lr * (step + 1) / config.warmup_steps  # step 0 already learns a little
+    if step >= config.max_steps:
+        return config.min_lr  # the floor, for any step past the schedule
+    progress = (step - config.warmup_steps) / (config.max_steps - config.warmup_steps)  # 0 -> 1
+    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.max_lr - config.min_lr)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and logging (rank 0 writes; everything is appended or written then renamed)
+
+
+def list_checkpoints(log_dir):
+    """Checkpoint paths, oldest first (the zero-padded step makes name order step order)."""
+    return sorted(glob.glob(os.path.join(log_dir, "checkpoints", "step_[0-9]*.pt")))
+
+
+def rng_state():
+    key, pos, has_gauss, gauss = np.random.get_state()[1:]
+    numpy_state = {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state  # only tensors and plain values: torch.load(weights_only=True) reads it
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(config, step, raw_model, optimizer, loader):
+    """Write log_dir/checkpoints/step_<step>.pt under a temporary name, rename it, prune old ones."""
+    path = os.path.join(config.log_dir, "checkpoints", f"step_{step:08d}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for stale in glob.glob(os.path.join(os.path.dirname(path), "*.tmp")):
+        os.remove(stale)  # left by a launch that died mid-write
+    checkpoint = {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
+                  "optimizer": optimizer.state_dict(), "step": step, "config": asdict(config),
+                  "loader": loader.state_dict(), "rng": rng_state()}
+    try:
+        torch.save(checkpoint, path + ".tmp")
+    except OSError as e:  # a full disk, a vanished mount: the older checkpoints stay as they are
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise TrainError(f"cannot write checkpoint {path} ({e}); free some space and relaunch to resume")
+    os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoints whole
+    for old in list_checkpoints(config.log_dir)[:-config.keep_checkpoints]:
+        os.remove(old)
+    return path
+
+
+def load_checkpoint(config):
+    """The checkpoint to resume from, or None. With 'auto' an unreadable latest file (a crash mid
+    write, a full disk) is skipped for the one before it."""
+    if config.resume == "never":
+        return None
+    if config.resume != "auto":
+        try:
+            return torch.load(config.resume, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise TrainError(f"cannot read checkpoint {config.resume} ({e}); pass another --resume path "
+                             f"or --resume never")
+    for path in reversed(list_checkpoints(config.log_dir)):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            print0(f"note: skipping unreadable checkpoint {path} ({type(e).__name__}: {e})")
+    return None
+
+
+def check_resumable(saved, config):
+    """Refuse to continue a run with settings that change what it learns, listing them all."""
+    current = asdict(config)
+    differ = [f"{k}={saved.get(k)!r} in the checkpoint but {current[k]!r} now"
+              for k in current if k not in RESUMABLE and saved.get(k) != current[k]]
+    if differ:
+        raise TrainError(f"the checkpoint's settings differ from the flags: {'; '.join(differ)}; relaunch with the "
+                         f"checkpoint's settings, or another --log-dir / --resume never for a new run", exit_code=2)
+
+
+class RunLog:
+    """metrics.jsonl (one JSON object per event) and log.txt, both appended to. Events already in
+    metrics.jsonl (same step and keys, from before a resume) are not written again."""
+
+    def __init__(self, log_dir, enabled):
+        self.enabled, self.seen = enabled, set()
+        self.metrics_path, self.text_path = os.path.join(log_dir, "metrics.jsonl"), os.path.join(log_dir, "log.txt")
+        if not enabled:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        if os.path.exists(self.metrics_path):
+            with open(self.metrics_path, "rb") as f:
+                data = f.read()
+            for line in data.decode("utf-8", errors="replace").splitlines():
+                try:
+                    self.seen.add(self._key(json.loads(line)))
+                except (ValueError, KeyError, TypeError):
+                    pass  # a line cut short by a crash
+            if data and not data.endswith(b"\n"):
+                with open(self.metrics_path, "a") as f:
+                    f.write("\n")  # so the next event starts on its own line
+
+    @staticmethod
+    def _key(record):
+        return record["step"], tuple(sorted(k for k in record if k != "step"))
+
+    def text(self, line):
+        if self.enabled:
+            with open(self.text_path, "a") as f:
+                f.write(line + "\n")
+
+    def event(self, record, line=None):
+        """Append a metrics record (and its text line) unless that step's event is already logged."""
+        if not self.enabled or self._key(record) in self.seen:
+            return
+        self.seen.add(self._key(record))
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if line is not None:
+            self.text(line)
+
+
+def run_header(config, device, world_size):
+    """The top of each launch in log.txt: enough to tell runs apart and reproduce them."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return "\n".join([
+        f"=== launch {time.strftime('%Y-%m-%d %H:%M:%S')} ===",
+        f"config: {json.dumps(asdict(config))}",
+        f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, git {commit}",
+        f"device: {name}, world size {world_size}",
+    ])
+
+
+# Dense bf16 peak FLOP/s, matched against torch.cuda.get_device_name (first match wins).
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                   ("H800", 989e12), ("A100", 312e12), ("A800", 312e12), ("L4", 121e12)]
+
+
+def device_peak_flops(config, device):
+    if config.peak_flops:
+        return config.peak_flops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+    return None  # cpu, mps: no reliable number, so MFU is left out
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: val loss, HellaSwag and samples
+
+
+@torch.no_grad()
+def evaluate_val(model, val_loader, num_rows, rank, world_size, device, autocast):
+    """Mean loss over the first num_rows val windows. Rank r takes rows r::W in batches of the
+    training shape (the last one padded with ignored targets, so compile sees one shape); summed
+    losses and token counts are all-reduced, so the result does not depend on W."""
+    rows, B = list(range(rank, num_rows, world_size)), val_loader.B
+    loss_sum = count = 0.0
+    for i in range(0, len(rows), B):
+        x, y = val_loader.read_rows(rows[i:i + B])
+        if len(x) < B:
+            x = torch.cat([x, x.new_zeros(B - len(x), x.size(1))])
+            y = torch.cat([y, y.new_full((B - len(y), y.size(1)), -1)])  # -1: ignored by the loss
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            _, loss = model(x, y)
+        n = (y != -1).sum().item()
+        loss_sum += loss.item() * n
+        count += n
+    totals = torch.tensor([loss_sum, count], dtype=torch.float64)
+    if dist.is_initialized():
+        totals = all_reduce_sum(totals.to(device)).cpu()
+    return (totals[0] / totals[1]).item()
+
+
+def evaluate_hellaswag(model, examples, rank, world_size, device, config):
+    """acc_norm over all examples, split over ranks by hellaswag.py and reduced here."""
+    autocast_dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
+    # batch_size // 4 examples = batch_size rows (4 endings each), no longer than training rows.
+    result = hellaswag.evaluate(model, examples, device, batch_size=max(1, config.batch_size // 4), rank=rank,
+                                world_size=world_size, autocast_dtype=autocast_dtype)
+    counts = all_reduce_sum(torch.tensor([result["correct_norm"], result["total"]], dtype=torch.float64, device=device))
+    return (counts[0] / counts[1]).item()
+
+
+def sample(raw_model, config, device, autocast):
+    """Continuations of the prompt, with a fixed seed so samples of different steps compare."""
+    enc = get_tokenizer()
+    prompt = torch.tensor(enc.encode_ordinary(config.sample_prompt), dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(42)
+    with autocast:
+        out = raw_model.generate(prompt.repeat(config.num_samples, 1), config.sample_tokens, top_k=50,
+                                 generator=generator)  # (num_samples, prompt + sample_tokens)
+    return [enc.decode(row.tolist()) for row in out]
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def train_step(model, optimizer, loader, accum, lr, config, device, autocast, step):
+    """One optimizer step over accum micro batches; returns (loss, grad norm). Gradients are
+    all-reduced only on the last micro step. A non-finite loss or gradient norm on any rank stops
+    every rank before the optimizer touches the parameters."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(accum):
+        x, y = loader.next_batch()
+        if device.type == "cuda":
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        else:
+            x, y = x.to(device), y.to(device)
+        if isinstance(model, DDP):
+            model.require_backward_grad_sync = micro_step == accum - 1
+        with autocast:
+            _, loss = model(x, y)
+        # Each micro batch holds B*T targets, so the mean over the whole step is the mean of the
+        # micro-batch means: divide each by accum before backward (the gradients add up).
+        (loss / accum).backward()
+        loss_sum += loss.detach()
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    loss = all_reduce_sum(loss_sum) / (accum * world_size)  # logged: the mean over micro steps and ranks
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+    bad = all_reduce_sum((~torch.isfinite(loss) | ~torch.isfinite(norm)).float())  # every rank agrees
+    if bad.item():
+        raise TrainError(f"non-finite loss/grad norm at step {step} (loss {loss.item():.4g}, grad norm "
+                         f"{norm.item():.4g}); parameters not updated, checkpoints left as they are; "
+                         f"try a lower --max-lr or a longer --warmup-steps")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return loss.item(), norm.item()
+
+
+def due(interval, step, last):
+    """Whether an every-`interval`-steps event happens at this step (0 turns it off)."""
+    return interval > 0 and (step % interval == 0 or last)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def build_model(config, device):
+    torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    if config.init_from == "scratch":
+        model = GPT(model_config(config))
+    else:
+        try:
+            model = GPT.from_pretrained(config.init_from, vocab_size=config.vocab_size)
+        except (OSError, ValueError) as e:
+            raise TrainError(f"cannot load --init-from {config.init_from} ({str(e).splitlines()[0]}); give a GPT-2 "
+                             f"name (gpt2, gpt2-medium, ...) or a local Hugging Face directory")
+        if config.seq_len > model.config.block_size:
+            raise TrainError(f"invalid settings: seq_len={config.seq_len} is over {config.init_from}'s "
+                             f"block_size={model.config.block_size}", exit_code=2)
+    return model.to(device)
+
+
+def prepare_demo_data(data_dir):
+    """Tokenize Python's reference manual into data_dir (the first time; later calls find it done)."""
+    import fineweb  # only the demo needs it
+    try:
+        fineweb.write_shards(fineweb.python_docs_documents(), data_dir, "pydocs", shard_size=16384, num_proc=1,
+                             progress=False, source="python-docs")
+    except (fineweb.UsageError, fineweb.DataError) as e:
+        raise TrainError(f"cannot build the demo data in {data_dir} ({e}); pass another --data-dir")
+
+
+def train(config):
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    problems = config_problems(config, world_size)
+    if problems:
+        raise TrainError("invalid settings: " + "; ".join(problems), exit_code=2)
+    rank, local_rank, world_size, device = setup_distributed(config.device)
+    master = rank == 0
+    if config.demo:
+        if master:
+            prepare_demo_data(config.data_dir)
+        if dist.is_initialized():
+            dist.barrier()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any float32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.dtype == "bfloat16" else nullcontext())
+    accum = config.total_batch_size // (config.batch_size * config.seq_len * world_size)
+
+    # Data first: a missing or broken data dir should fail in seconds, not after building the model.
+    train_loader = ShardLoader(config.data_dir, "train", config.batch_size, config.seq_len, rank, world_size,
+                               config.vocab_size, config.seed, config.shuffle)
+    if config.eval_interval:
+        val_loader = ShardLoader(config.data_dir, "val", config.batch_size, config.seq_len,
+                                 vocab_size=config.vocab_size, min_rows=1)
+        val_rows = min(config.val_tokens // config.seq_len, val_loader.rows_per_epoch)
+        if val_rows < config.val_tokens // config.seq_len:
+            print0(f"note: the val split holds {val_loader.num_tokens} tokens; validating on "
+                   f"{val_rows * config.seq_len}, not --val-tokens {config.val_tokens}")
+    examples = []
+    if config.hellaswag_interval:
+        try:  # without --hellaswag-file, hellaswag.py downloads the val set once into its cache
+            examples = hellaswag.load_examples(config.hellaswag_file or hellaswag.download())
+        except hellaswag.DataError as e:
+            message = str(e).replace("--data FILE", "--hellaswag-file FILE")  # hellaswag.py's flag is --data
+            raise TrainError(f"{message}; or turn HellaSwag off with --hellaswag-interval 0")
+
+    raw_model = build_model(config, device)
+    optimizer, info = raw_model.configure_optimizers(config.weight_decay, config.max_lr, (config.beta1, config.beta2),
+                                                     config.adam_eps, device.type)
+    start_step, checkpoint = 0, load_checkpoint(config)
+    if checkpoint is not None:
+        check_resumable(checkpoint["config"], config)
+        raw_model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        train_loader.load_state_dict(checkpoint["loader"])
+        set_rng_state(checkpoint["rng"])
+        start_step = checkpoint["step"]
+        del checkpoint  # the optimizer state is large; let it go
+    if start_step >= min(config.max_steps, config.stop_at_step or config.max_steps):
+        print0(f"nothing to do: {config.log_dir} holds a run at step {start_step} (--max-steps {config.max_steps}, "
+               f"--stop-at-step {config.stop_at_step}); --resume never or another --log-dir starts a new run")
+        return 0
+    # One compiled module serves training (inside DDP), the val loss and HellaSwag; sampling runs the
+    # plain module's KV-cache loop, whose shapes change every token. Same weights throughout.
+    model = torch.compile(raw_model) if config.compile else raw_model
+    train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else model
+
+    log = RunLog(config.log_dir, enabled=master)
+    log.text(run_header(config, device, world_size))
+    print0(f"{raw_model.num_parameters():,} parameters, {config.total_batch_size:,} tokens per step = "
+           f"{config.batch_size} x {config.seq_len} x {world_size} devices x {accum} micro steps; {device}; "
+           f"{'resuming at step %d' % start_step if start_step else 'starting at step 0'}")
+    print0(f"AdamW: {info['num_decay_params']:,} parameters with weight decay, {info['num_nodecay_params']:,} "
+           f"without; fused {info['fused']}")
+    flops_per_token, peak = raw_model.flops_per_token(config.seq_len), device_peak_flops(config, device)
+
+    step = start_step
+    while True:
+        last = step == config.max_steps
+        if due(config.eval_interval, step, last):
+            val_loss = evaluate_val(model, val_loader, val_rows, rank, world_size, device, autocast)
+            print0(f"step {step:5d} | val loss {val_loss:.4f}")
+            log.event({"step": step, "val_loss": val_loss}, f"step {step} val_loss {val_loss:.6f}")
+        if due(config.hellaswag_interval, step, last):
+            acc = evaluate_hellaswag(model, examples, rank, world_size, device, config)
+            print0(f"step {step:5d} | hellaswag acc_norm {acc:.4f} ({len(examples)} examples)")
+            log.event({"step": step, "hellaswag_acc": acc}, f"step {step} hellaswag_acc {acc:.6f}")
+        if due(config.sample_interval, step, last) and master:
+            samples = sample(raw_model, config, device, autocast)
+            for i, sample_text in enumerate(samples):
+                print0(f"sample {i}: {sample_text!r}")
+            text = "\n".join(f"step {step} sample {i}: {t!r}" for i, t in enumerate(samples))
+            log.event({"step": step, "samples": samples}, text)
+        if last:
+            break
+
+        # The step proper, timed alone: evals and checkpoints stay out of ms/step and MFU.
+        lr = get_lr(step, config)
+        synchronize(device)
+        t0 = time.perf_counter()
+        loss, norm = train_step(train_model, optimizer, train_loader, accum, lr, config, device, autocast, step)
+        synchronize(device)
+        dt = time.perf_counter() - t0
+        tokens_per_sec = config.total_batch_size / dt
+        mfu = flops_per_token * tokens_per_sec / (peak * world_size) if peak else None
+        line = (f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | {dt * 1000:.2f} ms | "
+                f"{tokens_per_sec:,.0f} tok/s | mfu {'-' if mfu is None else f'{mfu * 100:.1f}%'}")
+        print0(line)
+        log.event({"step": step, "train_loss": loss, "lr": lr, "grad_norm": norm, "dt_ms": dt * 1000,
+                   "tokens_per_sec": tokens_per_sec, "mfu": mfu}, line)
+        step += 1
+        stop = step == config.stop_at_step
+        if master and (due(config.checkpoint_interval, step, False) or step == config.max_steps or stop):
+            path = save_checkpoint(config, step, raw_model, optimizer, train_loader)
+            log.text(f"step {step} checkpoint {path}")
+        if stop:
+            print0(f"stopping at step {step} (--stop-at-step); relaunch the same command to continue")
+            break
+    return 0
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    """Run training; returns the exit code (0, 1 for a run-time problem, 2 for bad settings)."""
+    config = parse_args(argv)  # argparse prints its own usage errors and exits with 2
+    try:
+        return train(config)
+    except TrainError as e:
+        if is_master() or not e.every_rank:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
