@@ -1,0 +1,149 @@
+"""bench.py runs end to end on a tiny preset and reports sane figures.
+
+These tests check that the benchmark works, never how fast anything is: figures live in the
+benchmark's output, not in timed tests. What they do check could fail: the JSON's fields and
+their ranges, that the KV cache and the reference loop sample the same greedy tokens, that
+batched and one-at-a-time HellaSwag give the same losses, that a compiled step does not
+recompile, and that bad flags end with one line and exit code 2.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(*args):
+    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def eager_result():
+    """Every section, eager, float32 and bf16 autocast, on the test preset (a 2-layer GPT)."""
+    proc = run_bench("--preset", "test", "--modes", "eager", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_meta_names_the_machine_and_the_model(eager_result):
+    meta = eager_result["meta"]
+    assert meta["device"] == "cpu" and meta["torch"] == torch.__version__
+    assert meta["model_config"] == dict(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)
+    # The model's own count, recomputed: embeddings (tied lm_head) + positions + 2 blocks + ln_f.
+    C, V, T, L = 32, 50304, 64, 2
+    block = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
+    assert meta["parameters"] == V * C + T * C + L * block + 2 * C
+
+
+def test_matmul_ceiling_per_dtype(eager_result):
+    rows = eager_result["matmul"]
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    for r in rows:
+        assert r["size"] == 256 and r["reps"] == 5
+        assert 0 < r["flops_median"] <= r["flops_best"]
+
+
+def test_train_rows(eager_result):
+    rows = eager_result["train"]
+    assert [(r["mode"], r["dtype"]) for r in rows] == [("eager", "float32"), ("eager", "bfloat16")]
+    for r in rows:
+        assert (r["batch_size"], r["seq_len"]) == (2, 64)
+        assert r["ms_per_step_best"] <= r["ms_per_step"]
+        # The reported figures are one measurement seen three ways: recompute them from each other.
+        assert r["tokens_per_sec"] == pytest.approx(2 * 64 / (r["ms_per_step"] / 1000))
+        assert r["achieved_flops"] == pytest.approx(r["flops_per_token"] * r["tokens_per_sec"])
+        assert r["ceiling_ratio"] == pytest.approx(r["achieved_flops"] / r["ceiling_flops"])
+        assert 0 < r["ceiling_ratio"] <= 1.5
+        assert r["mfu"] is None and r["peak_flops"] is None  # no peak-FLOP/s table entry for a CPU
+        assert r["recompiles"] == 0
+        assert r["peak_memory_bytes"] > 0 and r["memory_kind"] == "process peak RSS"
+        # SDPA's fused CPU kernel ran, forward and backward (not the unfused math fallback).
+        assert "aten::_scaled_dot_product_flash_attention_for_cpu" in r["attention_kernels"]
+        assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in r["attention_kernels"]
+
+
+def test_flops_per_token_is_the_models(eager_result):
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(**eager_result["meta"]["model_config"]))
+    assert eager_result["train"][0]["flops_per_token"] == model.flops_per_token(64)
+
+
+def test_sampling_with_and_without_cache_agree(eager_result):
+    (r,) = eager_result["sample"]
+    assert r["new_tokens"] == 24 and r["prompt_tokens"] == 8
+    assert r["same_tokens"] is True  # greedy: the KV cache changes the speed, not the tokens
+    assert r["kv_cache_tokens_per_sec"] > 0 and r["no_cache_tokens_per_sec"] > 0
+    assert r["speedup"] == pytest.approx(r["kv_cache_tokens_per_sec"] / r["no_cache_tokens_per_sec"])
+
+
+def test_hellaswag_batched_and_single_agree(eager_result):
+    (r,) = eager_result["hellaswag"]
+    assert r["examples"] == 8 and r["batch_size"] == 4
+    assert r["source"] == "built from the Python docs' sentences"
+    assert r["max_loss_difference"] < 1e-3  # same scores, whatever the batch
+    assert r["speedup"] == pytest.approx(r["batched_examples_per_sec"] / r["single_examples_per_sec"])
+
+
+def test_fineweb_section(eager_result):
+    (r,) = eager_result["fineweb"]
+    assert r["documents"] == 40 and r["num_proc"] == 1
+    assert r["tokens_per_sec"] > 0 and r["ceiling_tokens_per_sec"] > 0
+    assert r["ratio"] == pytest.approx(r["tokens_per_sec"] / r["ceiling_tokens_per_sec"])
+
+
+def test_examples_from_text_are_hellaswag_shaped(corpus_documents):
+    import bench
+    import hellaswag
+    examples = bench.examples_from_text(12)
+    assert len(examples) == 12
+    assert [e["label"] for e in examples] == [0, 1, 2, 3] * 3
+    manual = " ".join(" ".join(doc.split()) for doc in corpus_documents)  # whitespace as the builder sees it
+    for e in examples:
+        hellaswag._parse_line(json.dumps(e), "example")  # hellaswag.py's own format check
+        assert len(set(e["endings"])) == 4
+        # Real text: context + the right ending is a sentence of the manual; every ending is in it.
+        assert e["ctx"] + " " + e["endings"][e["label"]] in manual
+        assert all(ending in manual for ending in e["endings"])
+
+
+def test_table_has_a_row_per_measurement(eager_result, capsys):
+    import bench
+    bench.print_tables(eager_result)
+    lines = capsys.readouterr().out.splitlines()
+    for section in ("matmul", "train", "sample", "hellaswag", "fineweb"):
+        assert section in lines
+    assert sum(line.split()[:2] == ["eager", "float32"] for line in lines) == 1
+    assert sum(line.split()[:2] == ["eager", "bfloat16"] for line in lines) == 1
+
+
+def test_compiled_step_does_not_recompile():
+    """One compiled float32 step after the compiling one (CPU inductor takes ~20-30 s)."""
+    proc = run_bench("--preset", "test", "--sections", "train", "--modes", "compiled", "--dtypes", "float32",
+                     "--steps", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (r,) = json.loads(proc.stdout)["train"]
+    assert (r["mode"], r["dtype"]) == ("compiled", "float32")
+    assert r["recompiles"] == 0 and 0 < r["ceiling_ratio"] <= 1.5
+    assert r["first_step_s"] > r["ms_per_step"] / 1000  # the first step is the one that compiles
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in r["attention_kernels"]
+
+
+def test_bad_flags_exit_2_with_one_line():
+    proc = run_bench("--preset", "test", "--dtypes", "float16", "--seq-len", "128", "--sections", "train,nope")
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()[-1:]
+    assert "Traceback" not in proc.stderr
+    # Every offending value in the one line, each with what would work.
+    assert "--dtypes float16 must be one of float32, bfloat16" in line
+    assert "--sections nope must be one of" in line
+    assert "--seq-len 128 is over --block-size 64" in line
+
+
+def test_missing_hellaswag_file_is_a_usage_error(tmp_path):
+    proc = run_bench("--preset", "test", "--sections", "hellaswag", "--hellaswag-file", str(tmp_path / "none.jsonl"))
+    assert proc.returncode == 2 and "--hellaswag-file" in proc.stderr and "Traceback" not in proc.stderr
