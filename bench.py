@@ -98,7 +98,7 @@ class BenchConfig:
     hellaswag_examples: int = setting(None, "HellaSwag examples to score each way (default: 512 on a "
                                             "GPU, 16 on CPU)", type=int)
     hellaswag_batch_size: int = setting(16, "examples per forward pass of the batched HellaSwag run")
-    fineweb_documents: int = setting(0, "Python docs topics to tokenize in the fineweb section (0: all)")
+    fineweb_documents: int = setting(0, "documents to tokenize in the fineweb section (0: the Python docs repeated, as `fineweb.py --benchmark` does)")
     num_proc: int = setting(None, "tokenizer processes of the fineweb section (default: every core)", type=int)
     # the machine and the output
     device: str = setting("auto", "cpu, cuda, cuda:N, mps, or auto for cuda > mps > cpu")
@@ -509,10 +509,10 @@ def bench_hellaswag(config, device, model):
 
 
 def bench_fineweb(config):
-    documents = fineweb.python_docs_documents()
-    documents = documents[:config.fineweb_documents or None]
+    num_proc = config.num_proc or fineweb.default_num_proc()
+    documents = fineweb.benchmark_documents(num_proc)[:config.fineweb_documents or None]
     try:
-        result = fineweb.benchmark(documents, config.num_proc)
+        result = fineweb.benchmark(documents, num_proc)
     except (fineweb.UsageError, fineweb.DataError) as e:
         raise BenchError(f"fineweb benchmark failed: {e}") from None
     return dict(source="Python docs", documents=len(documents), **result)
@@ -606,6 +606,8 @@ def run(config):
             setattr(config, key, value)
     if gpu:
         torch.set_float32_matmul_precision("high")  # TF32, as train_gpt2.py runs float32 matmuls
+    if device.type == "cpu":
+        train_gpt2.keep_freed_memory()  # as train_gpt2.py does on CPU
     sections, dtypes, modes = split(config.sections), split(config.dtypes), split(config.modes)
 
     result = {"meta": dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

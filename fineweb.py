@@ -576,9 +576,14 @@ def parse_args(argv=None):
     return config
 
 
+def benchmark_documents(num_proc):
+    """Python's reference manual, repeated so the measurement takes several seconds on any machine
+    (once through, process start-up would dominate)."""
+    return python_docs_documents() * (15 * num_proc)
+
+
 def run_benchmark(config):
-    # Python's reference manual, repeated so the measurement takes several seconds on any machine.
-    documents = python_docs_documents() * (15 * config.num_proc)
+    documents = benchmark_documents(config.num_proc)
     print(f"benchmark: {len(documents):,} documents (python-docs), {config.num_proc} processes ...", flush=True)
     result = benchmark(documents, config.num_proc)
     print(f"fineweb.py  {result['tokens_per_sec']:>13,.0f} tokens/s  "
