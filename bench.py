@@ -135,13 +135,10 @@ class BenchConfig:
         if self.hellaswag_file is not None and not os.path.isfile(self.hellaswag_file):
             found.append(f"--hellaswag-file {self.hellaswag_file} is not a file; give a HellaSwag .jsonl "
                          f"or leave the flag out to use examples built from the Python docs")
-        device_type = self.device.split(":")[0]
-        if device_type not in ("auto", "cpu", "cuda", "mps"):
-            found.append(f"--device {self.device} is not one of auto, cpu, cuda, cuda:N, mps")
-        elif device_type == "cuda" and not torch.cuda.is_available():
-            found.append(f"--device {self.device} but this torch sees no CUDA GPU; use --device cpu")
-        elif device_type == "mps" and not torch.backends.mps.is_available():
-            found.append(f"--device {self.device} but MPS is not available here; use --device cpu")
+        try:
+            train_gpt2.pick_device(self.device)  # the same devices as training, the same messages
+        except train_gpt2.TrainError as e:
+            found.append(str(e))
         return found
 
 
