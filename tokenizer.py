@@ -38,15 +38,24 @@ def local_ranks_file():
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer() -> tiktoken.Encoding:
-    """GPT-2's tokenizer: from a local ranks file when there is one, else tiktoken's download."""
+    """GPT-2's tokenizer: from a local ranks file when there is one, else tiktoken's download.
+
+    Problems a user can fix (no network and no local file, a wrong file) raise OSError with a
+    one-line message, which the scripts print as their error.
+    """
     path = local_ranks_file()
     if path is None:
-        return tiktoken.get_encoding("gpt2")
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # requests' connection and HTTP errors, a proxy, a read-only cache...
+            raise OSError(f"cannot download GPT-2's vocabulary for tiktoken ({type(e).__name__}); without a "
+                          f"network, `pip install --no-deps openai-whisper==20250625` (it ships the file) "
+                          f"or set GPT2_TIKTOKEN_FILE to a gpt2.tiktoken file") from None
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     if digest != GPT2_RANKS_SHA256:
-        raise ValueError(f"{path} is not GPT-2's vocabulary (sha256 {digest}); "
-                         f"unset GPT2_TIKTOKEN_FILE or point it at a gpt2.tiktoken file")
+        raise OSError(f"{path} is not GPT-2's vocabulary (sha256 {digest[:12]}...); "
+                      f"unset GPT2_TIKTOKEN_FILE or point it at a gpt2.tiktoken file")
     from tiktoken.load import load_tiktoken_bpe
     from tiktoken_ext.openai_public import r50k_pat_str
     return tiktoken.Encoding(

@@ -668,6 +668,11 @@ def train(config):
     problems = config_problems(config, world_size)
     if problems:
         raise TrainError("invalid settings: " + "; ".join(problems), exit_code=2)
+    if config.demo or config.sample_interval or config.hellaswag_interval:
+        try:  # the demo data, samples and HellaSwag need GPT-2's vocabulary: fail now, not mid-run
+            get_tokenizer()
+        except OSError as e:
+            raise TrainError(str(e))
     rank, local_rank, world_size, device = setup_distributed(config.device)
     master = rank == 0
     if config.demo:
