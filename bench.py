@@ -44,7 +44,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -63,9 +63,7 @@ PROMPT = "Hello, I'm a language model,"  # the prompt train_gpt2.py samples from
 # Config: one dataclass, one kebab-case flag per field; a preset changes defaults only
 
 
-def setting(default, help, **argparse_kwargs):
-    """A config field whose metadata becomes its command-line flag."""
-    return field(default=default, metadata=dict(help=help, **argparse_kwargs))
+setting = train_gpt2.setting  # a config field whose metadata becomes its command-line flag
 
 
 @dataclass

@@ -18,7 +18,6 @@ that talk to Hugging Face.
 """
 
 import inspect
-import math
 from dataclasses import dataclass, fields
 
 import torch
