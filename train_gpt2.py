@@ -410,7 +410,8 @@ def save_checkpoint(config, step, raw_model, optimizer, loader):
     except OSError as e:  # a full disk, a vanished mount: the older checkpoints stay as they are
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        raise TrainError(f"cannot write checkpoint {path} ({e}); free some space and relaunch to resume")
+        raise TrainError(f"cannot write checkpoint {path} ({e}); free some space and relaunch to resume",
+                         every_rank=False)  # rank 0 alone writes checkpoints
     os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoints whole
     for old in list_checkpoints(config.log_dir)[:-config.keep_checkpoints]:
         os.remove(old)
@@ -660,11 +661,13 @@ def prepare_demo_data(data_dir):
         fineweb.write_shards(fineweb.python_docs_documents(), data_dir, "pydocs", shard_size=16384, num_proc=1,
                              progress=False, source="python-docs")
     except (fineweb.UsageError, fineweb.DataError) as e:
-        raise TrainError(f"cannot build the demo data in {data_dir} ({e}); pass another --data-dir")
+        raise TrainError(f"cannot build the demo data in {data_dir} ({e}); pass another --data-dir",
+                         every_rank=False)  # rank 0 alone builds it
 
 
 def train(config):
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank, world_size, device = setup_distributed(config.device)
+    master = rank == 0
     problems = config_problems(config, world_size)
     if problems:
         raise TrainError("invalid settings: " + "; ".join(problems), exit_code=2)
@@ -673,8 +676,6 @@ def train(config):
             get_tokenizer()
         except OSError as e:
             raise TrainError(str(e))
-    rank, local_rank, world_size, device = setup_distributed(config.device)
-    master = rank == 0
     if config.demo:
         if master:
             prepare_demo_data(config.data_dir)
@@ -793,6 +794,10 @@ def main(argv=None):
     except TrainError as e:
         if is_master() or not e.every_rank:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        if e.every_rank and dist.is_initialized():
+            # Every rank met this error: wait until rank 0 has printed it, or torchrun, seeing
+            # another rank exit first, may stop rank 0 before its message is out.
+            dist.barrier()
         return e.exit_code
     finally:
         cleanup()
