@@ -36,6 +36,7 @@ torch.cuda.max_memory_allocated on CUDA and the process's peak resident set size
 import argparse
 import datetime
 import gc
+import itertools
 import json
 import os
 import platform
@@ -46,13 +47,14 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 
 import fineweb
 import hellaswag
 import train_gpt2
-from model import GPT, GPT2_SIZES, GPT2_VOCAB_SIZE
-from tokenizer import EOT, get_tokenizer
+from model import GPT, GPT2_SIZES, sample_next_token
+from tokenizer import get_tokenizer
 
 SECTIONS = ("matmul", "train", "sample", "hellaswag", "fineweb")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -289,13 +291,13 @@ def bench_matmul(config, device, dtype_name, reps=5):
 
 def text_tokens(count):
     """At least `count` GPT-2 tokens of real text: Python's reference manual, documents led by EOT."""
-    enc, tokens = get_tokenizer(), []
-    while len(tokens) < count:  # a long batch cycles through the manual again
-        for doc in fineweb.python_docs_documents():
-            tokens += [EOT] + enc.encode_ordinary(doc)
-            if len(tokens) >= count:
-                break
-    return torch.tensor(tokens[:count], dtype=torch.long)
+    pieces, total = [], 0
+    for doc in itertools.cycle(fineweb.python_docs_documents()):  # a long batch cycles through the manual again
+        if total >= count:
+            break
+        pieces.append(fineweb.tokenize_document(doc))  # [EOT] + tokens, as in the shards
+        total += len(pieces[-1])
+    return torch.from_numpy(np.concatenate(pieces)[:count].astype(np.int64))
 
 
 class RepeatedBatch:
@@ -420,13 +422,7 @@ def generate_without_cache(model, idx, max_new_tokens, temperature=1.0, top_k=50
     window (the last block_size tokens) through the model. Quadratic work; no cache to get wrong."""
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -model.config.block_size:])
-        logits = logits[:, -1, :].float() / temperature  # (B, vocab_size)
-        logits[:, GPT2_VOCAB_SIZE:] = -float("inf")  # never a padding token
-        if top_k:
-            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-            logits[logits < kth] = -float("inf")
-        next_token = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
-        idx = torch.cat((idx, next_token), dim=1)
+        idx = torch.cat((idx, sample_next_token(logits[:, -1, :], temperature, top_k, generator)), dim=1)
     return idx
 
 

@@ -59,11 +59,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from model import GPT, GPT2_VOCAB_SIZE  # scored over GPT-2's real tokens only; more rows are padding
 from tokenizer import get_tokenizer
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DATA_FILE = "hellaswag_val.jsonl"
-GPT2_VOCAB_SIZE = 50257  # scored over these tokens only; more rows are padding
 PAD_MULTIPLE = 32  # the fixed row length is a multiple of this (friendlier kernels, few shapes)
 
 # -----------------------------------------------------------------------------
@@ -328,7 +328,6 @@ def pick_device(requested, local_rank):
 
 def load_model(name_or_path, device):
     """Our GPT from a train_gpt2.py checkpoint (.pt file) or from a HF name / directory."""
-    from model import GPT
     try:
         if os.path.isfile(name_or_path):
             model = GPT.from_checkpoint(name_or_path)

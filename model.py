@@ -250,15 +250,7 @@ class GPT(nn.Module):
                     logits, _ = self(idx[:, -1:], kv_cache=kv_cache)
             else:
                 logits, _ = self(idx[:, -block_size:])
-            logits = logits[:, -1, :].float() / temperature  # (B, vocab_size)
-            if self.config.vocab_size > GPT2_VOCAB_SIZE:
-                logits[:, GPT2_VOCAB_SIZE:] = -float("inf")  # never sample a padding token
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits[logits < kth] = -float("inf")
-            probs = F.softmax(logits, dim=-1)
-            next_token = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-            idx = torch.cat((idx, next_token), dim=1)
+            idx = torch.cat((idx, sample_next_token(logits[:, -1, :], temperature, top_k, generator)), dim=1)
         return idx
 
     # -------------------------------------------------------------------------
@@ -325,6 +317,18 @@ class GPT(nn.Module):
         model = cls(GPTConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
         return model
+
+
+def sample_next_token(logits, temperature=1.0, top_k=50, generator=None):
+    """One sampling step: logits (B, vocab_size) of the last position -> next token ids (B, 1)."""
+    logits = logits.float() / temperature
+    if logits.size(-1) > GPT2_VOCAB_SIZE:
+        logits[:, GPT2_VOCAB_SIZE:] = -float("inf")  # never sample a padding token
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits[logits < kth] = -float("inf")
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 # The Linear weights that Hugging Face's GPT-2 stores transposed (its Conv1D module)
