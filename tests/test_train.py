@@ -224,6 +224,23 @@ def test_under_torchrun_only_rank_0_prints_and_every_rank_fails(data_dir, tmp_pa
     assert "exitcode  : 2" in result.stderr  # torchrun's report (a rank still running is then stopped)
 
 
+@pytest.mark.multiprocess
+def test_under_torchrun_a_non_finite_loss_stops_every_rank_with_one_line(data_dir, tmp_path):
+    # lr 1e30 as in the one-process test: step 1's loss is NaN on both ranks, found by the
+    # all-reduced flag; no rank may step, hang in a collective, or print twice.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+               *args(data_dir, tmp_path, "--batch-size", "4", "--max-lr", "1e30", "--warmup-steps", "0",
+                     "--checkpoint-interval", "1")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: non-finite loss/grad norm at step 1"), result.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000001.pt"]
+    assert all(torch.isfinite(v).all() for v in checkpoint(tmp_path, 1)["model"].values())
+    assert sorted(series(tmp_path, "train_loss")) == [0]
+
+
 def test_another_micro_batch_with_the_same_total_batch_gives_the_same_run(straight, data_dir, tmp_path):
     assert main(args(data_dir, tmp_path, "--batch-size", "8")) == 0  # 1 micro step of 8 x 32
     assert_close_runs(tmp_path, straight, atol=1e-5)
