@@ -36,10 +36,13 @@ right-padded to one fixed length T, the longest row of the whole set rounded up 
 32, and the last batch is filled up with dummy rows, so every batch has the same shape and a
 torch.compile'd model compiles once. A row longer than the model's block size keeps its last
 block_size tokens (the start of the context is dropped). On GPU the forward runs under bf16
-autocast. Memory: one batch of `batch_size` examples is 4 * batch_size rows, and the model's
-logits are 4 * batch_size * T * vocab_size numbers (bf16 on GPU): with the default 16 examples
-and, say, T = 192 that is 64 * 192 * 50304 * 2 bytes = 1.2 GB; the float32 losses are computed from
-the ending positions only, a small fraction of that. Halve --batch-size on a small GPU or CPU.
+autocast. Only the positions that predict an ending token go through the lm_head (our GPT's
+logit_positions; a transformers model computes every position's logits and we pick): a fixed
+number per row, the longest ending of the set rounded up to a multiple of 8, a fraction of T.
+That is less time (the lm_head is a 50304-wide matmul) and much less memory: one batch
+of `batch_size` examples is 4 * batch_size rows, and with the default 16 examples and, say, 40
+scored positions the logits are 64 * 40 * 50304 * 2 bytes = 0.26 GB in bf16 instead of 1.2 GB for
+all T = 192 positions.
 Under torchrun each rank scores examples[rank::world_size] and the counts are summed.
 
 A model whose vocabulary is padded (50304 rows for speed) is scored over GPT-2's 50,257 real
@@ -216,34 +219,54 @@ def tokenize(example, enc):
     return enc.encode_ordinary(example["ctx"]), [enc.encode_ordinary(" " + e) for e in example["endings"]]
 
 
-def build_batch(rendered, batch_size, seq_len):
+def build_batch(rendered, batch_size, seq_len, n_scored):
     """Rows ctx + ending for up to batch_size examples, as fixed-shape tensors.
 
-    Returns tokens (4 * batch_size, seq_len) int64, right-padded, and mask of the same shape, True
-    on ending tokens. Rows longer than seq_len keep their last seq_len tokens. Missing examples
-    (the last batch) are dummy rows with an empty mask, so the shape never changes.
+    Returns tokens (4 * batch_size, seq_len) int64, right-padded, and three (4 * batch_size,
+    n_scored) tensors: positions, the indices whose next token is an ending token; targets, those
+    tokens; scored, True where a position is real (the rest is padding). Rows longer than seq_len
+    keep their last seq_len tokens. Missing examples (the last batch) are dummy rows with nothing
+    scored, so the shapes never change.
     """
-    tokens = torch.zeros(4 * batch_size, seq_len, dtype=torch.long)  # padding: token 0, never scored
-    mask = torch.zeros(4 * batch_size, seq_len, dtype=torch.bool)
+    rows = 4 * batch_size
+    tokens = torch.zeros(rows, seq_len, dtype=torch.long)  # padding: token 0, never scored
+    positions = torch.zeros(rows, n_scored, dtype=torch.long)
+    targets = torch.zeros(rows, n_scored, dtype=torch.long)
+    scored = torch.zeros(rows, n_scored, dtype=torch.bool)
     for i, (ctx, endings) in enumerate(rendered):
         for j, ending in enumerate(endings):
+            r = 4 * i + j
             row = (ctx + ending)[-seq_len:]
-            n_ending = min(len(ending), len(row))
-            tokens[4 * i + j, :len(row)] = torch.tensor(row)
-            mask[4 * i + j, len(row) - n_ending:len(row)] = True
-    return tokens, mask
+            tokens[r, :len(row)] = torch.tensor(row)
+            # Position t predicts token t + 1. A row's first token has no prediction, so an ending
+            # that starts the row (its context cut off entirely) loses its first token.
+            first = max(len(row) - len(ending), 1)
+            n = len(row) - first
+            positions[r, :n] = torch.arange(first - 1, len(row) - 1)
+            targets[r, :n] = tokens[r, first:len(row)]
+            scored[r, :n] = True
+    return tokens, positions, targets, scored
 
 
-def ending_losses(logits, tokens, mask):
+def ending_logits(model, tokens, positions):
+    """Logits (rows, n_scored, vocab) at the scored positions only. Our GPT computes just those
+    (a fraction of the (rows, T, vocab) logits: less memory and time); a transformers GPT-2
+    computes all of them and we pick."""
+    raw = getattr(model, "module", model)  # inside a DistributedDataParallel wrapper
+    raw = getattr(raw, "_orig_mod", raw)  # inside torch.compile's wrapper
+    if isinstance(raw, GPT):
+        return model(tokens, logit_positions=positions)[0]
+    logits = model(tokens).logits  # (rows, T, vocab)
+    return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
+
+
+def ending_losses(logits, targets, scored):
     """Summed and mean cross-entropy over each row's ending tokens: two (rows,) float32 tensors."""
-    logits = logits[:, :-1, :GPT2_VOCAB_SIZE]  # position t predicts token t + 1; no padding tokens
-    targets = tokens[:, 1:]
-    mask = mask[:, 1:]  # a row's first token has no prediction, so it cannot be scored
-    # Only the ending positions go to float32: a fraction of the full (rows, T, vocab) logits.
-    losses = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")  # (n_scored,)
-    row_of = torch.arange(len(mask), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
-    sums = torch.zeros(len(mask), device=losses.device).index_add_(0, row_of, losses)  # (rows,)
-    means = sums / mask.sum(dim=1).clamp(min=1)
+    logits = logits[:, :, :GPT2_VOCAB_SIZE]  # scored over real tokens only, not the padding rows
+    losses = F.cross_entropy(logits[scored].float(), targets[scored], reduction="none")  # (n_real,)
+    row_of = torch.arange(len(scored), device=scored.device).unsqueeze(1).expand_as(scored)[scored]
+    sums = torch.zeros(len(scored), device=losses.device).index_add_(0, row_of, losses)  # (rows,)
+    means = sums / scored.sum(dim=1).clamp(min=1)
     return sums, means
 
 
@@ -271,6 +294,8 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
     rendered = [tokenize(example, enc) for example in examples]
     longest = max(len(ctx) + len(ending) for ctx, endings in rendered for ending in endings)
     seq_len = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, _block_size(model))
+    longest_ending = max(len(ending) for _, endings in rendered for ending in endings)
+    n_scored = min(-(-longest_ending // 8) * 8, seq_len)  # scored positions per row, also fixed
     indices = list(range(rank, len(examples), world_size))
 
     result = {"correct": 0, "correct_norm": 0, "total": 0, "predictions": []}
@@ -281,12 +306,11 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
         with torch.no_grad(), tqdm(total=len(indices), unit="ex", desc="hellaswag", disable=not progress) as bar:
             for start in range(0, len(indices), batch_size):
                 batch = indices[start:start + batch_size]
-                tokens, mask = build_batch([rendered[i] for i in batch], batch_size, seq_len)
-                tokens, mask = tokens.to(device), mask.to(device)
+                tensors = build_batch([rendered[i] for i in batch], batch_size, seq_len, n_scored)
+                tokens, positions, targets, scored = (t.to(device) for t in tensors)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    output = model(tokens)
-                logits = output[0] if isinstance(output, tuple) else output.logits  # (rows, T, vocab)
-                sums, means = ending_losses(logits, tokens, mask)
+                    logits = ending_logits(model, tokens, positions)  # (rows, n_scored, vocab)
+                sums, means = ending_losses(logits, targets, scored)
                 sums = sums.view(-1, 4).tolist()  # (batch_size, 4), dummy examples at the end
                 means = means.view(-1, 4).tolist()
                 for k, index in enumerate(batch):

@@ -147,6 +147,21 @@ def test_loss_ignores_targets_of_minus_one():
     torch.testing.assert_close(loss, expected)
 
 
+def test_logit_positions_give_those_positions_logits_and_loss(hf_small):
+    path, hf_model = hf_small
+    model = GPT.from_pretrained(path).eval()
+    idx = torch.randint(0, 101, (3, 40), generator=torch.Generator().manual_seed(2))
+    positions = torch.tensor([[0, 5, 39], [7, 7, 1], [38, 2, 0]])  # any order, repeats allowed
+    targets = torch.tensor([[4, -1, 9], [1, 2, 3], [-1, 100, 0]])
+    with torch.no_grad():
+        logits, loss = model(idx, targets, logit_positions=positions)
+        full = hf_model(idx).logits
+    expected = torch.stack([full[b, positions[b]] for b in range(3)])  # (3, 3, 101)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    keep = targets != -1
+    torch.testing.assert_close(loss, F.cross_entropy(expected[keep], targets[keep]), atol=1e-5, rtol=0)
+
+
 def greedy_without_cache(model, idx, max_new_tokens):
     """The reference: a full forward over the (cropped) context for every new token."""
     for _ in range(max_new_tokens):
