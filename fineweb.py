@@ -42,7 +42,8 @@ produces the same bytes as a run that was never interrupted; a rerun with differ
 refused. Resuming assumes the documents before the stopping point did not change.
 
 Errors a user can cause end with one line on stderr and exit code 2 (bad arguments, an output
-directory made with other arguments) or 1 (a malformed input, the hub out of reach, a full disk).
+directory made with other arguments) or 1 (a malformed input, the hub out of reach, a full disk, a
+tokenizing process killed).
 """
 
 import argparse
@@ -56,6 +57,9 @@ import sys
 import tempfile
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,11 +118,27 @@ def _init_worker():
     get_tokenizer()  # built once per worker, before the first document arrives
 
 
+@contextmanager
+def _worker_pool(num_proc):
+    """num_proc tokenizing processes. ProcessPoolExecutor rather than multiprocessing.Pool: Pool's
+    worker-handler thread wakes up on every result that arrives, and that busy thread cost the
+    writer a fifth of its speed on 2 cores; and a worker that dies (out of memory, say) raises
+    BrokenProcessPool here where Pool would wait forever."""
+    pool = ProcessPoolExecutor(num_proc, initializer=_init_worker)
+    try:
+        # Start the workers now: forking once threads run (datasets, pyarrow, tqdm's monitor) is
+        # unsafe, and with the fork start method the first task forks them all.
+        pool.submit(int).result()
+        yield pool
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C, queued chunks are dropped
+
+
 def _tokenize_in_order(documents, pool, num_proc):
     """Yield tokenize_document(text) for each document, in order, tokenized in `pool`.
 
     Documents are read one block ahead: while the caller writes the tokens of one block, the pool
-    tokenizes the next. Pool.imap alone would read the whole input into its task queue as fast
+    tokenizes the next. pool.map alone would read the whole input into its task queue as fast
     as it could; blocks keep memory flat. A DataError while reading (a malformed line) is raised
     only after the documents before it have been yielded, so their shards still get written.
     """
@@ -135,7 +155,7 @@ def _tokenize_in_order(documents, pool, num_proc):
             error = e
         if not block:
             break
-        pending.append(pool.imap(tokenize_document, block, chunksize=CHUNK_DOCS))
+        pending.append(pool.map(tokenize_document, block, chunksize=CHUNK_DOCS))
         if len(pending) == 2:
             yield from pending.popleft()
     while pending:
@@ -383,8 +403,7 @@ def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_
 
     buffer = np.empty(shard_size, dtype=np.uint16)  # the shard being filled
     filled = 0
-    # The pool starts first: forking once threads run (datasets, pyarrow, tqdm's monitor) is unsafe.
-    with multiprocessing.Pool(num_proc, initializer=_init_worker) as pool, \
+    with _worker_pool(num_proc) as pool, \
             tqdm(total=max_tokens, initial=total, unit="tok", unit_scale=True, desc="tokenizing",
                  disable=not progress, smoothing=0.1) as bar:
         documents = iter(documents)
@@ -621,6 +640,8 @@ def main(argv=None):
         fail(2, e)
     except (DataError, OSError) as e:
         fail(1, e, resumable(config))
+    except BrokenProcessPool:
+        fail(1, "a tokenizing process died (killed, or out of memory: try a smaller --num-proc)", resumable(config))
     except KeyboardInterrupt:
         fail(130, "interrupted", resumable(config))
     tokens = sum(np.load(path, mmap_mode="r").size for path in paths)

@@ -281,6 +281,30 @@ def test_interrupted_and_killed_cli_runs_resume_to_identical_bytes(corpus_docume
     assert not glob.glob(str(tmp_path / "out" / ".*"))
 
 
+@pytest.mark.multiprocess
+def test_a_dead_worker_is_one_line_and_the_rerun_resumes(corpus_documents, reference, tmp_path):
+    # The out-of-memory killer picks a worker: the run must stop with a message, not wait forever.
+    write_jsonl(tmp_path / "big.jsonl", corpus_documents * 30)
+    args = ["--input", "big.jsonl", "--output-dir", "out", "--shard-size", 20_000, "--num-proc", 2, "--no-progress"]
+    progress_file = tmp_path / "out" / "edufineweb_progress.json"
+    process = subprocess.Popen([sys.executable, FINEWEB, *map(str, args)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not progress_file.exists():
+        time.sleep(0.005)
+    with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
+        workers = [int(pid) for pid in f.read().split()]
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert "a tokenizing process died" in stderr and "rerun" in stderr
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    expected = reference_shards(np.tile(reference, 30), 20_000, "edufineweb")
+    assert differences(shard_bytes(tmp_path / "out"), expected) == []
+
+
 def test_a_malformed_line_keeps_finished_shards_and_a_fixed_file_resumes(corpus_documents, straight_run, tmp_path):
     write_jsonl(tmp_path / "corpus.jsonl", corpus_documents, replace=(60, '{"text": "unfinished\n'))
     args = ["--input", "corpus.jsonl", "--output-dir", "out", "--prefix", "pydocs", "--shard-size", SHARD,
