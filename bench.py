@@ -441,10 +441,14 @@ def bench_sample(config, device, model):
             generator = torch.Generator(device=device).manual_seed(0)
             run = lambda: outputs.__setitem__(name, sample(prompt, n, top_k=1, generator=generator))  # noqa: E731
             seconds[name] = timed(run, device)
+    # Greedy tokens agree exactly in float32 (tests/test_model.py checks it). Under bf16 autocast
+    # the two paths run different kernels that round differently, and a random model's flat
+    # logits have near-ties that may then go either way: so count how many tokens agree.
+    differ = (outputs["kv_cache"][0] != outputs["no_cache"][0]).nonzero()
+    matching = int(differ[0]) - prompt.size(1) if len(differ) else n
     return dict(batch_size=1, prompt_tokens=prompt.size(1), new_tokens=n,
                 kv_cache_tokens_per_sec=n / seconds["kv_cache"], no_cache_tokens_per_sec=n / seconds["no_cache"],
-                speedup=seconds["no_cache"] / seconds["kv_cache"],
-                same_tokens=torch.equal(outputs["kv_cache"], outputs["no_cache"]))
+                speedup=seconds["no_cache"] / seconds["kv_cache"], matching_tokens=matching)
 
 
 # -----------------------------------------------------------------------------
@@ -544,7 +548,7 @@ TABLES = {  # section -> [(column title, how to show a row's value)]
               ("others' cores", lambda r: load(r["other_load"]))],
     "sample": [("new tokens", lambda r: str(r["new_tokens"])), ("KV cache tok/s", lambda r: f"{r['kv_cache_tokens_per_sec']:.1f}"),
                ("no cache tok/s", lambda r: f"{r['no_cache_tokens_per_sec']:.1f}"), ("speed-up", lambda r: f"{r['speedup']:.1f}x"),
-               ("same tokens", lambda r: str(r["same_tokens"]))],
+               ("same tokens", lambda r: f"{r['matching_tokens']}/{r['new_tokens']}")],
     "hellaswag": [("examples", lambda r: str(r["examples"])), ("batched ex/s", lambda r: f"{r['batched_examples_per_sec']:.2f}"),
                   ("1 at a time ex/s", lambda r: f"{r['single_examples_per_sec']:.2f}"),
                   ("speed-up", lambda r: f"{r['speedup']:.1f}x"), ("source", lambda r: r["source"])],

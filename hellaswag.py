@@ -53,6 +53,7 @@ import argparse
 import http.client
 import json
 import os
+import socket
 import sys
 import urllib.request
 from dataclasses import dataclass
@@ -150,7 +151,7 @@ def download(url=DATA_URL, directory=None):
     path = os.path.join(directory, DATA_FILE)
     if os.path.exists(path):
         return path
-    tmp = f"{path}.tmp{os.getpid()}"  # several ranks may download at once: each to its own name
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"  # ranks (nodes) may download at once: own names
     try:
         os.makedirs(directory, exist_ok=True)
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
@@ -345,8 +346,8 @@ def pick_device(requested, local_rank):
             requested = "mps"
         else:
             requested = "cpu"
-    if requested == "cuda" and local_rank is not None:
-        requested = f"cuda:{local_rank}"  # torchrun: one GPU per process
+    if requested.startswith("cuda") and local_rank is not None:
+        requested = f"cuda:{local_rank}"  # torchrun: one GPU per process, even if cuda:N was asked
     return torch.device(requested)
 
 

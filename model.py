@@ -5,7 +5,7 @@
     model = GPT.from_pretrained("gpt2")               # OpenAI's weights (hub name or local HF dir)
     model = GPT.from_checkpoint("log/checkpoints/step_00019073.pt")  # a train_gpt2.py checkpoint
     logits, loss = model(idx, targets)                # idx, targets: (B, T) int64
-    out = model.generate(idx, max_new_tokens=32, top_k=50, generator=torch.Generator().manual_seed(0))
+    out = model.generate(idx, max_new_tokens=32, top_k=50, generator=torch.Generator(idx.device).manual_seed(0))
     model.save_pretrained("my-gpt2")                  # back to transformers.GPT2LMHeadModel
 
 The network (Radford et al. 2019): token + learned position embeddings, n_layer pre-LayerNorm

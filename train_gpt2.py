@@ -219,6 +219,8 @@ def setup_distributed(device_name):
     """-> (rank, local_rank, world_size, device); starts the process group under torchrun."""
     device = pick_device(device_name)
     if "RANK" not in os.environ:
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # --device cuda:N: its RNG state, pinned memory, kernels
         return 0, 0, 1, device
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device.type == "cuda":
@@ -505,17 +507,26 @@ def run_header(config, device, world_size):
     ])
 
 
-# Dense bf16 peak FLOP/s, matched against torch.cuda.get_device_name (first match wins).
+# Dense bf16 peak FLOP/s, matched against torch.cuda.get_device_name. The first match wins, so a
+# longer name comes before a shorter one it contains ("L40S", "L40", then "L4").
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-                   ("H800", 989e12), ("A100", 312e12), ("A800", 312e12), ("L4", 121e12)]
+                   ("H800 PCIe", 756e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
+                   ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12)]
+
+
+def peak_flops_of(device_name):
+    """The table's figure for a GPU name, or None: unknown GPUs, and MIG slices (a fraction of the
+    GPU whose name still says H100) get no MFU rather than a wrong one."""
+    if "MIG" in device_name:
+        return None
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in device_name), None)
 
 
 def device_peak_flops(config, device):
     if config.peak_flops:
         return config.peak_flops
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+        return peak_flops_of(torch.cuda.get_device_name(device))
     return None  # cpu, mps: no reliable number, so MFU is left out
 
 

@@ -144,6 +144,17 @@ def test_lr_schedule_warmup_peak_decay_and_floor():
     assert get_lr(110, config) == pytest.approx(1e-4) and get_lr(500, config) == pytest.approx(1e-4)  # the floor
 
 
+@pytest.mark.parametrize("name, flops", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H800 PCIe", 756e12), ("NVIDIA L40S", 362e12),
+    ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),  # "L4" is inside "L40S": longer names match first
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None),  # a slice of an H100 has a fraction of its FLOP/s
+    ("NVIDIA GeForce RTX 4090", None),  # unknown: no MFU rather than a wrong one (--peak-flops gives one)
+])
+def test_peak_flops_by_gpu_name(name, flops):
+    assert train_gpt2.peak_flops_of(name) == flops
+
+
 # -----------------------------------------------------------------------------
 # Resume: stopped, corrupt checkpoint, killed
 
