@@ -96,7 +96,7 @@ class BenchConfig:
     hellaswag_file: str = setting(None, "local HellaSwag .jsonl (default: examples built from the "
                                         "Python docs' sentences)", type=str)
     hellaswag_examples: int = setting(None, "HellaSwag examples to score each way (default: 512 on a "
-                                            "GPU, 16 on CPU)", type=int)
+                                            "GPU, 64 on CPU)", type=int)
     hellaswag_batch_size: int = setting(16, "examples per forward pass of the batched HellaSwag run")
     fineweb_documents: int = setting(0, "documents to tokenize in the fineweb section (0: the Python docs repeated, as `fineweb.py --benchmark` does)")
     num_proc: int = setting(None, "tokenizer processes of the fineweb section (default: every core)", type=int)
@@ -595,7 +595,7 @@ def run(config):
     gpu = device.type == "cuda"
     # Device-dependent defaults, filled in once so the output says what ran.
     defaults = dict(steps=20 if gpu else 3, warmup_steps=5 if gpu else 1, matmul_size=8192 if gpu else 3072,
-                    hellaswag_examples=512 if gpu else 16)
+                    hellaswag_examples=512 if gpu else 64)
     for key, value in defaults.items():
         if getattr(config, key) is None:
             setattr(config, key, value)

@@ -31,18 +31,17 @@ text first (activity label prefix, capitalised ctx_b, "[title]"-style markup rem
 acc_norm divides the summed log-likelihood by the ending's length in characters, not tokens.
 Compare numbers from this file with each other and with the completion-style column above.
 
-Speed: many examples go through the model per forward pass. Every row (context + ending) is
-right-padded to one fixed length T, the longest row of the whole set rounded up to a multiple of
-32, and the last batch is filled up with dummy rows, so every batch has the same shape and a
-torch.compile'd model compiles once. A row longer than the model's block size keeps its last
-block_size tokens (the start of the context is dropped). On GPU the forward runs under bf16
-autocast. Only the positions that predict an ending token go through the lm_head (our GPT's
-logit_positions; a transformers model computes every position's logits and we pick): a fixed
-number per row, the longest ending of the set rounded up to a multiple of 8, a fraction of T.
-That is less time (the lm_head is a 50304-wide matmul) and much less memory: one batch
-of `batch_size` examples is 4 * batch_size rows, and with the default 16 examples and, say, 40
-scored positions the logits are 64 * 40 * 50304 * 2 bytes = 0.26 GB in bf16 instead of 1.2 GB for
-all T = 192 positions.
+Speed: many examples go through the model per forward pass, longest first, so the examples of a
+batch have about one length. Every row (context + ending) of a batch is right-padded to the
+batch's longest row rounded up to a multiple of 32, and the last batch is filled up with dummy
+rows: few shapes (a torch.compile'd model compiles a dynamic-length graph once they differ) and
+little padding. A row longer than the model's block size keeps its last block_size tokens (the
+start of the context is dropped). On GPU the forward runs under bf16 autocast. Only the
+positions that predict an ending token go through the lm_head (our GPT's logit_positions; a
+transformers model computes every position's logits and we pick). That is less time (the
+lm_head is a 50304-wide matmul) and much less memory: with the default 16 examples (64 rows),
+T = 192 and, say, 20 ending tokens per row, the logits are 64 * 20 * 50304 * 2 bytes = 0.13 GB in
+bf16 instead of 1.2 GB.
 Under torchrun each rank scores examples[rank::world_size] and the counts are summed.
 
 A model whose vocabulary is padded (50304 rows for speed) is scored over GPT-2's 50,257 real
@@ -68,7 +67,7 @@ from tokenizer import get_tokenizer
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DATA_FILE = "hellaswag_val.jsonl"
-PAD_MULTIPLE = 32  # the fixed row length is a multiple of this (friendlier kernels, few shapes)
+PAD_MULTIPLE = 32  # a batch's row length is a multiple of this (friendlier kernels, few shapes)
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -220,20 +219,17 @@ def tokenize(example, enc):
     return enc.encode_ordinary(example["ctx"]), [enc.encode_ordinary(" " + e) for e in example["endings"]]
 
 
-def build_batch(rendered, batch_size, seq_len, n_scored):
-    """Rows ctx + ending for up to batch_size examples, as fixed-shape tensors.
+def build_batch(rendered, batch_size, seq_len):
+    """Rows ctx + ending for up to batch_size examples, and the positions to score.
 
-    Returns tokens (4 * batch_size, seq_len) int64, right-padded, and three (4 * batch_size,
-    n_scored) tensors: positions, the indices whose next token is an ending token; targets, those
-    tokens; scored, True where a position is real (the rest is padding). Rows longer than seq_len
-    keep their last seq_len tokens. Missing examples (the last batch) are dummy rows with nothing
-    scored, so the shapes never change.
+    Returns tokens (4 * batch_size, seq_len) int64, right-padded, and three (n,) tensors, one
+    entry per ending token that is scored: positions, the index of the position that predicts it
+    in the flattened tokens (row r, position t is r * seq_len + t); targets, the token; rows, r.
+    Rows longer than seq_len keep their last seq_len tokens. Missing examples (the last batch)
+    are dummy rows with nothing scored, so the row count never changes.
     """
-    rows = 4 * batch_size
-    tokens = torch.zeros(rows, seq_len, dtype=torch.long)  # padding: token 0, never scored
-    positions = torch.zeros(rows, n_scored, dtype=torch.long)
-    targets = torch.zeros(rows, n_scored, dtype=torch.long)
-    scored = torch.zeros(rows, n_scored, dtype=torch.bool)
+    tokens = torch.zeros(4 * batch_size, seq_len, dtype=torch.long)  # padding: token 0, never scored
+    positions, rows = [], []
     for i, (ctx, endings) in enumerate(rendered):
         for j, ending in enumerate(endings):
             r = 4 * i + j
@@ -242,33 +238,34 @@ def build_batch(rendered, batch_size, seq_len, n_scored):
             # Position t predicts token t + 1. A row's first token has no prediction, so an ending
             # that starts the row (its context cut off entirely) loses its first token.
             first = max(len(row) - len(ending), 1)
-            n = len(row) - first
-            positions[r, :n] = torch.arange(first - 1, len(row) - 1)
-            targets[r, :n] = tokens[r, first:len(row)]
-            scored[r, :n] = True
-    return tokens, positions, targets, scored
+            positions.extend(range(r * seq_len + first - 1, r * seq_len + len(row) - 1))
+            rows.extend([r] * (len(row) - first))
+    positions = torch.tensor(positions, dtype=torch.long)
+    return tokens, positions, tokens.view(-1)[positions + 1], torch.tensor(rows, dtype=torch.long)
 
 
 def ending_logits(model, tokens, positions):
-    """Logits (rows, n_scored, vocab) at the scored positions only. Our GPT computes just those
-    (a fraction of the (rows, T, vocab) logits: less memory and time); a transformers GPT-2
-    computes all of them and we pick."""
+    """Logits (n, vocab) at the scored positions only. Our GPT computes just those (a fraction of
+    the (rows, T, vocab) logits: less memory and time); a transformers GPT-2 computes all of them
+    and we pick."""
     raw = getattr(model, "module", model)  # inside a DistributedDataParallel wrapper
     raw = getattr(raw, "_orig_mod", raw)  # inside torch.compile's wrapper
     if isinstance(raw, GPT):
         return model(tokens, logit_positions=positions)[0]
-    logits = model(tokens).logits  # (rows, T, vocab)
-    return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
+    return model(tokens).logits.flatten(0, 1)[positions]
 
 
-def ending_losses(logits, targets, scored):
-    """Summed and mean cross-entropy over each row's ending tokens: two (rows,) float32 tensors."""
-    logits = logits[:, :, :GPT2_VOCAB_SIZE]  # scored over real tokens only, not the padding rows
-    losses = F.cross_entropy(logits[scored].float(), targets[scored], reduction="none")  # (n_real,)
-    row_of = torch.arange(len(scored), device=scored.device).unsqueeze(1).expand_as(scored)[scored]
-    sums = torch.zeros(len(scored), device=losses.device).index_add_(0, row_of, losses)  # (rows,)
-    means = sums / scored.sum(dim=1).clamp(min=1)
+def ending_losses(logits, targets, rows, n_rows):
+    """Summed and mean cross-entropy over each row's ending tokens: two (n_rows,) float32 tensors."""
+    logits = logits[:, :GPT2_VOCAB_SIZE]  # scored over real tokens only, not the padding rows
+    losses = F.cross_entropy(logits.float(), targets, reduction="none")  # (n,)
+    sums = torch.zeros(n_rows, device=losses.device).index_add_(0, rows, losses)
+    means = sums / torch.bincount(rows, minlength=n_rows).clamp(min=1)
     return sums, means
+
+
+def round_up(n, multiple):
+    return -(-n // multiple) * multiple
 
 
 def _block_size(model):
@@ -291,13 +288,12 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
     """
     enc = get_tokenizer()
     device = torch.device(device)
-    # One row length for the whole set (not this rank's share), so every rank and batch agree.
+    block_size = _block_size(model)
     rendered = [tokenize(example, enc) for example in examples]
-    longest = max(len(ctx) + len(ending) for ctx, endings in rendered for ending in endings)
-    seq_len = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, _block_size(model))
-    longest_ending = max(len(ending) for _, endings in rendered for ending in endings)
-    n_scored = min(-(-longest_ending // 8) * 8, seq_len)  # scored positions per row, also fixed
-    indices = list(range(rank, len(examples), world_size))
+    longest_row = [max(len(ctx) + len(ending) for ending in endings) for ctx, endings in rendered]
+    # Longest first: a batch holds examples of about one length, so little of it is padding, and
+    # the first batch is the biggest one (if it fits in memory, all do).
+    indices = sorted(range(rank, len(examples), world_size), key=lambda i: (-longest_row[i], i))
 
     result = {"correct": 0, "correct_norm": 0, "total": 0, "predictions": []}
     was_training = model.training
@@ -307,11 +303,12 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
         with torch.no_grad(), tqdm(total=len(indices), unit="ex", desc="hellaswag", disable=not progress) as bar:
             for start in range(0, len(indices), batch_size):
                 batch = indices[start:start + batch_size]
-                tensors = build_batch([rendered[i] for i in batch], batch_size, seq_len, n_scored)
-                tokens, positions, targets, scored = (t.to(device) for t in tensors)
+                seq_len = min(round_up(max(longest_row[i] for i in batch), PAD_MULTIPLE), block_size)
+                tensors = build_batch([rendered[i] for i in batch], batch_size, seq_len)
+                tokens, positions, targets, rows = (t.to(device) for t in tensors)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits = ending_logits(model, tokens, positions)  # (rows, n_scored, vocab)
-                sums, means = ending_losses(logits, targets, scored)
+                    logits = ending_logits(model, tokens, positions)  # (n, vocab)
+                sums, means = ending_losses(logits, targets, rows, len(tokens))
                 sums = sums.view(-1, 4).tolist()  # (batch_size, 4), dummy examples at the end
                 means = means.view(-1, 4).tolist()
                 for k, index in enumerate(batch):
@@ -327,6 +324,7 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
                 bar.set_postfix(acc_norm=f"{result['correct_norm'] / result['total']:.4f}")
     finally:
         model.train(was_training)
+    result["predictions"].sort(key=lambda p: p["index"])
     return result
 
 

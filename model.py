@@ -173,9 +173,9 @@ class GPT(nn.Module):
 
         Targets equal to -1 are ignored by the loss. With a kv_cache, idx holds only the new
         positions, which follow the kv_cache.length positions already cached. logit_positions
-        (B, P) indices into T: logits of those positions only, (B, P, vocab_size), and targets
-        (B, P) if given; the lm_head is the biggest matmul of a small model, and HellaSwag scores
-        only a few positions of each row.
+        (N,) indices into the B * T positions (row b, position t is b * T + t): logits of those
+        positions only, (N, vocab_size), and targets (N,) if given. The lm_head is the biggest
+        matmul of a small model, and HellaSwag scores only a few positions of each row.
         """
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache.length
@@ -187,8 +187,8 @@ class GPT(nn.Module):
             x = block(x, kv_cache, layer)
         x = self.transformer.ln_f(x)
         if logit_positions is not None:
-            x = x.gather(1, logit_positions.unsqueeze(-1).expand(-1, -1, x.size(-1)))  # (B, P, C)
-        logits = self.lm_head(x)  # (B, T or P, vocab_size)
+            x = x.view(B * T, -1)[logit_positions]  # (N, C)
+        logits = self.lm_head(x)  # (B, T, vocab_size), or (N, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)

@@ -152,24 +152,22 @@ def test_batch_size_and_rank_split_change_nothing(hf_gpt2_dir, examples, referen
         assert_matches_reference(result, reference, indices=range(rank, len(examples), 3))
 
 
-def test_every_batch_has_one_shape(hf_gpt2_dir, examples):
-    # Rows are padded to the longest row of the whole set rounded up to 32 (capped by the model's
-    # 64 positions), and a short last batch is filled with dummy rows: one shape, one compile.
+def test_batches_hold_examples_of_one_length_and_keep_their_row_count(hf_gpt2_dir, examples):
+    # Longest first, each batch padded to its own longest row rounded up to 32 (capped by the
+    # model's 64 positions); a short last batch is filled with dummy rows, so the row count stays.
     model = GPT.from_pretrained(hf_gpt2_dir)
     shapes = []
     model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
     enc = get_tokenizer()
-    short = examples[:-1]  # without the long example
-    longest = max(len(enc.encode_ordinary(e["ctx"] + " " + ending)) for e in short for ending in e["endings"])
-    rounded = -(-longest // 32) * 32
-    assert longest < rounded < 64
-    hellaswag.evaluate(model, short, "cpu", batch_size=5)  # 12 examples: 5 + 5 + 2 and 3 dummies
-    assert shapes == [(20, rounded)] * 3
-    # Rank 1 of 2 scores only short examples, but the long one (index 12, rank 0's) sets the length
-    # for every rank.
-    shapes.clear()
-    hellaswag.evaluate(model, examples, "cpu", batch_size=5, rank=1, world_size=2)
-    assert shapes == [(20, 64)] * 2
+    longest = [max(len(enc.encode_ordinary(e["ctx"] + " " + ending)) for ending in e["endings"]) for e in examples]
+    for batch_size, rank, world_size in ((3, 1, 2), (5, 0, 1)):  # the second: the long example, then short ones
+        shapes.clear()
+        hellaswag.evaluate(model, examples, "cpu", batch_size=batch_size, rank=rank, world_size=world_size)
+        mine = sorted(longest[rank::world_size], reverse=True)
+        expected = [(4 * batch_size, min(-(-max(mine[start:start + batch_size]) // 32) * 32, 64))
+                    for start in range(0, len(mine), batch_size)]
+        assert shapes == expected
+    assert shapes == [(20, 64), (20, 32), (20, 32)]  # the long example's batch is the first
 
 
 def test_padded_vocabulary_scores_like_gpt2s(hf_gpt2_dir, examples, reference):
