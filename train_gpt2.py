@@ -637,7 +637,7 @@ def keep_freed_memory():
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
         libc.mallopt(M_MMAP_MAX, 0)  # large blocks come from the heap, which is reused...
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 32)  # ...and not trimmed back to the OS after each step
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # ...and not trimmed back to the OS after each step (an int: at most 2 GB)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
 
