@@ -108,9 +108,10 @@ class TrainConfig:
 
 # --demo changes defaults only: a 4-layer, 128-wide GPT (7.3M parameters, 6.4M of them the 50304 x 128
 # embedding) on Python's reference manual (pydoc_data: 139k tokens, so ~2 epochs), 150 steps of
-# 2,048 tokens: about 3 minutes on 2 CPU cores. float32 without compile, as measured on 2 cores:
-# compile spent ~30 s compiling and then ran no faster, and bf16 autocast was only ~5% faster on
-# a CPU with AVX512-BF16 (CPUs without bf16 instructions run it slower than float32).
+# 2,048 tokens: 2 to 4 minutes on 2 CPU cores. float32 without compile, as measured on 2 cores:
+# compile spent ~30 s compiling and then ran a step only ~10% faster, and bf16 autocast depends on
+# the CPU: 2x faster per step with AVX512-BF16 on one machine, 5% on another, and slower than
+# float32 on CPUs without bf16 instructions. float32 is the default that is fine everywhere.
 DEMO_DEFAULTS = dict(
     data_dir="demo_data", log_dir="log_demo", n_layer=4, n_head=4, n_embd=128, block_size=256,
     batch_size=8, seq_len=128, total_batch_size=2048, max_steps=150, warmup_steps=15, max_lr=2e-3,
