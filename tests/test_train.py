@@ -293,6 +293,11 @@ HELLASWAG = [
                                                "until the cat wakes up.", "in a different language."], 0),
     ("The function returns None when it", ["is hungry.", "is painted red.",
                                            "reaches the end without a return statement.", "sleeps."], 2),
+    # Longer than 32 tokens: HellaSwag batches come in two lengths, 64 and 32, under compile too.
+    ("When the interpreter imports a module for the first time, it compiles the source to byte code, "
+     "stores that byte code in a cache directory next to the file, and on every later import it",
+     ["loads the cached byte code instead of compiling again.", "forgets the module.", "prints the file.",
+      "deletes the directory."], 0),
 ]
 
 
