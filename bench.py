@@ -97,7 +97,8 @@ class BenchConfig:
                                         "Python docs' sentences)", type=str)
     hellaswag_examples: int = setting(None, "HellaSwag examples to score each way (default: 512 on a "
                                             "GPU, 64 on CPU)", type=int)
-    hellaswag_batch_size: int = setting(16, "examples per forward pass of the batched HellaSwag run")
+    hellaswag_batch_size: int = setting(None, "examples per forward pass of the batched HellaSwag run (default: "
+                                              "64 on a GPU, which one small batch leaves idle; 16 on CPU)", type=int)
     fineweb_documents: int = setting(0, "documents to tokenize in the fineweb section (0: the Python docs repeated, as `fineweb.py --benchmark` does)")
     num_proc: int = setting(None, "tokenizer processes of the fineweb section (default: every core)", type=int)
     # the machine and the output
@@ -116,8 +117,9 @@ class BenchConfig:
                   if not split(getattr(self, name))]
         found += [f"{problem} (--n-layer/--n-head/--n-embd/--block-size/--vocab-size)"
                   for problem in model_config(self).problems()]
-        positive = ["seq_len", "max_new_tokens", "hellaswag_batch_size"]
-        optional_positive = ["steps", "matmul_size", "hellaswag_examples", "num_proc", "peak_flops"]
+        positive = ["seq_len", "max_new_tokens"]
+        optional_positive = ["steps", "matmul_size", "hellaswag_examples", "hellaswag_batch_size", "num_proc",
+                             "peak_flops"]
         found += [f"--{k.replace('_', '-')} {getattr(self, k)} must be positive" for k in positive
                   if getattr(self, k) <= 0]
         found += [f"--{k.replace('_', '-')} {getattr(self, k)} must be positive" for k in optional_positive
@@ -549,7 +551,8 @@ TABLES = {  # section -> [(column title, how to show a row's value)]
     "sample": [("new tokens", lambda r: str(r["new_tokens"])), ("KV cache tok/s", lambda r: f"{r['kv_cache_tokens_per_sec']:.1f}"),
                ("no cache tok/s", lambda r: f"{r['no_cache_tokens_per_sec']:.1f}"), ("speed-up", lambda r: f"{r['speedup']:.1f}x"),
                ("same tokens", lambda r: f"{r['matching_tokens']}/{r['new_tokens']}")],
-    "hellaswag": [("examples", lambda r: str(r["examples"])), ("batched ex/s", lambda r: f"{r['batched_examples_per_sec']:.2f}"),
+    "hellaswag": [("examples", lambda r: str(r["examples"])), ("batch", lambda r: str(r["batch_size"])),
+                  ("batched ex/s", lambda r: f"{r['batched_examples_per_sec']:.2f}"),
                   ("1 at a time ex/s", lambda r: f"{r['single_examples_per_sec']:.2f}"),
                   ("speed-up", lambda r: f"{r['speedup']:.1f}x"), ("source", lambda r: r["source"])],
     "fineweb": [("tokens", lambda r: str(r["tokens"])), ("processes", lambda r: str(r["num_proc"])),
@@ -595,7 +598,7 @@ def run(config):
     gpu = device.type == "cuda"
     # Device-dependent defaults, filled in once so the output says what ran.
     defaults = dict(steps=20 if gpu else 3, warmup_steps=5 if gpu else 1, matmul_size=8192 if gpu else 3072,
-                    hellaswag_examples=512 if gpu else 64)
+                    hellaswag_examples=512 if gpu else 64, hellaswag_batch_size=64 if gpu else 16)
     for key, value in defaults.items():
         if getattr(config, key) is None:
             setattr(config, key, value)
