@@ -346,6 +346,31 @@ def test_compiled_training_evaluates_and_samples_without_recompiling(straight, d
     assert series(tmp_path, "hellaswag_acc")[2] == result["correct_norm"] / result["total"]
 
 
+@pytest.mark.multiprocess
+def test_compiled_model_inside_ddp_trains_like_the_plain_run_and_scores_hellaswag_over_ranks(
+        straight, data_dir, hellaswag_file, tmp_path):
+    # The 8-GPU set-up in small: torch.compile inside DDP (2 gloo ranks), val loss, HellaSwag split
+    # over the ranks and all-reduced, samples on rank 0.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+               *args(data_dir, tmp_path, "--compile", "--stop-at-step", "4", "--hellaswag-interval", "2",
+                     "--hellaswag-file", hellaswag_file, "--sample-interval", "4", "--sample-tokens", "6")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("sample 0: ") == 1  # step 0, printed once (rank 0)
+    for key in ("train_loss", "grad_norm"):
+        got, want = series(tmp_path, key), series(straight, key)
+        assert sorted(got) == [0, 1, 2, 3]
+        for step in got:
+            assert got[step] == pytest.approx(want[step], abs=1e-4), (key, step)
+    assert series(tmp_path, "val_loss")[0] == pytest.approx(series(straight, "val_loss")[0], abs=1e-4)
+    assert sorted(series(tmp_path, "hellaswag_acc")) == [0, 2]
+    # The all-reduced accuracy = one process scoring every example with the weights of step 2.
+    model = GPT.from_checkpoint(os.path.join(tmp_path, "checkpoints", "step_00000002.pt"))
+    reference = hellaswag.evaluate(model, hellaswag.load_examples(hellaswag_file), "cpu")
+    assert series(tmp_path, "hellaswag_acc")[2] == reference["correct_norm"] / reference["total"]
+
+
 def test_bf16_autocast_trains_close_to_float32(straight, data_dir, tmp_path):
     assert main(args(data_dir, tmp_path, "--dtype", "bfloat16", "--stop-at-step", "4")) == 0
     reference = series(straight, "train_loss")
