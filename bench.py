@@ -45,7 +45,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -167,14 +167,7 @@ def model_config(config):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Measure GPT-2 training, sampling, HellaSwag and tokenizing speed.",
                                      argument_default=argparse.SUPPRESS)
-    for f in fields(BenchConfig):
-        kwargs = dict(f.metadata)
-        if f.type is bool or f.type == "bool":
-            kwargs["action"] = argparse.BooleanOptionalAction  # --profile / --no-profile
-        else:
-            kwargs.setdefault("type", type(f.default))
-        kwargs["help"] += f" (default: {f.default})" if f.default is not None and "default:" not in kwargs["help"] else ""
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    train_gpt2.add_flags(parser, BenchConfig)
     given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
     config = BenchConfig(**{**PRESETS.get(given.get("preset"), {}), **given})
     problems = config.problems()

@@ -55,6 +55,19 @@ def setting(default, help, **argparse_kwargs):
     return field(default=default, metadata=dict(help=help, **argparse_kwargs))
 
 
+def add_flags(parser, config_class):
+    """One --flag per field of a dataclass made of setting()s (train_gpt2.py's and bench.py's)."""
+    for f in fields(config_class):
+        kwargs = dict(f.metadata)
+        if f.type is bool:
+            kwargs.setdefault("action", argparse.BooleanOptionalAction)  # --compile / --no-compile
+        else:
+            kwargs.setdefault("type", type(f.default))
+        if f.default is not None and "default:" not in kwargs["help"]:
+            kwargs["help"] += f" (default: {f.default})"
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
 @dataclass
 class TrainConfig:
     # data and output
@@ -103,7 +116,8 @@ class TrainConfig:
     peak_flops: float = setting(None, "device peak FLOP/s for MFU (default: a table of bf16 peaks)", type=float)
     seed: int = setting(1337, "seed of the initial weights and the data shuffle")
     resume: str = setting("auto", "'auto' (latest checkpoint in the log dir, if any), 'never', or a checkpoint path")
-    demo: bool = setting(False, "defaults for a small CPU run on the Python docs (builds demo_data/ on first use)")
+    demo: bool = setting(False, "defaults for a small CPU run on the Python docs (builds demo_data/ on first use)",
+                         action="store_true")
 
 
 # --demo changes defaults only: a 4-layer, 128-wide GPT (7.3M parameters, 6.4M of them the 50304 x 128
@@ -139,14 +153,7 @@ class TrainError(Exception):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train GPT-2 on token shards. --demo changes the defaults shown "
                                      "here to DEMO_DEFAULTS in this file.", argument_default=argparse.SUPPRESS)
-    for f in fields(TrainConfig):
-        kwargs = dict(f.metadata)
-        if f.type is bool:  # --compile / --no-compile, and plain --demo
-            kwargs["action"] = "store_true" if f.name == "demo" else argparse.BooleanOptionalAction
-        else:
-            kwargs.setdefault("type", type(f.default))
-        kwargs["help"] += f" (default: {f.default})"
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    add_flags(parser, TrainConfig)
     given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
     defaults = {}
     if given.get("demo"):
