@@ -248,9 +248,7 @@ def ending_logits(model, tokens, positions):
     """Logits (n, vocab) at the scored positions only. Our GPT computes just those (a fraction of
     the (rows, T, vocab) logits: less memory and time); a transformers GPT-2 computes all of them
     and we pick."""
-    raw = getattr(model, "module", model)  # inside a DistributedDataParallel wrapper
-    raw = getattr(raw, "_orig_mod", raw)  # inside torch.compile's wrapper
-    if isinstance(raw, GPT):
+    if isinstance(_unwrapped(model), GPT):
         return model(tokens, logit_positions=positions)[0]
     return model(tokens).logits.flatten(0, 1)[positions]
 
@@ -268,10 +266,15 @@ def round_up(n, multiple):
     return -(-n // multiple) * multiple
 
 
+def _unwrapped(model):
+    """The model inside a DistributedDataParallel wrapper (.module) and torch.compile's (._orig_mod)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
 def _block_size(model):
     """The longest sequence the model takes: our GPTConfig.block_size or HF's n_positions."""
-    model = getattr(model, "module", model)  # a DistributedDataParallel wrapper holds it in .module
-    config = model.config  # torch.compile's wrapper forwards attribute lookups to the model
+    config = _unwrapped(model).config
     return getattr(config, "block_size", None) or config.n_positions
 
 
