@@ -50,7 +50,6 @@ import argparse
 import glob
 import itertools
 import json
-import multiprocessing
 import os
 import signal
 import sys
@@ -465,11 +464,11 @@ def _time_write_shards(documents, num_proc, shard_size):
 
 
 def _time_ceiling(documents, num_proc):
-    with multiprocessing.Pool(num_proc, initializer=_ceiling_init, initargs=(documents,)) as pool:
-        pool.map(_ceiling_count, [(0, 0)] * num_proc, chunksize=1)  # workers up, tokenizer loaded
+    with ProcessPoolExecutor(num_proc, initializer=_ceiling_init, initargs=(documents,)) as pool:
+        list(pool.map(_ceiling_count, [(0, 0)] * num_proc))  # workers up, tokenizer loaded
         spans = [(i, i + CHUNK_DOCS) for i in range(0, len(documents), CHUNK_DOCS)]
         start = time.perf_counter()
-        tokens = sum(pool.imap_unordered(_ceiling_count, spans)) + len(documents)  # + one EOT each
+        tokens = sum(pool.map(_ceiling_count, spans)) + len(documents)  # + one EOT each
         return time.perf_counter() - start, tokens
 
 
