@@ -703,9 +703,8 @@ def train(config):
     if device.type == "cpu":
         keep_freed_memory()
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any float32 matmul left outside autocast
+        torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
-        torch.set_float32_matmul_precision("high")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.dtype == "bfloat16" else nullcontext())
     accum = config.total_batch_size // (config.batch_size * config.seq_len * world_size)
 
