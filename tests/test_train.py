@@ -87,6 +87,13 @@ def run_subprocess(argv, **kwargs):
                           **kwargs)
 
 
+def run_torchrun(argv):
+    """train_gpt2.py under torchrun, 2 processes on CPU (gloo)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def straight(data_dir, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("straight")
@@ -210,10 +217,7 @@ def test_a_killed_run_relaunched_finishes_like_one_never_killed(straight, data_d
 @pytest.mark.multiprocess
 def test_ddp_on_two_processes_matches_one_process_with_accumulation(straight, data_dir, tmp_path):
     # 2 ranks x 1 micro step of 4 x 32 vs the straight run's 1 rank x 2 micro steps: same 256 tokens
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
-               *args(data_dir, tmp_path, "--stop-at-step", "4")]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = run_torchrun(args(data_dir, tmp_path, "--stop-at-step", "4"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 devices x 1 micro steps" in result.stdout
     assert all(not k.startswith(("module.", "_orig_mod.")) for k in checkpoint(tmp_path, 4)["model"])
@@ -224,10 +228,7 @@ def test_ddp_on_two_processes_matches_one_process_with_accumulation(straight, da
 
 @pytest.mark.multiprocess
 def test_under_torchrun_only_rank_0_prints_and_every_rank_fails(data_dir, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
-               *args(data_dir, tmp_path, "--total-batch-size", "384")]  # 384 tokens over 2 x 4 x 32
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = run_torchrun(args(data_dir, tmp_path, "--total-batch-size", "384"))  # 384 tokens over 2 x 4 x 32
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: invalid settings: total_batch_size=384 is not divisible by batch_size * seq_len * "
@@ -239,11 +240,8 @@ def test_under_torchrun_only_rank_0_prints_and_every_rank_fails(data_dir, tmp_pa
 def test_under_torchrun_a_non_finite_loss_stops_every_rank_with_one_line(data_dir, tmp_path):
     # lr 1e30 as in the one-process test: step 1's loss is NaN on both ranks, found by the
     # all-reduced flag; no rank may step, hang in a collective, or print twice.
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
-               *args(data_dir, tmp_path, "--batch-size", "4", "--max-lr", "1e30", "--warmup-steps", "0",
-                     "--checkpoint-interval", "1")]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = run_torchrun(args(data_dir, tmp_path, "--batch-size", "4", "--max-lr", "1e30", "--warmup-steps", "0",
+                               "--checkpoint-interval", "1"))
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: non-finite loss/grad norm at step 1"), result.stderr[-3000:]
@@ -351,11 +349,8 @@ def test_compiled_model_inside_ddp_trains_like_the_plain_run_and_scores_hellaswa
         straight, data_dir, hellaswag_file, tmp_path):
     # The 8-GPU set-up in small: torch.compile inside DDP (2 gloo ranks), val loss, HellaSwag split
     # over the ranks and all-reduced, samples on rank 0.
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
-               *args(data_dir, tmp_path, "--compile", "--stop-at-step", "4", "--hellaswag-interval", "2",
-                     "--hellaswag-file", hellaswag_file, "--sample-interval", "4", "--sample-tokens", "6")]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = run_torchrun(args(data_dir, tmp_path, "--compile", "--stop-at-step", "4", "--hellaswag-interval", "2",
+                               "--hellaswag-file", hellaswag_file, "--sample-interval", "4", "--sample-tokens", "6"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("sample 0: ") == 1  # step 0, printed once (rank 0)
     for key in ("train_loss", "grad_norm"):
