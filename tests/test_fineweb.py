@@ -241,9 +241,19 @@ def test_resume_remakes_damaged_shards_and_clears_leftovers(corpus_documents, st
     assert os.stat(tmp_path / "pydocs_train_000002.npy").st_mtime_ns == untouched
 
 
-def stop_after_shards(args, cwd, progress_file, shards, signal_number):
-    """Start the CLI, wait until `shards` shards are finished, send it `signal_number`; return (exit code, stderr)."""
-    # A session of its own: the signal goes to the whole process group, as Ctrl-C in a terminal does.
+BIG_ARGS = ["--input", "big.jsonl", "--output-dir", "out", "--shard-size", 20_000, "--num-proc", 2, "--no-progress"]
+
+
+def big_input(corpus_documents, tmp_path):
+    """big.jsonl: ~4M tokens, a couple of seconds of tokenizing, long enough to stop a run midway.
+    Returns the progress file of a CLI run with BIG_ARGS."""
+    write_jsonl(tmp_path / "big.jsonl", corpus_documents * 30)
+    return tmp_path / "out" / "edufineweb_progress.json"
+
+
+def stop_after_shards(args, cwd, progress_file, shards, stop):
+    """Start the CLI, wait until `shards` shards are finished, call stop(process); return (exit code, stderr)."""
+    # A session of its own: a signal to the group reaches every process, as Ctrl-C in a terminal does.
     process = subprocess.Popen([sys.executable, FINEWEB, *map(str, args)], cwd=cwd, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
@@ -254,27 +264,25 @@ def stop_after_shards(args, cwd, progress_file, shards, signal_number):
         except (OSError, ValueError):
             pass  # not written yet
         time.sleep(0.005)
-    os.killpg(process.pid, signal_number)
+    stop(process)
     _, stderr = process.communicate(timeout=60)
     return process.returncode, stderr
 
 
-@pytest.mark.multiprocess
-def test_interrupted_and_killed_cli_runs_resume_to_identical_bytes(corpus_documents, reference, tmp_path):
-    documents = corpus_documents * 30  # ~4M tokens: a couple of seconds, long enough to stop twice
-    write_jsonl(tmp_path / "big.jsonl", documents)
-    args = ["--input", "big.jsonl", "--output-dir", "out", "--shard-size", 20_000, "--num-proc", 2, "--no-progress"]
-    progress_file = tmp_path / "out" / "edufineweb_progress.json"
+def signal_group(signal_number):
+    return lambda process: os.killpg(process.pid, signal_number)
 
-    code, stderr = stop_after_shards(args, tmp_path, progress_file, 3, signal.SIGINT)  # Ctrl-C
-    assert code == 130 and stderr.count("\n") == 1 and "Traceback" not in stderr and "rerun" in stderr, stderr
-    interrupted = len(json.loads(progress_file.read_text())["shards"])
-    code, _ = stop_after_shards(args, tmp_path, progress_file, interrupted + 3, signal.SIGKILL)  # no clean-up at all
-    assert code == -signal.SIGKILL
-    killed = json.loads(progress_file.read_text())
-    assert not killed["complete"] and len(killed["shards"]) >= interrupted + 3
 
-    result = run_cli(*args, cwd=tmp_path)
+def kill_one_worker(process):
+    """What the out-of-memory killer does: SIGKILL one tokenizing process, not the CLI."""
+    with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
+        workers = [int(pid) for pid in f.read().split()]
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+
+
+def assert_big_run_finishes_like_a_straight_one(tmp_path, reference):
+    result = run_cli(*BIG_ARGS, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     expected = reference_shards(np.tile(reference, 30), 20_000, "edufineweb")
     assert differences(shard_bytes(tmp_path / "out"), expected) == []
@@ -282,27 +290,27 @@ def test_interrupted_and_killed_cli_runs_resume_to_identical_bytes(corpus_docume
 
 
 @pytest.mark.multiprocess
+def test_interrupted_and_killed_cli_runs_resume_to_identical_bytes(corpus_documents, reference, tmp_path):
+    progress_file = big_input(corpus_documents, tmp_path)
+    code, stderr = stop_after_shards(BIG_ARGS, tmp_path, progress_file, 3, signal_group(signal.SIGINT))  # Ctrl-C
+    assert code == 130 and stderr.count("\n") == 1 and "Traceback" not in stderr and "rerun" in stderr, stderr
+    interrupted = len(json.loads(progress_file.read_text())["shards"])
+    code, _ = stop_after_shards(BIG_ARGS, tmp_path, progress_file, interrupted + 3,
+                                signal_group(signal.SIGKILL))  # no clean-up at all
+    assert code == -signal.SIGKILL
+    killed = json.loads(progress_file.read_text())
+    assert not killed["complete"] and len(killed["shards"]) >= interrupted + 3
+    assert_big_run_finishes_like_a_straight_one(tmp_path, reference)
+
+
+@pytest.mark.multiprocess
 def test_a_dead_worker_is_one_line_and_the_rerun_resumes(corpus_documents, reference, tmp_path):
     # The out-of-memory killer picks a worker: the run must stop with a message, not wait forever.
-    write_jsonl(tmp_path / "big.jsonl", corpus_documents * 30)
-    args = ["--input", "big.jsonl", "--output-dir", "out", "--shard-size", 20_000, "--num-proc", 2, "--no-progress"]
-    progress_file = tmp_path / "out" / "edufineweb_progress.json"
-    process = subprocess.Popen([sys.executable, FINEWEB, *map(str, args)], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not progress_file.exists():
-        time.sleep(0.005)
-    with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
-        workers = [int(pid) for pid in f.read().split()]
-    assert len(workers) == 2
-    os.kill(workers[0], signal.SIGKILL)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    progress_file = big_input(corpus_documents, tmp_path)
+    code, stderr = stop_after_shards(BIG_ARGS, tmp_path, progress_file, 1, kill_one_worker)
+    assert code == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
     assert "a tokenizing process died" in stderr and "rerun" in stderr
-    result = run_cli(*args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    expected = reference_shards(np.tile(reference, 30), 20_000, "edufineweb")
-    assert differences(shard_bytes(tmp_path / "out"), expected) == []
+    assert_big_run_finishes_like_a_straight_one(tmp_path, reference)
 
 
 def test_a_malformed_line_keeps_finished_shards_and_a_fixed_file_resumes(corpus_documents, straight_run, tmp_path):
