@@ -188,16 +188,12 @@ def log(message):
 # Measuring: time on a synchronized device, peak memory, the matmul ceiling
 
 
-def synchronize(device):
-    train_gpt2.synchronize(device)  # kernels run asynchronously on GPUs: wait before reading the clock
-
-
 def timed(fn, device):
-    """Seconds fn() takes, the device's queued work included."""
-    synchronize(device)
+    """Seconds fn() takes, the device's queued work included (GPU kernels run asynchronously)."""
+    train_gpt2.synchronize(device)
     start = time.perf_counter()
     fn()
-    synchronize(device)
+    train_gpt2.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -400,7 +396,7 @@ def attention_kernels(step, device):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profiler:
         step()
-        synchronize(device)
+        train_gpt2.synchronize(device)
     pattern = re.compile(r"^aten::_scaled_dot_product|flash|fmha", re.IGNORECASE)
     return sorted({event.key for event in profiler.key_averages()
                    if pattern.search(event.key) and not event.key.startswith("autograd::")
