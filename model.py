@@ -33,7 +33,7 @@ GPT2_VOCAB_SIZE = 50257  # GPT-2's tokenizer; larger vocab sizes are padding for
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # the longest sequence the model sees (learned positions)
-    vocab_size: int = 50257  # 50257 BPE tokens; 50304 (a multiple of 128) runs faster
+    vocab_size: int = GPT2_VOCAB_SIZE  # 50257 BPE tokens; 50304 (a multiple of 128) runs faster
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
