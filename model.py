@@ -18,6 +18,8 @@ that talk to Hugging Face.
 """
 
 import inspect
+import os
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -316,12 +318,30 @@ class GPT(nn.Module):
         hf_model.save_pretrained(directory)  # safetensors, written by transformers
 
     @classmethod
-    def from_checkpoint(cls, path, map_location="cpu"):
-        """The model of a train_gpt2.py checkpoint (a plain dict; see train_gpt2.py)."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    def from_checkpoint(cls, path):
+        """The model of a train_gpt2.py checkpoint (a plain dict; see read_checkpoint)."""
+        checkpoint = read_checkpoint(path)
         model = cls(GPTConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
         return model
+
+
+def read_checkpoint(path):
+    """A train_gpt2.py checkpoint: a plain dict read with torch.load(weights_only=True), so only
+    tensors and plain values come back and no code in the file can run. Any file that is not one
+    (another format, a write cut short) raises ValueError with one line that says so."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} {'is a directory, not a checkpoint file' if os.path.isdir(path) else 'does not exist'}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: not the user's problem
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, pickle and format errors each have their own type
+        raise ValueError(f"{path} is not a readable train_gpt2.py checkpoint ({type(e).__name__}: another kind of "
+                         f"file, or a write cut short)") from None
+    if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= set(checkpoint):
+        raise ValueError(f"{path} is not a train_gpt2.py checkpoint (it holds no model and model_config)")
+    return checkpoint
 
 
 def sample_next_token(logits, temperature=1.0, top_k=50, generator=None):
