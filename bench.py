@@ -355,7 +355,7 @@ def bench_train_at(config, device, dtype_name, mode, tokens, batch_size):
     matmul = Matmul(config.matmul_size, DTYPES[dtype_name], device)
 
     def step():  # exactly one optimizer step of train_gpt2.py with one micro step
-        train_gpt2.train_step(model, optimizer, loader, 1, tc.max_lr, tc, device, autocast, step=0)
+        train_gpt2.train_step(model, optimizer, loader, 1, tc.max_lr, tc, device, autocast)
 
     reset_peak_memory(device)
     first_step = timed(step, device)  # compiles, when compiled

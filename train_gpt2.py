@@ -25,15 +25,21 @@ copy with a header per launch goes to `<log dir>/log.txt`. play.ipynb plots them
 
 import argparse
 import ctypes
+import datetime
 import glob
 import json
 import math
 import os
 import platform
 import random
+import shutil
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
+import tomllib
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
@@ -43,11 +49,21 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from model import GPT, GPT2_SIZES, GPTConfig
+from common import DirectoryLock, UserError, atomic_write
+from model import GPT, GPT2_SIZES, GPTConfig, read_checkpoint
 from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass, one flag per field (kebab-case), validated once
+
+
+def duration(text):
+    """Seconds from '3h50m', '90m', '45s' or a plain number of seconds (an argparse type)."""
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?", text.strip())
+    if not text.strip() or not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 3h50m, 90m or 600")
+    hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return 3600 * hours + 60 * minutes + seconds
 
 
 def setting(default, help, **argparse_kwargs):
@@ -72,7 +88,9 @@ def add_flags(parser, config_class):
 class TrainConfig:
     # data and output
     data_dir: str = setting("edu_fineweb10B", "directory of uint16 token shards made by fineweb.py")
-    log_dir: str = setting("log", "where metrics.jsonl, log.txt and checkpoints/ go (appended to)")
+    log_dir: str = setting("log", "the run's directory: metrics.jsonl, log.txt, config.toml, checkpoints/ (one run each)")
+    overwrite: bool = setting(False, "start a new run in a --log-dir that holds one, deleting what train_gpt2.py "
+                                     "wrote there (checkpoints, metrics.jsonl, log.txt)", action="store_true")
     shuffle: bool = setting(True, "shuffle train shard order and window order each epoch")
     # model
     model: str = setting("gpt2", "GPT-2 size to train from scratch", choices=list(GPT2_SIZES))
@@ -108,14 +126,25 @@ class TrainConfig:
     checkpoint_interval: int = setting(1000, "steps between checkpoints (the final step always writes one)")
     keep_checkpoints: int = setting(3, "how many of the latest checkpoints to keep")
     stop_at_step: int = setting(0, "end this launch with a checkpoint after this step (0: run to max_steps); "
-                                   "relaunch to go on, e.g. within a job time limit")
+                                   "relaunch with a larger value (or 0) to go on")
+    time_limit: int = setting(0, "end this launch cleanly (checkpoint, exit 0) before this much wall-clock time, "
+                                 "e.g. 3h50m, allowing for a step and a checkpoint (0: no limit)", type=duration)
+    max_skipped_steps: int = setting(5, "steps whose loss or gradient is not finite are skipped (no update); "
+                                        "stop after this many in a row")
+    # tracking (each an opt-in: the package is imported only when asked for)
+    wandb: str = setting(None, "also log to this Weights & Biases project (pip install wandb)", type=str)
+    tensorboard: bool = setting(False, "also write TensorBoard event files to <log dir>/tensorboard "
+                                       "(pip install tensorboard)")
     # system
     device: str = setting("auto", "'auto' (cuda, else mps, else cpu), or e.g. cpu, cuda, mps")
     dtype: str = setting("bfloat16", "autocast dtype of the forward pass", choices=["float32", "bfloat16"])
     compile: bool = setting(True, "torch.compile the model (training, val loss and HellaSwag)")
     peak_flops: float = setting(None, "device peak FLOP/s for MFU (default: a table of bf16 peaks)", type=float)
     seed: int = setting(1337, "seed of the initial weights and the data shuffle")
-    resume: str = setting("auto", "'auto' (latest checkpoint in the log dir, if any), 'never', or a checkpoint path")
+    resume: str = setting("auto", "'auto' (latest checkpoint in the log dir, if any), 'never' (a new run), "
+                                  "or a checkpoint path (e.g. an earlier one, to roll back)")
+    dist_timeout: int = setting(600, "under torchrun, how long a rank waits for the others before the job ends "
+                                     "(a rank that stalled or died), e.g. 10m", type=duration)
     demo: bool = setting(False, "defaults for a small CPU run on the Python docs (builds demo_data/ on first use)",
                          action="store_true")
 
@@ -135,32 +164,76 @@ DEMO_DEFAULTS = dict(
 # Settings that may change when a run resumes: where and how it runs and reports, not what it
 # learns. The micro batch and the number of devices may change too (same total batch: the loader
 # state counts rows, not batches). max_steps may not: it sets the cosine schedule's length.
-RESUMABLE = {"data_dir", "log_dir", "batch_size", "eval_interval", "val_tokens", "hellaswag_interval",
+RESUMABLE = {"data_dir", "log_dir", "overwrite", "batch_size", "eval_interval", "val_tokens", "hellaswag_interval",
              "hellaswag_file", "sample_interval", "sample_prompt", "num_samples", "sample_tokens",
-             "checkpoint_interval", "keep_checkpoints", "stop_at_step", "device", "compile", "peak_flops", "resume",
-             "demo"}
+             "checkpoint_interval", "keep_checkpoints", "stop_at_step", "time_limit", "max_skipped_steps", "wandb",
+             "tensorboard", "device", "compile", "peak_flops", "resume", "dist_timeout", "demo"}
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A problem the user can fix: printed as one line, no traceback. exit_code 2 = usage."""
 
-    def __init__(self, message, exit_code=1, every_rank=True):
-        super().__init__(message)
-        self.exit_code = exit_code
+    def __init__(self, message, exit_code=1, every_rank=True, reported=False):
+        super().__init__(message, exit_code)
         self.every_rank = every_rank  # False: only this rank saw it, so this rank must print it
+        self.reported = reported  # already printed (see agree)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # A TrainError rather than argparse's exit: under torchrun it is printed once, like any other.
+        raise TrainError(f"{message} (see --help)", exit_code=2)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train GPT-2 on token shards. --demo changes the defaults shown "
-                                     "here to DEMO_DEFAULTS in this file.", argument_default=argparse.SUPPRESS)
+    """The settings: the defaults (or --demo's), then a --config file's, then the flags given."""
+    parser = ArgumentParser(description="Train GPT-2 on token shards. --demo changes the defaults shown here to "
+                            "DEMO_DEFAULTS in this file.", argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="FILE", help="a TOML file of settings (flag names with _ for -, e.g. "
+                        "max_lr = 6e-4); flags on the command line win. Every run writes its own to "
+                        "<log dir>/config.toml, so `--config log/config.toml` repeats it")
     add_flags(parser, TrainConfig)
-    given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given = vars(parser.parse_args(argv))
+    if "config" in given:  # the file's settings become flags in front of the command line's: those win
+        given = vars(parser.parse_args(config_file_flags(given.pop("config")) + argv))
+        given.pop("config")
     defaults = {}
     if given.get("demo"):
         defaults = dict(DEMO_DEFAULTS)
         if given.get("hellaswag_file"):
             defaults["hellaswag_interval"] = defaults["eval_interval"]
     return TrainConfig(**{**defaults, **given})
+
+
+def config_file_flags(path):
+    """A TOML settings file as the flags that say the same: one way in for every value."""
+    try:
+        with open(path, "rb") as f:
+            settings = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise TrainError(f"cannot read --config {path} ({e})", exit_code=2)
+    names = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        raise TrainError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; see --help", exit_code=2)
+    flags = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if names[key].type is not bool:
+            flags += [flag, str(value)]
+        elif value or names[key].metadata.get("action") != "store_true":  # store_true flags have no --no- form
+            flags.append(flag if value else "--no-" + flag[2:])
+    return flags
+
+
+def write_config_file(config, path):
+    """The run's effective settings as TOML (None, meaning "not set", is left out)."""
+    lines = [f"# train_gpt2.py settings of this run; repeat it with: python train_gpt2.py --config {path}"]
+    for key, value in asdict(config).items():
+        if value is not None and key not in ("overwrite", "resume"):  # how this launch began, not the recipe
+            lines.append(f"{key} = {json.dumps(value)}")  # a JSON string, number or true/false is TOML too
+    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
 
 def model_config(config):
@@ -172,17 +245,37 @@ def model_config(config):
 def config_problems(config, world_size):
     """Every setting that cannot work, as readable strings (empty when all is well)."""
     found = list(model_config(config).problems())
-    positive = ["batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "keep_checkpoints",
-                "num_samples", "sample_tokens"]
-    found += [f"{k}={getattr(config, k)} must be positive" for k in positive if getattr(config, k) <= 0]
+    floats = [f.name for f in fields(config) if f.type is float and getattr(config, f.name) is not None]
+    not_finite = [k for k in floats if not math.isfinite(getattr(config, k))]  # nan and inf pass every comparison below
+    found += [f"{k}={getattr(config, k)} must be a finite number" for k in not_finite]
+    positive = ["batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "adam_eps", "keep_checkpoints",
+                "num_samples", "sample_tokens", "max_skipped_steps", "dist_timeout", "peak_flops"]
+    found += [f"{k}={getattr(config, k)} must be positive" for k in positive
+              if k not in not_finite and getattr(config, k) is not None and getattr(config, k) <= 0]
     non_negative = ["warmup_steps", "min_lr", "weight_decay", "grad_clip", "eval_interval", "val_tokens",
-                    "hellaswag_interval", "sample_interval", "checkpoint_interval", "stop_at_step", "seed", "adam_eps"]
-    found += [f"{k}={getattr(config, k)} must not be negative" for k in non_negative if getattr(config, k) < 0]
+                    "hellaswag_interval", "sample_interval", "checkpoint_interval", "stop_at_step", "time_limit", "seed"]
+    found += [f"{k}={getattr(config, k)} must not be negative" for k in non_negative
+              if k not in not_finite and getattr(config, k) < 0]
+    found += [f"{k}={getattr(config, k)} must be in [0, 1)" for k in ("beta1", "beta2")
+              if k not in not_finite and not 0 <= getattr(config, k) < 1]
+    if config.sample_interval and not config.sample_prompt:
+        found.append("sample_prompt is empty; give a prompt, or turn samples off with --sample-interval 0")
+    if os.path.exists(config.log_dir) and not os.path.isdir(config.log_dir):
+        found.append(f"log_dir={config.log_dir} is a file, not a directory")
+    if os.path.isfile(config.init_from):
+        found.append(f"init_from={config.init_from} is a file, not a Hugging Face GPT-2: continue a train_gpt2.py "
+                     f"checkpoint with --resume {config.init_from}, or fine-tune from one after `python export.py "
+                     f"{config.init_from} DIR` with --init-from DIR")
+    elif config.init_from.startswith(("/", "./", "../", "~")) and not os.path.exists(config.init_from):
+        found.append(f"init_from={config.init_from} does not exist (give a local Hugging Face directory or a "
+                     f"hub name such as gpt2)")
+    if config.overwrite and config.resume not in ("auto", "never"):
+        found.append(f"--overwrite starts a new run, so it cannot resume from {config.resume}")
     if config.init_from == "scratch" and config.seq_len > config.block_size:
         found.append(f"seq_len={config.seq_len} is over block_size={config.block_size}")
     if config.warmup_steps > config.max_steps:
         found.append(f"warmup_steps={config.warmup_steps} is over max_steps={config.max_steps}")
-    if config.min_lr > config.max_lr:
+    if not not_finite and config.min_lr > config.max_lr:
         found.append(f"min_lr={config.min_lr} is over max_lr={config.max_lr}")
     if config.eval_interval and 0 <= config.val_tokens < config.seq_len:
         found.append(f"val_tokens={config.val_tokens} is less than one sequence of seq_len={config.seq_len}")
@@ -207,6 +300,7 @@ def print0(*args, **kwargs):
 
 
 def pick_device(name):
+    """The device to run on: --device, or under torchrun this process's GPU (cuda:LOCAL_RANK)."""
     if name != "auto":
         try:
             device = torch.device(name)
@@ -215,34 +309,85 @@ def pick_device(name):
         available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
         if not available.get(device.type, False):
             raise TrainError(f"--device {name}: no such device on this machine; use --device auto", exit_code=2)
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def setup_distributed(device_name):
-    """-> (rank, local_rank, world_size, device); starts the process group under torchrun."""
-    device = pick_device(device_name)
-    if "RANK" not in os.environ:
-        if device.type == "cuda" and device.index is not None:
-            torch.cuda.set_device(device)  # --device cuda:N: its RNG state, pinned memory, kernels
-        return 0, 0, 1, device
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)  # one GPU per process
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif torch.backends.mps.is_available():
+        device = torch.device("mps")
     else:
-        dist.init_process_group("gloo")  # CPU (tests, laptops): gloo is the backend that works there
-    return rank, local_rank, world_size, device
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        if "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process
+        torch.cuda.set_device(device.index or 0)  # its RNG state, pinned memory and kernels
+    return device
+
+
+def start_distributed(timeout):
+    """Under torchrun, join the other processes (RANK, LOCAL_RANK and WORLD_SIZE say where we are).
+
+    With GPUs the group holds NCCL for CUDA tensors (DDP's gradients) and gloo for CPU tensors (the
+    few small messages that coordinate the ranks: errors, the checkpoint to resume); without, gloo.
+    A collective that waits more than `timeout` seconds for another rank fails, so a rank that
+    stalls or dies ends the job instead of hanging it."""
+    if "RANK" not in os.environ:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # before NCCL starts on this GPU
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
 
 
 def cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class AllRanks:
+    """A block of the set-up that every rank runs, and after which they agree on how it went.
+
+        with AllRanks() as block:     # a TrainError in here, on any rank, ends every rank
+            block.value = ...         # optional: this rank's contribution
+        block.values                  # every rank's value, in rank order
+
+    A rank that fails skips the rest of its block, straight to the agreement: no rank is ever left
+    waiting in a collective that another rank will not reach (the classic silent hang).
+    """
+
+    def __enter__(self):
+        self.value = None
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is None or isinstance(error, UserError):
+            self.values = agree(error, self.value)  # raises on every rank if any rank failed
+        return False
+
+
+def agree(error=None, value=None):
+    """Every rank says whether it failed (and shares a value); returns the values in rank order.
+
+    If any rank failed, rank 0 prints each message once (with the failing rank's number when not
+    every rank met it), the ranks wait until it is printed, and every rank raises a TrainError that
+    is already reported, with the exit code of the first failure.
+    """
+    if not dist.is_initialized():
+        if error is not None:
+            raise error
+        return [value]
+    outcomes = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, (None if error is None else (str(error), error.exit_code), value))
+    failures = [(rank, failure) for rank, (failure, _) in enumerate(outcomes) if failure is not None]
+    if not failures:
+        return [value for _, value in outcomes]
+    if dist.get_rank() == 0:
+        ranks_by_message = {}
+        for rank, (message, _) in failures:
+            ranks_by_message.setdefault(message, []).append(rank)
+        for message, ranks in ranks_by_message.items():
+            who = "" if len(ranks) == len(outcomes) else f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}: "
+            print(f"error: {who}{message}", file=sys.stderr, flush=True)
+    dist.barrier()  # a gloo barrier: no rank exits (and has torchrun stop the others) before the print
+    raise TrainError("reported", exit_code=failures[0][1][1], reported=True)
 
 
 def all_reduce_sum(tensor):
@@ -267,6 +412,8 @@ def all_reduce_sum(tensor):
 
 
 def find_shards(data_dir, split):
+    if os.path.isfile(data_dir):
+        raise TrainError(f"--data-dir {data_dir} is a file; give the directory of shards that fineweb.py wrote")
     if not os.path.isdir(data_dir):
         raise TrainError(f"data directory {data_dir} does not exist; make it with `python fineweb.py` "
                          f"(or try `python train_gpt2.py --demo`, which needs no download)")
@@ -380,12 +527,19 @@ def get_lr(step, config):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints and logging (rank 0 writes; everything is appended or written then renamed)
+# Checkpoints and the run's history: one run per log directory, rank 0 writes, files whole or absent
+
+# What train_gpt2.py writes into a log directory: --overwrite removes these and nothing else.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "log.txt", "config.toml", "abandoned", "tensorboard", "wandb_run_id")
 
 
 def list_checkpoints(log_dir):
     """Checkpoint paths, oldest first (the zero-padded step makes name order step order)."""
     return sorted(glob.glob(os.path.join(log_dir, "checkpoints", "step_[0-9]*.pt")))
+
+
+def checkpoint_step(path):
+    return int(os.path.basename(path)[len("step_"):-len(".pt")])
 
 
 def rng_state():
@@ -407,44 +561,73 @@ def set_rng_state(state):
 
 
 def save_checkpoint(config, step, raw_model, optimizer, loader):
-    """Write log_dir/checkpoints/step_<step>.pt under a temporary name, rename it, prune old ones."""
+    """Write log_dir/checkpoints/step_<step>.pt whole (atomic_write), then prune old ones."""
     path = os.path.join(config.log_dir, "checkpoints", f"step_{step:08d}.pt")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    for stale in glob.glob(os.path.join(os.path.dirname(path), "*.tmp")):
-        os.remove(stale)  # left by a launch that died mid-write
     checkpoint = {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
                   "optimizer": optimizer.state_dict(), "step": step, "config": asdict(config),
                   "loader": loader.state_dict(), "rng": rng_state()}
     try:
-        torch.save(checkpoint, path + ".tmp")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
     except OSError as e:  # a full disk, a vanished mount: the older checkpoints stay as they are
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
         raise TrainError(f"cannot write checkpoint {path} ({e}); free some space and relaunch to resume",
                          every_rank=False)  # rank 0 alone writes checkpoints
-    os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoints whole
     for old in list_checkpoints(config.log_dir)[:-config.keep_checkpoints]:
         os.remove(old)
     return path
 
 
-def load_checkpoint(config):
-    """The checkpoint to resume from, or None. With 'auto' an unreadable latest file (a crash mid
-    write, a full disk) is skipped for the one before it."""
-    if config.resume == "never":
-        return None
+def claim_log_dir(config):
+    """Rank 0: this launch's lock on the log directory, which holds one run (see --overwrite)."""
+    earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(config.log_dir, name))]
+    holds_run = list_checkpoints(config.log_dir) or os.path.exists(os.path.join(config.log_dir, "metrics.jsonl"))
+    if holds_run and config.resume == "never" and not config.overwrite:  # refused before anything is touched
+        raise TrainError(f"{config.log_dir} holds a run ({', '.join(earlier)}); continue it with --resume auto, "
+                         f"start a new run there with --overwrite (deletes those), or use another --log-dir",
+                         exit_code=2)
+    try:
+        os.makedirs(config.log_dir, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"cannot create --log-dir {config.log_dir} ({e.strerror})", exit_code=2)
+    lock = DirectoryLock(config.log_dir, "train_gpt2.py run").acquire()
+    if earlier and config.overwrite:
+        for name in earlier:
+            path = os.path.join(config.log_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        print0(f"--overwrite: removed the earlier run's {', '.join(earlier)} from {config.log_dir}")
+    for stale in glob.glob(os.path.join(config.log_dir, "checkpoints", ".*.tmp")):
+        os.remove(stale)  # a launch killed mid-write left it; the lock says no one else writes here
+    return lock
+
+
+def choose_checkpoint(config):
+    """Rank 0: (path, contents) of the checkpoint to resume from, or (None, None) for a new run.
+    With --resume auto an unreadable latest file (a crash mid-write) is skipped for the one before."""
+    if config.resume == "never" or config.overwrite:
+        return None, None
     if config.resume != "auto":
         try:
-            return torch.load(config.resume, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise TrainError(f"cannot read checkpoint {config.resume} ({e}); pass another --resume path "
-                             f"or --resume never")
+            return config.resume, read_checkpoint(config.resume)
+        except ValueError as e:
+            raise TrainError(f"--resume {e}; pass a checkpoint path, or --resume auto")
     for path in reversed(list_checkpoints(config.log_dir)):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            print0(f"note: skipping unreadable checkpoint {path} ({type(e).__name__}: {e})")
-    return None
+            return path, read_checkpoint(path)
+        except ValueError as e:
+            print0(f"note: skipping unreadable checkpoint ({e})")
+    return None, None
+
+
+def set_aside_later_checkpoints(config, start_step):
+    """Rank 0: checkpoints past start_step belong to a branch this launch abandons (a rollback, or
+    an unreadable latest one); moved aside, so that --resume auto and pruning never mix them in."""
+    later = [path for path in list_checkpoints(config.log_dir) if checkpoint_step(path) > start_step]
+    if later:
+        aside = os.path.join(config.log_dir, "abandoned", time.strftime("%Y%m%d-%H%M%S"))
+        os.makedirs(aside, exist_ok=True)
+        for path in later:
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
+        print0(f"resuming at step {start_step}: moved {len(later)} later checkpoint(s) to {aside}")
 
 
 def check_resumable(saved, config):
@@ -454,34 +637,39 @@ def check_resumable(saved, config):
               for k in current if k not in RESUMABLE and saved.get(k) != current[k]]
     if differ:
         raise TrainError(f"the checkpoint's settings differ from the flags: {'; '.join(differ)}; relaunch with the "
-                         f"checkpoint's settings, or another --log-dir / --resume never for a new run", exit_code=2)
+                         f"checkpoint's settings, or another --log-dir / --overwrite for a new run", exit_code=2)
 
 
 class RunLog:
-    """metrics.jsonl (one JSON object per event) and log.txt, both appended to. Events already in
-    metrics.jsonl (same step and keys, from before a resume) are not written again."""
+    """The run's history, written by rank 0: metrics.jsonl (one JSON object per event), log.txt
+    (the same as text, with a header per launch) and the dashboards asked for (W&B, TensorBoard).
 
-    def __init__(self, log_dir, enabled):
-        self.enabled, self.seen = enabled, set()
-        self.metrics_path, self.text_path = os.path.join(log_dir, "metrics.jsonl"), os.path.join(log_dir, "log.txt")
-        if not enabled:
+    One history per run: a launch that starts at step S first keeps only the events of steps
+    before S (metrics.jsonl is rewritten whole), so a resumed or rolled-back run lists each step
+    once, from the branch it continues. Non-finite values are written as null: the file stays JSON.
+    """
+
+    def __init__(self, config, start_step, enabled):
+        self.enabled = enabled
+        self.metrics_path = os.path.join(config.log_dir, "metrics.jsonl")
+        self.text_path = os.path.join(config.log_dir, "log.txt")
+        self.dashboards = []
+        if enabled:
+            self._keep_events_before(start_step)
+            self.dashboards = open_dashboards(config, start_step)
+
+    def _keep_events_before(self, step):
+        if not os.path.exists(self.metrics_path):
             return
-        os.makedirs(log_dir, exist_ok=True)
-        if os.path.exists(self.metrics_path):
-            with open(self.metrics_path, "rb") as f:
-                data = f.read()
-            for line in data.decode("utf-8", errors="replace").splitlines():
+        kept = []
+        with open(self.metrics_path, "rb") as f:
+            for line in f:
                 try:
-                    self.seen.add(self._key(json.loads(line)))
+                    if json.loads(line)["step"] < step:
+                        kept.append(line.rstrip(b"\n") + b"\n")
                 except (ValueError, KeyError, TypeError):
                     pass  # a line cut short by a crash
-            if data and not data.endswith(b"\n"):
-                with open(self.metrics_path, "a") as f:
-                    f.write("\n")  # so the next event starts on its own line
-
-    @staticmethod
-    def _key(record):
-        return record["step"], tuple(sorted(k for k in record if k != "step"))
+        atomic_write(self.metrics_path, lambda f: f.writelines(kept))
 
     def text(self, line):
         if self.enabled:
@@ -489,14 +677,20 @@ class RunLog:
                 f.write(line + "\n")
 
     def event(self, record, line=None):
-        """Append a metrics record (and its text line) unless that step's event is already logged."""
-        if not self.enabled or self._key(record) in self.seen:
+        """Append one event (a dict with a "step") to metrics.jsonl and the dashboards."""
+        if not self.enabled:
             return
-        self.seen.add(self._key(record))
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        for dashboard in self.dashboards:
+            dashboard.log(record)
         if line is not None:
             self.text(line)
+
+    def close(self):
+        for dashboard in self.dashboards:
+            dashboard.close()
 
 
 def run_header(config, device, world_size):
@@ -591,10 +785,14 @@ def sample(raw_model, config, device, autocast):
 # The training loop
 
 
-def train_step(model, optimizer, loader, accum, lr, config, device, autocast, step):
-    """One optimizer step over accum micro batches; returns (loss, grad norm). Gradients are
-    all-reduced only on the last micro step. A non-finite loss or gradient norm on any rank stops
-    every rank before the optimizer touches the parameters."""
+def train_step(model, optimizer, loader, accum, lr, config, device, autocast, stop=False):
+    """One optimizer step over accum micro batches -> (loss, grad norm, skipped, stop).
+
+    Gradients are all-reduced only on the last micro step. One more small all-reduce tells every
+    rank what the others saw: a loss or gradient norm that is not finite on any rank skips the
+    update on every rank (parameters and optimizer untouched), and a rank that wants to stop
+    (`stop`: a signal, a time limit) stops them all after this same step.
+    """
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum):
@@ -611,18 +809,17 @@ def train_step(model, optimizer, loader, accum, lr, config, device, autocast, st
         # micro-batch means: divide each by accum before backward (the gradients add up).
         (loss / accum).backward()
         loss_sum += loss.detach()
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    loss = all_reduce_sum(loss_sum) / (accum * world_size)  # logged: the mean over micro steps and ranks
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-    bad = all_reduce_sum((~torch.isfinite(loss) | ~torch.isfinite(norm)).float())  # every rank agrees
-    if bad.item():
-        raise TrainError(f"non-finite loss/grad norm at step {step} (loss {loss.item():.4g}, grad norm "
-                         f"{norm.item():.4g}); parameters not updated, checkpoints left as they are; "
-                         f"try a lower --max-lr or a longer --warmup-steps")
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    return loss.item(), norm.item()
+    flags = torch.stack([loss_sum, (~torch.isfinite(norm)).float(), torch.tensor(float(stop), device=device)])
+    loss_sum, bad_norm, stop = all_reduce_sum(flags).tolist()
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    loss = loss_sum / (accum * world_size)  # logged: the mean over micro steps and ranks
+    skipped = not math.isfinite(loss) or bad_norm > 0
+    if not skipped:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    return loss, norm.item(), skipped, stop > 0
 
 
 def due(interval, step, last):
@@ -680,26 +877,30 @@ def prepare_demo_data(data_dir):
         fineweb.write_shards(fineweb.python_docs_documents(), data_dir, "pydocs", shard_size=16384, num_proc=1,
                              progress=False, source="python-docs")
     except (fineweb.UsageError, fineweb.DataError) as e:
-        raise TrainError(f"cannot build the demo data in {data_dir} ({e}); pass another --data-dir",
-                         every_rank=False)  # rank 0 alone builds it
+        raise TrainError(f"cannot build the demo data in {data_dir} ({e}); pass another --data-dir")
 
 
-def train(config):
-    rank, local_rank, world_size, device = setup_distributed(config.device)
+def train(config, launch):
+    rank, world_size = dist.get_rank() if dist.is_initialized() else 0, dist.get_world_size() if dist.is_initialized() else 1
     master = rank == 0
-    problems = config_problems(config, world_size)
-    if problems:
-        raise TrainError("invalid settings: " + "; ".join(problems), exit_code=2)
-    if config.demo or config.sample_interval or config.hellaswag_interval:
-        try:  # the demo data, samples and HellaSwag need GPT-2's vocabulary: fail now, not mid-run
-            get_tokenizer()
-        except OSError as e:
-            raise TrainError(str(e))
-    if config.demo:
+    started = clock()
+
+    # The set-up, in blocks that every rank runs and then agrees on: an error on any rank (a file
+    # missing on one node, say) ends every rank with its message, never a rank left waiting.
+    with AllRanks():
+        device = pick_device(config.device)
+        problems = config_problems(config, world_size)
+        if problems:
+            raise TrainError("invalid settings: " + "; ".join(problems), exit_code=2)
         if master:
+            launch.hold(claim_log_dir(config))  # one run per log directory, one launch at a time
+        if config.demo or config.sample_interval or config.hellaswag_interval:
+            try:  # the demo data, samples and HellaSwag need GPT-2's vocabulary: fail now, not mid-run
+                get_tokenizer()
+            except OSError as e:
+                raise TrainError(str(e))
+        if config.demo and master:
             prepare_demo_data(config.data_dir)
-        if dist.is_initialized():
-            dist.barrier()
     if device.type == "cpu":
         keep_freed_memory()
     if device.type == "cuda":
@@ -708,46 +909,68 @@ def train(config):
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.dtype == "bfloat16" else nullcontext())
     accum = config.total_batch_size // (config.batch_size * config.seq_len * world_size)
 
-    # Data first: a missing or broken data dir should fail in seconds, not after building the model.
-    train_loader = ShardLoader(config.data_dir, "train", config.batch_size, config.seq_len, rank, world_size,
-                               config.vocab_size, config.seed, config.shuffle)
-    if config.eval_interval:
-        val_loader = ShardLoader(config.data_dir, "val", config.batch_size, config.seq_len,
-                                 vocab_size=config.vocab_size, min_rows=1)
-        val_rows = min(config.val_tokens // config.seq_len, val_loader.rows_per_epoch)
-        if val_rows < config.val_tokens // config.seq_len:
-            print0(f"note: the val split holds {val_loader.num_tokens} tokens; validating on "
-                   f"{val_rows * config.seq_len}, not --val-tokens {config.val_tokens}")
-    examples = []
-    if config.hellaswag_interval:
-        try:  # without --hellaswag-file, hellaswag.py downloads the val set once into its cache
-            examples = hellaswag.load_examples(config.hellaswag_file or hellaswag.download())
-        except hellaswag.DataError as e:
-            message = str(e).replace("--data FILE", "--hellaswag-file FILE")  # hellaswag.py's flag is --data
-            raise TrainError(f"{message}; or turn HellaSwag off with --hellaswag-interval 0")
-
-    raw_model = build_model(config, device)
-    optimizer, info = raw_model.configure_optimizers(config.weight_decay, config.max_lr, (config.beta1, config.beta2),
-                                                     config.adam_eps, device.type)
-    start_step, checkpoint = 0, load_checkpoint(config)
-    if checkpoint is not None:
-        check_resumable(checkpoint["config"], config)
-        raw_model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        train_loader.load_state_dict(checkpoint["loader"])
-        set_rng_state(checkpoint["rng"])
-        start_step = checkpoint["step"]
-        del checkpoint  # the optimizer state is large; let it go
-    if start_step >= min(config.max_steps, config.stop_at_step or config.max_steps):
-        print0(f"nothing to do: {config.log_dir} holds a run at step {start_step} (--max-steps {config.max_steps}, "
-               f"--stop-at-step {config.stop_at_step}); --resume never or another --log-dir starts a new run")
+    with AllRanks() as choice:
+        # Data first: a missing or broken data dir should fail in seconds, not after building the model.
+        train_loader = ShardLoader(config.data_dir, "train", config.batch_size, config.seq_len, rank, world_size,
+                                   config.vocab_size, config.seed, config.shuffle)
+        if config.eval_interval:
+            val_loader = ShardLoader(config.data_dir, "val", config.batch_size, config.seq_len,
+                                     vocab_size=config.vocab_size, min_rows=1)
+            val_rows = min(config.val_tokens // config.seq_len, val_loader.rows_per_epoch)
+            if val_rows < config.val_tokens // config.seq_len:
+                print0(f"note: the val split holds {val_loader.num_tokens} tokens; validating on "
+                       f"{val_rows * config.seq_len}, not --val-tokens {config.val_tokens}")
+        examples = []
+        if config.hellaswag_interval:
+            try:  # without --hellaswag-file, hellaswag.py downloads the val set once into its cache
+                examples = hellaswag.load_examples(config.hellaswag_file or hellaswag.download())
+            except hellaswag.DataError as e:
+                raise TrainError(f"{e}; pass --hellaswag-file FILE, or turn HellaSwag off with --hellaswag-interval 0")
+        raw_model = build_model(config, device)
+        optimizer, info = raw_model.configure_optimizers(config.weight_decay, config.max_lr,
+                                                         (config.beta1, config.beta2), config.adam_eps, device.type)
+        if master:  # rank 0 decides which checkpoint every rank resumes from
+            choice.value, checkpoint = choose_checkpoint(config)
+    resume_path = choice.values[0]
+    with AllRanks() as start:
+        start.value = 0
+        if resume_path is not None:
+            if not master:
+                try:
+                    checkpoint = read_checkpoint(resume_path)
+                except ValueError as e:
+                    raise TrainError(f"cannot read the checkpoint rank 0 chose: {e}; does every node see the same "
+                                     f"--log-dir?")
+            check_resumable(checkpoint["config"], config)
+            raw_model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            train_loader.load_state_dict(checkpoint["loader"])
+            set_rng_state(checkpoint["rng"])
+            start.value = checkpoint["step"]
+            del checkpoint  # the optimizer state is large; let it go
+    if len(set(start.values)) > 1:
+        raise TrainError(f"the ranks read checkpoints of different steps ({start.values}) from {resume_path}; does "
+                         f"every node see the same --log-dir?")
+    start_step = start.values[0]
+    end_step = min(config.max_steps, config.stop_at_step or config.max_steps)
+    if start_step >= end_step:
+        print0(f"nothing to do: {config.log_dir} holds a run at step {start_step}, "
+               + (f"complete (--max-steps {config.max_steps})" if start_step >= config.max_steps else
+                  f"and --stop-at-step is {config.stop_at_step}: raise it, or leave it out to go on")
+               + "; --overwrite or another --log-dir starts a new run")
         return 0
+
+    with AllRanks():  # rank 0: the history from here on (see RunLog), the dashboards, the settings file
+        log = RunLog(config, start_step, enabled=master)
+        launch.hold(log)
+        if master:
+            set_aside_later_checkpoints(config, start_step)
+            write_config_file(config, os.path.join(config.log_dir, "config.toml"))
+
     # One compiled module serves training (inside DDP), the val loss and HellaSwag; sampling runs the
     # plain module's KV-cache loop, whose shapes change every token. Same weights throughout.
     model = torch.compile(raw_model) if config.compile else raw_model
-    train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else model
-
-    log = RunLog(config.log_dir, enabled=master)
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
     log.text(run_header(config, device, world_size))
     print0(f"{raw_model.num_parameters():,} parameters, {config.total_batch_size:,} tokens per step = "
            f"{config.batch_size} x {config.seq_len} x {world_size} devices x {accum} micro steps; {device}; "
@@ -755,10 +978,15 @@ def train(config):
     print0(f"AdamW: {info['num_decay_params']:,} parameters with weight decay, {info['num_nodecay_params']:,} "
            f"without; fused {info['fused']}")
     flops_per_token, peak = raw_model.flops_per_token(config.seq_len), device_peak_flops(config, device)
+    # For --time-limit: the longest step and evaluation so far, and what a checkpoint takes (until one
+    # is timed, guessed at 100 MB/s for the weights and AdamW's two moments).
+    slowest_step = slowest_eval = 0.0
+    checkpoint_seconds = 12 * raw_model.num_parameters() / 100e6
 
-    step = start_step
+    step, skipped_in_a_row = start_step, 0
     while True:
         last = step == config.max_steps
+        eval_start = clock()
         if due(config.eval_interval, step, last):
             val_loss = evaluate_val(model, val_loader, val_rows, rank, world_size, device, autocast)
             print0(f"step {step:5d} | val loss {val_loss:.4f}")
@@ -775,53 +1003,218 @@ def train(config):
             log.event({"step": step, "samples": samples}, text)
         if last:
             break
+        slowest_eval = max(slowest_eval, clock() - eval_start)
 
         # The step proper, timed alone: evals and checkpoints stay out of ms/step and MFU.
         lr = get_lr(step, config)
+        # Going on past this step needs time for it, the next evaluations and step, and a checkpoint.
+        out_of_time = (master and config.time_limit > 0 and clock() - started + 2 * slowest_step + slowest_eval
+                       + checkpoint_seconds > config.time_limit)
         synchronize(device)
-        t0 = time.perf_counter()
-        loss, norm = train_step(train_model, optimizer, train_loader, accum, lr, config, device, autocast, step)
+        t0 = clock()
+        loss, norm, skipped, stop = train_step(train_model, optimizer, train_loader, accum, lr, config, device,
+                                               autocast, stop=launch.signal is not None or out_of_time)
         synchronize(device)
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
+        slowest_step = max(slowest_step, dt)
         tokens_per_sec = config.total_batch_size / dt
         mfu = flops_per_token * tokens_per_sec / (peak * world_size) if peak else None
         line = (f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | {dt * 1000:.2f} ms | "
-                f"{tokens_per_sec:,.0f} tok/s | mfu {'-' if mfu is None else f'{mfu * 100:.1f}%'}")
+                f"{tokens_per_sec:,.0f} tok/s | mfu {'-' if mfu is None else f'{mfu * 100:.1f}%'}"
+                + (" | skipped: not finite" if skipped else ""))
         print0(line)
         log.event({"step": step, "train_loss": loss, "lr": lr, "grad_norm": norm, "dt_ms": dt * 1000,
-                   "tokens_per_sec": tokens_per_sec, "mfu": mfu}, line)
+                   "tokens_per_sec": tokens_per_sec, "mfu": mfu, **({"skipped": True} if skipped else {})}, line)
         step += 1
-        stop = step == config.stop_at_step
+        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+        too_many_skipped = skipped_in_a_row == config.max_skipped_steps
+        # A stop that lands on the last step does not stop: the final evaluations run first.
+        stop = (stop or too_many_skipped or step == config.stop_at_step) and step < config.max_steps
+        path = None
         if master and (due(config.checkpoint_interval, step, False) or step == config.max_steps or stop):
+            t0 = clock()
             path = save_checkpoint(config, step, raw_model, optimizer, train_loader)
+            checkpoint_seconds = clock() - t0
             log.text(f"step {step} checkpoint {path}")
+        if too_many_skipped:
+            raise TrainError(f"{skipped_in_a_row} steps in a row (to step {step - 1}) had a non-finite loss or "
+                             f"gradient and were skipped; a checkpoint after them is saved, so a relaunch goes on "
+                             f"with new batches; to roll back instead, relaunch with --resume <an earlier "
+                             f"checkpoint> and a lower --max-lr or a longer --warmup-steps")
         if stop:
-            print0(f"stopping at step {step} (--stop-at-step); relaunch the same command to continue")
-            break
+            reason = ("--stop-at-step" if step == config.stop_at_step else signal.Signals(launch.signal).name
+                      if launch.signal else "--time-limit" if out_of_time else "a stop signal on another rank")
+            go_on = ("raise --stop-at-step or leave it out and relaunch to continue" if reason == "--stop-at-step"
+                     else "relaunch the same command to continue")
+            print0(f"stopped after step {step - 1} ({reason}); checkpoint step_{step:08d}.pt saved; {go_on}")
+            return 130 if launch.signal == signal.SIGINT else 0
     return 0
 
 
+clock = time.perf_counter  # steps, evaluations and --time-limit are timed with it (a test may replace it)
+
+
 # -----------------------------------------------------------------------------
+# Dashboards: Weights & Biases and TensorBoard, each imported only when asked for
+
+
+def open_dashboards(config, start_step):
+    dashboards = []
+    if config.tensorboard:
+        dashboards.append(TensorBoard(config, start_step))
+    if config.wandb:
+        dashboards.append(WandB(config))
+    return dashboards
+
+
+class TensorBoard:
+    """Every metrics.jsonl number as a scalar and samples as text, in <log dir>/tensorboard."""
+
+    def __init__(self, config, start_step):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard", exit_code=2)
+        # purge_step: what an earlier launch wrote from start_step on is dropped, as in metrics.jsonl
+        self.writer = SummaryWriter(os.path.join(config.log_dir, "tensorboard"), purge_step=start_step)
+
+    def log(self, record):
+        for key, value in numbers(record).items():
+            self.writer.add_scalar(key, value, record["step"])
+        if "samples" in record:
+            self.writer.add_text("samples", "\n\n".join(record["samples"]), record["step"])
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+class WandB:
+    """The same events in a Weights & Biases run, which a resumed launch continues (its id is kept
+    in <log dir>/wandb_run_id). W&B cannot drop the steps a rolled-back run logs again: its charts
+    then show both branches, while metrics.jsonl and TensorBoard keep one history."""
+
+    def __init__(self, config):
+        try:
+            import wandb
+        except ImportError:
+            raise TrainError("--wandb needs the wandb package: pip install wandb", exit_code=2)
+        self.wandb = wandb
+        id_path = os.path.join(config.log_dir, "wandb_run_id")
+        if os.path.exists(id_path):
+            with open(id_path) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = wandb.util.generate_id()
+            atomic_write(id_path, lambda f: f.write(run_id.encode()))
+        self.run = wandb.init(project=config.wandb, id=run_id, resume="allow", dir=config.log_dir,
+                              config=asdict(config))
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")  # charts against our step, whatever W&B counts
+
+    def log(self, record):
+        data = {"step": record["step"], **numbers(record)}
+        if "samples" in record:
+            data["samples"] = self.wandb.Table(columns=["step", "sample"],
+                                               data=[[record["step"], text] for text in record["samples"]])
+        self.run.log(data)
+
+    def close(self):
+        self.run.finish()
+
+
+def numbers(record):
+    """The numeric values of an event, step left out (None, bools and text left out too)."""
+    return {k: v for k, v in record.items() if k != "step" and type(v) in (int, float)}
+
+
+# -----------------------------------------------------------------------------
+# The launch: signals, errors, the exit code
+
+
+class Launch:
+    """What one launch holds until it ends: the handlers that stop it cleanly, and the log directory's
+    lock and history, released and closed on the way out.
+
+    SIGTERM and SIGUSR1 (what SLURM and spot instances send before a kill) and Ctrl-C end the run
+    at the next step boundary: every rank finishes its step, they agree on it, a checkpoint is
+    written. A second Ctrl-C quits at once.
+    """
+
+    def __enter__(self):
+        self.signal, self.held, self.handlers = None, [], {}
+        if threading.current_thread() is threading.main_thread():  # Python only lets it set handlers
+            for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+                if hasattr(signal, name):
+                    number = getattr(signal, name)
+                    self.handlers[number] = signal.signal(number, self._stop)
+        return self
+
+    def _stop(self, number, frame):
+        if number == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        if self.signal is None:
+            self.signal = number
+            if is_master():  # os.write: a print here could land in the middle of another print
+                os.write(sys.stderr.fileno(), f"{signal.Signals(number).name}: stopping after this step, with a "
+                         f"checkpoint{' (Ctrl-C again to quit at once)' if number == signal.SIGINT else ''}\n".encode())
+
+    def hold(self, resource):
+        """Release (a lock) or close (the history) `resource` when the launch ends."""
+        self.held.append(resource)
+
+    def __exit__(self, *exc):
+        for number, handler in self.handlers.items():
+            signal.signal(number, handler)
+        for resource in reversed(self.held):
+            (getattr(resource, "release", None) or resource.close)()
+
+
+def report(error):
+    """Print a UserError as one line on stderr -> its exit code. Under torchrun an error that every
+    rank met is printed by rank 0 alone, and the ranks wait for it; one rank's own error is
+    printed by that rank, which then exits, and torchrun stops the others."""
+    rank = int(os.environ.get("RANK", 0))
+    every_rank = getattr(error, "every_rank", True)
+    if not getattr(error, "reported", False) and (rank == 0 or not every_rank):
+        print(f"error: {'' if rank == 0 else f'rank {rank}: '}{error}", file=sys.stderr, flush=True)
+    if every_rank and dist.is_initialized() and not getattr(error, "reported", False):
+        dist.barrier()
+    return error.exit_code
 
 
 def main(argv=None):
-    """Run training; returns the exit code (0, 1 for a run-time problem, 2 for bad settings)."""
-    config = parse_args(argv)  # argparse prints its own usage errors and exits with 2
-    try:
-        return train(config)
-    except TrainError as e:
-        if is_master() or not e.every_rank:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        if e.every_rank and dist.is_initialized():
-            # Every rank met this error: wait until rank 0 has printed it, or torchrun, seeing
-            # another rank exit first, may stop rank 0 before its message is out.
-            dist.barrier()
-        return e.exit_code
-    finally:
-        cleanup()
+    """Run training -> the exit code: 0, 1 for a run-time problem, 2 for bad settings, 130 after Ctrl-C."""
+    with Launch() as launch:
+        try:
+            try:
+                config, error = parse_args(argv), None
+            except TrainError as e:  # every rank has the same flags: agree() prints it once
+                config, error = None, e
+            start_distributed(config.dist_timeout if config else TrainConfig.dist_timeout)
+            agree(error)
+            return train(config, launch)
+        except UserError as e:
+            return report(e)
+        except KeyboardInterrupt:
+            saved = list_checkpoints(config.log_dir) if config else []
+            print0(f"interrupted; {'the last checkpoint is ' + saved[-1] if saved else 'no checkpoint was saved'}"
+                   f"; relaunch the same command to resume", file=sys.stderr)
+            return 130
+        except RuntimeError as e:
+            if not (dist.is_initialized() and re.search(r"timed out|closed by peer|connection reset|NCCL",
+                                                        str(e), re.IGNORECASE)):
+                raise  # a bug, not a lost rank
+            first_line = str(e).strip().splitlines()[0]
+            print(f"error: rank {dist.get_rank()}: lost contact with another rank ({first_line}); its own "
+                  f"message, if any, is above; relaunch to resume from the last checkpoint", file=sys.stderr,
+                  flush=True)
+            return 1
+        finally:
+            cleanup()
 
 
-if __name__ == "__main__":
+def cli():
     exit_code = main()
     if "RANK" in os.environ:
         # Under torchrun, leave without the interpreter's clean-up. DDP keeps gloo's worker
@@ -832,3 +1225,7 @@ if __name__ == "__main__":
         sys.stderr.flush()
         os._exit(exit_code)
     sys.exit(exit_code)
+
+
+if __name__ == "__main__":
+    cli()

@@ -5,12 +5,15 @@ other micro batch, compiled and bf16 runs are compared with it. Runs call main(a
 where they can; exit codes, killed runs and torchrun use subprocesses.
 """
 
+import glob
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +30,7 @@ from train_gpt2 import ShardLoader, TrainError, get_lr, main, parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
+HOOKED = os.path.join(ROOT, "tests", "hooked_train.py")
 STEPS = 8
 
 
@@ -163,22 +167,55 @@ def test_peak_flops_by_gpu_name(name, flops):
 
 
 # -----------------------------------------------------------------------------
-# Resume: stopped, corrupt checkpoint, killed
+# Resume and run management: one run per directory, one history, clean stops, no hangs
 
 
-def test_a_stopped_run_resumed_with_the_same_arguments_matches_bitwise(straight, data_dir, tmp_path):
+def hooked(hooks, argv, torchrun=False, **kwargs):
+    """train_gpt2.py through tests/hooked_train.py: interruptions at steps the test chooses."""
+    command = [HOOKED, *hooks, "--", *argv]
+    if torchrun:
+        command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *command]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, timeout=300, **kwargs)
+
+
+def traceback_of_ours(stderr):
+    return re.search(r'File ".*(train_gpt2|hooked_train)\.py", line', stderr)
+
+
+def same_model(log_dir, reference, step=STEPS):
+    final, want = checkpoint(log_dir, step)["model"], checkpoint(reference, step)["model"]
+    return all(torch.equal(final[k], want[k]) for k in want)
+
+
+def snapshot(directory):
+    """{relative path: sha256} of every file under directory."""
+    return {os.path.relpath(os.path.join(root, name), directory):
+            hashlib.sha256(open(os.path.join(root, name), "rb").read()).hexdigest()
+            for root, _, names in os.walk(directory) for name in names}
+
+
+def test_a_stopped_run_resumed_with_the_same_arguments_matches_bitwise(straight, data_dir, tmp_path, capsys):
     assert main(args(data_dir, tmp_path, "--stop-at-step", "4")) == 0
+    assert "stopped after step 3 (--stop-at-step); checkpoint step_00000004.pt saved; raise --stop-at-step or " \
+           "leave it out and relaunch to continue" in capsys.readouterr().out
     assert sorted(series(tmp_path, "train_loss")) == [0, 1, 2, 3]
-    assert main(args(data_dir, tmp_path)) == 0  # relaunch: --resume auto
+    assert main(args(data_dir, tmp_path, "--stop-at-step", "4")) == 0  # the same command says so, truthfully
+    assert "nothing to do: " in capsys.readouterr().out
+    assert main(args(data_dir, tmp_path)) == 0  # relaunch without it: --resume auto
     assert series(tmp_path, "train_loss") == series(straight, "train_loss")  # fp32 on CPU: bitwise
     assert series(tmp_path, "val_loss") == series(straight, "val_loss")
-    final, reference = checkpoint(tmp_path, STEPS), checkpoint(straight, STEPS)
-    assert all(torch.equal(final["model"][k], reference["model"][k]) for k in reference["model"])
+    assert same_model(tmp_path, straight)
     with open(tmp_path / "log.txt") as f:
         assert f.read().count("=== launch") == 2  # appended, one header per launch
 
 
-def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(straight, data_dir, tmp_path, capsys):
+def test_a_stop_on_the_last_step_still_runs_the_final_evaluations(straight, data_dir, tmp_path):
+    assert main(args(data_dir, tmp_path, "--stop-at-step", str(STEPS))) == 0
+    assert series(tmp_path, "val_loss") == series(straight, "val_loss")  # step 8's included
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_and_is_set_aside(straight, data_dir, tmp_path, capsys):
     assert main(args(data_dir, tmp_path, "--stop-at-step", "6")) == 0
     latest = tmp_path / "checkpoints" / "step_00000006.pt"
     os.truncate(latest, os.path.getsize(latest) // 2)  # a write cut short
@@ -186,28 +223,154 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(straight, data
     assert main(args(data_dir, tmp_path)) == 0
     out = capsys.readouterr().out
     assert "skipping unreadable checkpoint" in out and "resuming at step 4" in out
+    assert "moved 1 later checkpoint(s)" in out  # the cut-short file, kept aside, never pruned among new ones
+    assert [os.path.basename(p) for p in glob.glob(str(tmp_path / "abandoned" / "*" / "*.pt"))] == ["step_00000006.pt"]
     assert series(tmp_path, "train_loss") == series(straight, "train_loss")
-    final, reference = checkpoint(tmp_path, STEPS)["model"], checkpoint(straight, STEPS)["model"]
-    assert all(torch.equal(final[k], reference[k]) for k in reference)
+    assert same_model(tmp_path, straight)
 
 
 @pytest.mark.multiprocess
-def test_a_killed_run_relaunched_finishes_like_one_never_killed(straight, data_dir, tmp_path):
+def test_a_run_killed_mid_checkpoint_relaunched_finishes_like_one_never_killed(straight, data_dir, tmp_path):
     argv = args(data_dir, tmp_path)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env)
-    first = tmp_path / "checkpoints" / "step_00000002.pt"
-    deadline = time.time() + 120
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
-    assert not (tmp_path / "checkpoints" / f"step_{STEPS:08d}.pt").exists()
+    result = hooked(["0:3:kill-in-checkpoint"], argv)  # SIGKILL with step 4's checkpoint half written
+    assert result.returncode == -signal.SIGKILL
+    assert [name for name in os.listdir(tmp_path / "checkpoints") if name.endswith(".tmp")]  # what the kill left
+    assert sorted(series(tmp_path, "train_loss")) == [0, 1, 2, 3]
     result = run_subprocess(argv)
     assert result.returncode == 0, result.stderr
+    assert "resuming at step 2" in result.stdout
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000004.pt", "step_00000006.pt", "step_00000008.pt"]
     assert series(tmp_path, "train_loss") == series(straight, "train_loss")  # also: no step twice
     assert series(tmp_path, "val_loss") == series(straight, "val_loss")
+
+
+def test_a_new_run_in_a_used_log_dir_is_refused_and_changes_nothing(straight, data_dir, tmp_path):
+    log_dir = tmp_path / "run"
+    shutil.copytree(straight, log_dir)
+    before = snapshot(log_dir)
+    result = run_subprocess(args(data_dir, log_dir, "--resume", "never", "--seed", "2"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"{log_dir} holds a run (checkpoints, metrics.jsonl, log.txt" in result.stderr
+    assert "--resume auto" in result.stderr and "--overwrite" in result.stderr and "another --log-dir" in result.stderr
+    assert snapshot(log_dir) == before
+
+
+@pytest.mark.parametrize("flags", [["--overwrite"], ["--overwrite", "--resume", "never"]])
+def test_overwrite_equals_a_run_in_an_empty_directory_and_keeps_other_files(straight, data_dir, tmp_path, flags):
+    log_dir = tmp_path / "run"
+    assert main(args(data_dir, log_dir, "--seed", "2", "--max-lr", "3e-3")) == 0  # another run was here
+    (log_dir / "notes.txt").write_text("mine")
+    assert main(args(data_dir, log_dir, *flags)) == 0
+    for key in ("train_loss", "val_loss", "lr"):
+        assert series(log_dir, key) == series(straight, key)
+    assert sorted(os.listdir(log_dir / "checkpoints")) == sorted(os.listdir(os.path.join(straight, "checkpoints")))
+    assert same_model(log_dir, straight)
+    assert (log_dir / "notes.txt").read_text() == "mine"
+    with open(log_dir / "log.txt") as f:
+        assert f.read().count("=== launch") == 1
+
+
+def test_rolling_back_to_a_perturbed_checkpoint_keeps_one_history(straight, data_dir, tmp_path):
+    # After a loss spike a user relaunches from an earlier checkpoint; here it is perturbed so the
+    # new branch's numbers differ from the old one's at every step.
+    log_dir = tmp_path / "run"
+    shutil.copytree(straight, log_dir)
+    ckpt = checkpoint(log_dir, 4)
+    ckpt["model"] = {k: v * 1.01 for k, v in ckpt["model"].items()}
+    perturbed = str(tmp_path / "perturbed.pt")
+    torch.save(ckpt, perturbed)
+    assert main(args(data_dir, log_dir, "--resume", perturbed)) == 0
+    reference = tmp_path / "reference"  # the same branch in a directory of its own
+    assert main(args(data_dir, reference, "--resume", perturbed)) == 0
+    for key in ("train_loss", "val_loss"):
+        got, old, new = series(log_dir, key), series(straight, key), series(reference, key)  # no step twice
+        assert got == {s: (old[s] if s < 4 else new[s]) for s in old}, key
+        assert all(old[s] != new[s] for s in new)  # the branches really differ
+    aside = glob.glob(str(log_dir / "abandoned" / "*"))
+    assert len(aside) == 1 and sorted(os.listdir(aside[0])) == ["step_00000006.pt", "step_00000008.pt"]
+    assert torch.equal(checkpoint(log_dir, 8)["model"]["lm_head.weight"], checkpoint(reference, 8)["model"]["lm_head.weight"])
+
+
+def test_sigterm_mid_run_checkpoints_exits_0_and_the_relaunch_continues_exactly(straight, data_dir, tmp_path):
+    argv = args(data_dir, tmp_path)
+    result = hooked(["0:3:SIGTERM"], argv)  # arrives while step 3 is about to train
+    assert result.returncode == 0, result.stderr
+    assert "stopped after step 3 (SIGTERM); checkpoint step_00000004.pt saved; relaunch the same command to " \
+           "continue" in result.stdout
+    assert sorted(series(tmp_path, "train_loss")) == [0, 1, 2, 3]
+    result = run_subprocess(argv)
+    assert result.returncode == 0, result.stderr
+    assert series(tmp_path, "train_loss") == series(straight, "train_loss")
+    assert same_model(tmp_path, straight)
+
+
+def test_ctrl_c_stops_cleanly_with_130_and_twice_quits_at_once(straight, data_dir, tmp_path):
+    result = hooked(["0:3:SIGINT"], args(data_dir, tmp_path / "once"))
+    assert result.returncode == 130 and "Traceback" not in result.stderr
+    assert result.stderr == "SIGINT: stopping after this step, with a checkpoint (Ctrl-C again to quit at once)\n"
+    assert "stopped after step 3 (SIGINT); checkpoint step_00000004.pt saved; relaunch the same command" in result.stdout
+    assert checkpoint(tmp_path / "once", 4)["step"] == 4
+    result = hooked(["0:3:SIGINT2"], args(data_dir, tmp_path / "twice"))
+    assert result.returncode == 130 and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("interrupted; the last checkpoint is ") and \
+        lines[1].endswith("step_00000002.pt; relaunch the same command to resume")
+    assert sorted(series(tmp_path / "twice", "train_loss")) == [0, 1, 2]  # step 3 never ran
+    assert run_subprocess(args(data_dir, tmp_path / "twice")).returncode == 0
+    assert series(tmp_path / "twice", "train_loss") == series(straight, "train_loss")
+
+
+def test_time_limit_stops_before_the_limit_with_room_for_a_step_and_a_checkpoint(straight, data_dir, tmp_path,
+                                                                                 monkeypatch, capsys):
+    # A clock the test drives: each step "takes" 100 s, evaluations and checkpoints no time.
+    now = [0.0]
+    train_step = train_gpt2.train_step
+
+    def slow_train_step(*a, **k):
+        now[0] += 100.0
+        return train_step(*a, **k)
+    monkeypatch.setattr(train_gpt2, "clock", lambda: now[0])
+    monkeypatch.setattr(train_gpt2, "train_step", slow_train_step)
+    assert main(args(data_dir, tmp_path, "--time-limit", "7m30s")) == 0
+    # Before step 3: 300 s gone; going on past it needs step 3, step 4 and a checkpoint: 500 s > 450 s.
+    # So step 3 is the last: it ends at 400 s, and its checkpoint fits in the limit.
+    assert "stopped after step 3 (--time-limit); checkpoint step_00000004.pt saved" in capsys.readouterr().out
+    assert sorted(series(tmp_path, "train_loss")) == [0, 1, 2, 3]
+    monkeypatch.undo()
+    assert main(args(data_dir, tmp_path, "--time-limit", "7m30s")) == 0  # a new launch, a new clock
+    assert series(tmp_path, "train_loss") == series(straight, "train_loss")
+
+
+def test_an_injected_non_finite_loss_is_skipped_counted_and_training_goes_on(data_dir, tmp_path):
+    result = hooked(["0:2:nan", "0:3:nan"], args(data_dir, tmp_path, "--checkpoint-interval", "1",
+                                                   "--keep-checkpoints", "10"))
+    assert result.returncode == 0, result.stderr
+    train = [r for r in metrics(tmp_path) if "train_loss" in r]
+    assert [r["step"] for r in train] == list(range(STEPS))
+    assert [r["step"] for r in train if r.get("skipped")] == [2, 3]
+    assert all(r["train_loss"] is None and r["grad_norm"] is None for r in train if r.get("skipped"))
+    assert all(math.isfinite(r["train_loss"]) for r in train if not r.get("skipped"))
+    # Skipped: the weights and AdamW's state after steps 2 and 3 are those after step 1.
+    before, after = checkpoint(tmp_path, 2), checkpoint(tmp_path, 4)
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    assert after["optimizer"]["state"][0]["step"] == before["optimizer"]["state"][0]["step"] == 2
+    assert "skipped: not finite" in result.stdout
+
+
+def test_too_many_non_finite_steps_stop_with_a_checkpoint_and_a_relaunch_goes_on(data_dir, tmp_path, capsys):
+    # lr 1e30: step 0 is fine, its update blows the weights up and every later loss is NaN.
+    argv = args(data_dir, tmp_path, "--max-lr", "1e30", "--warmup-steps", "0", "--max-skipped-steps", "3",
+                "--max-steps", "20")
+    err = error_of(capsys, argv, 1)
+    assert "3 steps in a row (to step 3) had a non-finite loss or gradient and were skipped" in err
+    assert [r["step"] for r in metrics(tmp_path) if r.get("skipped")] == [1, 2, 3]
+    ckpt = checkpoint(tmp_path, 4)  # saved after them: a relaunch starts with new batches
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert "NaN" not in f.read()  # valid JSON: null, never NaN
+    err = error_of(capsys, argv, 1)
+    assert "3 steps in a row (to step 6)" in err  # the relaunch went on from step 4, not step 1
+    assert [r["step"] for r in metrics(tmp_path) if r.get("skipped")] == [1, 2, 3, 4, 5, 6]
 
 
 # -----------------------------------------------------------------------------
@@ -237,17 +400,80 @@ def test_under_torchrun_only_rank_0_prints_and_every_rank_fails(data_dir, tmp_pa
 
 
 @pytest.mark.multiprocess
-def test_under_torchrun_a_non_finite_loss_stops_every_rank_with_one_line(data_dir, tmp_path):
-    # lr 1e30 as in the one-process test: step 1's loss is NaN on both ranks, found by the
-    # all-reduced flag; no rank may step, hang in a collective, or print twice.
-    result = run_torchrun(args(data_dir, tmp_path, "--batch-size", "4", "--max-lr", "1e30", "--warmup-steps", "0",
-                               "--checkpoint-interval", "1"))
+def test_under_torchrun_a_nan_on_one_rank_skips_the_step_on_every_rank(data_dir, tmp_path):
+    # rank 1 alone sees a NaN loss at step 2: both ranks skip the update (else their weights would
+    # part), as one process does when its loss is NaN at step 2.
+    result = hooked(["1:2:nan"], args(data_dir, tmp_path / "ddp", "--stop-at-step", "4"), torchrun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert hooked(["0:2:nan"], args(data_dir, tmp_path / "one", "--stop-at-step", "4")).returncode == 0
+    assert [r["step"] for r in metrics(tmp_path / "ddp") if r.get("skipped")] == [2]
+    for key in ("train_loss", "grad_norm"):
+        ddp, one = series(tmp_path / "ddp", key), series(tmp_path / "one", key)
+        assert ddp[2] is one[2] is None and ddp.keys() == one.keys() == {0, 1, 2, 3}
+        assert all(ddp[s] == pytest.approx(one[s], abs=1e-5) for s in (0, 1, 3)), key
+    ddp, one = checkpoint(tmp_path / "ddp", 4)["model"], checkpoint(tmp_path / "one", 4)["model"]
+    assert all(torch.allclose(ddp[k], one[k], atol=1e-5) for k in one)
+
+
+@pytest.mark.multiprocess
+def test_under_torchrun_sigusr1_on_one_rank_stops_both_after_the_same_step(straight, data_dir, tmp_path):
+    result = hooked(["1:3:SIGUSR1"], args(data_dir, tmp_path), torchrun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stopped after step 3 (a stop signal on another rank); checkpoint step_00000004.pt saved" in result.stdout
+    assert sorted(series(tmp_path, "train_loss")) == [0, 1, 2, 3]
+    assert main(args(data_dir, tmp_path)) == 0  # resumed in one process
+    assert_close_runs(tmp_path, straight, atol=1e-5)
+
+
+@pytest.mark.multiprocess
+def test_under_torchrun_a_setup_fault_on_rank_1_ends_both_ranks_with_its_message(data_dir, hellaswag_file, tmp_path):
+    missing = str(tmp_path / "not-on-this-node" / "hellaswag_val.jsonl")
+    result = hooked([f"1:argv:--hellaswag-file={missing}"], args(data_dir, tmp_path / "log", "--hellaswag-interval", "4",
+                                                                   "--hellaswag-file", hellaswag_file), torchrun=True)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith("error: non-finite loss/grad norm at step 1"), result.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000001.pt"]
-    assert all(torch.isfinite(v).all() for v in checkpoint(tmp_path, 1)["model"].values())
-    assert sorted(series(tmp_path, "train_loss")) == [0]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 1: ") and missing in errors[0], result.stderr[-3000:]
+    assert not traceback_of_ours(result.stderr)  # torchrun's own report of failed workers is a traceback
+
+
+@pytest.mark.multiprocess
+def test_under_torchrun_rank_0_chooses_the_checkpoint_for_every_rank(straight, data_dir, tmp_path):
+    log_dir = tmp_path / "run"
+    assert main(args(data_dir, log_dir, "--stop-at-step", "6")) == 0
+    latest = log_dir / "checkpoints" / "step_00000006.pt"
+    os.truncate(latest, os.path.getsize(latest) // 2)
+    result = run_torchrun(args(data_dir, log_dir))  # rank 0 falls back to step 4; so does rank 1
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("skipping unreadable checkpoint") == 1 and "resuming at step 4" in result.stdout
+    assert_close_runs(log_dir, straight, atol=1e-5)
+    # A rank that cannot read rank 0's choice (another node's view of the log dir) ends the job.
+    result = hooked(["1:setup:blind"], args(data_dir, log_dir, "--overwrite", "--max-steps", "8"), torchrun=True)
+    assert result.returncode == 0  # --overwrite: nothing to resume, nothing to read
+    result = hooked(["1:setup:blind"], args(data_dir, log_dir, "--max-steps", "8"), torchrun=True)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("error: rank 1: cannot read the checkpoint rank 0 chose") and "same --log-dir" in errors[0]
+
+
+@pytest.mark.multiprocess
+def test_under_torchrun_a_stalled_rank_ends_the_job_after_the_timeout(data_dir, tmp_path):
+    fifo = tmp_path / "release"
+    os.mkfifo(fifo)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", HOOKED,
+               f"1:3:wait={fifo}", "--", *args(data_dir, tmp_path / "log", "--dist-timeout", "3")]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = []
+    for line in proc.stderr:  # rank 1 stalls before step 3; rank 0 waits for it 3 s, then gives up
+        lines.append(line)
+        if line.startswith("error: rank 0: lost contact with another rank"):
+            break
+    with open(fifo, "w"):
+        pass  # let the stalled rank go on: it finds rank 0 gone and ends too
+    lines += proc.stderr.readlines()
+    assert proc.wait(timeout=120) != 0
+    assert any(line.startswith("error: rank 0: lost contact") for line in lines), "".join(lines)[-3000:]
+    assert not traceback_of_ours("".join(lines)), "".join(lines)[-3000:]
 
 
 def test_another_micro_batch_with_the_same_total_batch_gives_the_same_run(straight, data_dir, tmp_path):
@@ -262,8 +488,9 @@ def test_gradients_do_not_depend_on_the_micro_batch(data_dir):
         model = train_gpt2.build_model(config, torch.device("cpu"))
         optimizer, _ = model.configure_optimizers(0.0, 0.0, device_type="cpu")
         loader = ShardLoader(data_dir, "train", batch_size, 32)
-        loss, norm = train_gpt2.train_step(model, optimizer, loader, 256 // (batch_size * 32), 0.0, config,
-                                           torch.device("cpu"), nullcontext(), 0)
+        loss, norm, skipped, stop = train_gpt2.train_step(model, optimizer, loader, 256 // (batch_size * 32), 0.0,
+                                                          config, torch.device("cpu"), nullcontext())
+        assert not skipped and not stop
         grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
     # the reference: one forward over all 8 rows
     config = parse_args(args(data_dir, "unused"))
@@ -412,29 +639,15 @@ def test_every_impossible_setting_is_listed_at_once(data_dir, tmp_path, capsys):
 def test_a_checkpoint_whose_settings_differ_from_the_flags(straight, data_dir, tmp_path, capsys):
     log_dir = tmp_path / "run"
     shutil.copytree(straight, log_dir)
-
-    def snapshot():
-        return {name: hashlib.sha256(open(os.path.join(root, name), "rb").read()).hexdigest()
-                for root, _, names in os.walk(log_dir) for name in names}
-
-    before = snapshot()
+    before = snapshot(log_dir)
     err = error_of(capsys, args(data_dir, log_dir, "--max-lr", "1e-3", "--seed", "7"), 2)
     assert "max_lr=0.01 in the checkpoint but 0.001 now" in err and "seed=1337 in the checkpoint but 7 now" in err
-    assert snapshot() == before  # nothing written, nothing removed
+    after = snapshot(log_dir)
+    del before[".lock"], after[".lock"]  # the lock file names the launch that last held it
+    assert after == before  # nothing else written, nothing removed
 
 
-def test_a_non_finite_loss_stops_before_the_step_and_keeps_the_last_checkpoint(data_dir, tmp_path, capsys):
-    # lr 1e30: step 0 is fine, its update blows the weights up and step 1's loss is NaN
-    err = error_of(capsys, args(data_dir, tmp_path, "--max-lr", "1e30", "--warmup-steps", "0",
-                                "--checkpoint-interval", "1"), 1)
-    assert "non-finite loss/grad norm at step 1" in err
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000001.pt"]
-    ckpt = checkpoint(tmp_path, 1)  # the last good one stays, readable
-    assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    assert sorted(series(tmp_path, "train_loss")) == [0]
-
-
-def test_a_non_finite_loss_leaves_parameters_and_optimizer_untouched(data_dir):
+def test_a_non_finite_step_leaves_parameters_and_optimizer_untouched(data_dir):
     config = parse_args(args(data_dir, "unused"))
     model = train_gpt2.build_model(config, torch.device("cpu"))
     optimizer, _ = model.configure_optimizers(0.1, 1e-3, device_type="cpu")
@@ -442,10 +655,71 @@ def test_a_non_finite_loss_leaves_parameters_and_optimizer_untouched(data_dir):
         model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loader = ShardLoader(data_dir, "train", 4, 32)
-    with pytest.raises(TrainError, match="non-finite loss/grad norm at step 5"):
-        train_gpt2.train_step(model, optimizer, loader, 2, 1e-3, config, torch.device("cpu"), nullcontext(), 5)
+    loss, norm, skipped, stop = train_gpt2.train_step(model, optimizer, loader, 2, 1e-3, config, torch.device("cpu"),
+                                                      nullcontext())
+    assert skipped and not stop and not math.isfinite(loss)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not optimizer.state  # AdamW never stepped
+    assert loader.row == 8  # the batches are consumed: the next step reads new ones
+
+
+NOT_FINITE = {  # flags -> what the one error line must say
+    "inf lr": (["--max-lr", "inf", "--warmup-steps", "1"], ["max_lr=inf must be a finite number"]),
+    "nan lr": (["--max-lr", "nan"], ["max_lr=nan must be a finite number"]),
+    "nan min lr": (["--min-lr", "nan"], ["min_lr=nan must be a finite number"]),
+    "nan decay": (["--weight-decay", "nan"], ["weight_decay=nan must be a finite number"]),
+    "nan clip": (["--grad-clip", "nan"], ["grad_clip=nan must be a finite number"]),
+    "nan eps": (["--adam-eps", "nan"], ["adam_eps=nan must be a finite number"]),
+    "zero eps": (["--adam-eps", "0"], ["adam_eps=0.0 must be positive"]),
+    "beta1": (["--beta1", "1.5"], ["beta1=1.5 must be in [0, 1)"]),
+    "beta2": (["--beta2", "-0.1"], ["beta2=-0.1 must be in [0, 1)"]),
+    "negative decay": (["--weight-decay", "-1"], ["weight_decay=-1.0 must not be negative"]),
+    "all at once": (["--max-lr", "inf", "--beta1", "1", "--adam-eps", "nan", "--grad-clip=-inf"],
+                    ["max_lr=inf must be a finite", "beta1=1.0 must be in [0, 1)", "adam_eps=nan must be a finite",
+                     "grad_clip=-inf must be a finite"]),
+}
+
+
+@pytest.mark.parametrize("case", NOT_FINITE)
+def test_non_finite_and_out_of_range_settings_are_refused_before_anything_runs(case, data_dir, tmp_path, capsys):
+    flags, phrases = NOT_FINITE[case]
+    err = error_of(capsys, args(data_dir, tmp_path / "log", *flags), 2)
+    assert all(phrase in err for phrase in phrases), err
+    assert not os.path.exists(tmp_path / "log")  # nothing written
+
+
+def test_mistaken_paths_get_one_line_naming_the_fix(straight, data_dir, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    step = os.path.join(straight, "checkpoints", f"step_{STEPS:08d}.pt")
+    cases = [
+        (["--log-dir", str(tmp_path / "notes.txt")], 2, "notes.txt is a file, not a directory"),
+        (["--log-dir", str(tmp_path / "notes.txt" / "log")], 2, "cannot create --log-dir"),
+        (["--sample-interval", "4", "--sample-prompt", ""], 2, "sample_prompt is empty"),
+        (["--resume", str(tmp_path / "notes.txt")], 1, "notes.txt is not a readable train_gpt2.py checkpoint"),
+        (["--init-from", "/nonexistent/gpt2"], 2, "init_from=/nonexistent/gpt2 does not exist"),
+        (["--init-from", step], 2, f"continue a train_gpt2.py checkpoint with --resume {step}"),
+        (["--data-dir", str(tmp_path / "notes.txt")], 1, "notes.txt is a file; give the directory of shards"),
+    ]
+    for flags, code, phrase in cases:
+        err = error_of(capsys, args(data_dir, tmp_path / "log", *flags), code)  # the last --log-dir wins
+        assert phrase in err, (flags, err)
+        assert "weights_only" not in err and "Traceback" not in err
+
+
+@pytest.mark.multiprocess
+def test_a_second_run_on_a_log_dir_in_use_is_refused_and_the_first_finishes_untouched(straight, data_dir, tmp_path):
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    argv = args(data_dir, tmp_path / "log")
+    first = subprocess.Popen([sys.executable, HOOKED, f"0:0:wait={fifo}", "--", *argv], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    with open(fifo, "w"):  # returns once the first run waits at step 0, holding the log dir's lock
+        second = run_subprocess(argv)
+    assert second.returncode == 1 and second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+    assert f"is in use by another train_gpt2.py run (pid {first.pid} on {socket.gethostname()})" in second.stderr
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert series(tmp_path / "log", "train_loss") == series(straight, "train_loss")
+    assert same_model(tmp_path / "log", straight)
 
 
 # -----------------------------------------------------------------------------

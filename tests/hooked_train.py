@@ -1,0 +1,83 @@
+"""train_gpt2.py with interruptions at points a test chooses, so that no test races a clock.
+
+    python tests/hooked_train.py HOOK [HOOK ...] -- TRAIN_GPT2_FLAGS...
+
+A HOOK is RANK:STEP:ACTION (RANK * for every rank). The action happens on that rank just before
+step STEP trains (after that step's evaluations):
+    SIGTERM, SIGUSR1, SIGINT    the process sends itself the signal
+    SIGINT2                     two Ctrl-C in a row
+    nan                         the loss of that step is NaN
+    wait=PATH                   block until someone writes to PATH (a FIFO): a stalled rank
+    kill-in-checkpoint          SIGKILL while the checkpoint after step STEP is half written
+and RANK:argv:FLAG=VALUE replaces a flag's value on that rank before anything runs, and
+RANK:setup:blind makes every checkpoint unreadable on that rank (a node that does not see them).
+"""
+
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train_gpt2  # noqa: E402
+from model import GPT  # noqa: E402
+
+split = sys.argv.index("--")
+hooks = [hook.split(":", 2) for hook in sys.argv[1:split]]
+argv = sys.argv[split + 1:]
+rank = os.environ.get("RANK", "0")
+mine = [(step, action) for who, step, action in hooks if who in ("*", rank)]
+
+for step, action in mine:
+    if step == "argv":
+        flag, value = action.split("=", 1)
+        argv[argv.index(flag) + 1] = value
+    elif action == "blind":
+        def read_checkpoint(path):
+            raise ValueError(f"{path} does not exist")
+        train_gpt2.read_checkpoint = read_checkpoint
+
+actions = {int(step): action for step, action in mine if step not in ("argv", "setup")}
+nan_now = False
+get_lr, forward, atomic_write = train_gpt2.get_lr, GPT.forward, train_gpt2.atomic_write
+
+
+def hooked_get_lr(step, config):  # train() calls it right before each step trains
+    global nan_now
+    action = actions.get(step, "")
+    nan_now = action == "nan"
+    if action in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        os.kill(os.getpid(), getattr(signal, action))
+    elif action == "SIGINT2":
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    elif action.startswith("wait="):
+        with open(action[len("wait="):]) as f:
+            f.read()
+    return get_lr(step, config)
+
+
+def hooked_forward(self, *args, **kwargs):
+    logits, loss = forward(self, *args, **kwargs)
+    if nan_now and loss is not None:
+        loss = loss * float("nan")
+    return logits, loss
+
+
+def hooked_atomic_write(path, write):
+    kill_at = [step + 1 for step, action in actions.items() if action == "kill-in-checkpoint"]
+    if not any(path.endswith(f"step_{step:08d}.pt") for step in kill_at):
+        return atomic_write(path, write)
+
+    def write_half_then_die(f):
+        write(f)
+        f.flush()
+        f.truncate(f.tell() // 2)
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return atomic_write(path, write_half_then_die)
+
+
+train_gpt2.get_lr, GPT.forward, train_gpt2.atomic_write = hooked_get_lr, hooked_forward, hooked_atomic_write
+sys.argv = [train_gpt2.__file__, *argv]
+train_gpt2.cli()
