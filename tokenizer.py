@@ -78,8 +78,9 @@ def save_for_transformers(directory, model_max_length):
     from tiktoken_ext.openai_public import r50k_pat_str
     from transformers.convert_slow_tokenizer import TikTokenConverter
     get_tokenizer()  # the same checks, and one-line errors, as every other use
+    special = ["<|endoftext|>"]  # transformers 5 calls them extra_special_tokens, 4 additional_special_tokens
     converter = TikTokenConverter(vocab_file=local_ranks_file() or R50K_RANKS_URL,  # a URL: tiktoken's cache
-                                  pattern=r50k_pat_str, extra_special_tokens=["<|endoftext|>"])
+                                  pattern=r50k_pat_str, extra_special_tokens=special, additional_special_tokens=special)
     converter.converted().save(os.path.join(directory, "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json as it is, in transformers 4 and 5
