@@ -4,19 +4,22 @@
     model = GPT(GPTConfig())                          # 124M, GPT-2 initialisation
     model = GPT.from_pretrained("gpt2")               # OpenAI's weights (hub name or local HF dir)
     model = GPT.from_checkpoint("log/checkpoints/step_00019073.pt")  # a train_gpt2.py checkpoint
+    model = GPT.from_checkpoint("log")                # a run's latest checkpoint
     logits, loss = model(idx, targets)                # idx, targets: (B, T) int64
     out = model.generate(idx, max_new_tokens=32, top_k=50, generator=torch.Generator(idx.device).manual_seed(0))
-    model.save_pretrained("my-gpt2")                  # back to transformers.GPT2LMHeadModel
+    for token in model.stream(idx, max_new_tokens=32): ...   # the same tokens, (B, 1) each, as they come
+    model.save_pretrained("my-gpt2")                  # a Hugging Face folder: weights, tokenizer, model card
 
 The network (Radford et al. 2019): token + learned position embeddings, n_layer pre-LayerNorm
 blocks (causal self-attention, then a 4x MLP with tanh-approximate GELU), a final LayerNorm, and
 an lm_head that shares its weight with the token embedding. Attention runs through
 F.scaled_dot_product_attention, which picks a flash attention kernel on GPUs.
 
-This file imports only torch; transformers and safetensors are imported inside the two methods
-that talk to Hugging Face.
+This file imports only torch; transformers is imported inside the two methods that talk to Hugging
+Face, and save_pretrained leaves the rest of the folder (tokenizer, model card) to export.py.
 """
 
+import glob
 import inspect
 import os
 import warnings
@@ -235,16 +238,25 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # Sampling
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
         """Sample max_new_tokens after idx (B, T); returns (B, T + max_new_tokens).
 
         top_k keeps the k most likely tokens (None or 0: all of them; 1: greedy); temperature must
-        be positive. A KV cache means each new token runs one position. Past block_size the
-        context is cropped to the last block_size tokens; their positions then shift, so the
-        window is recomputed each step, exactly as a model without a cache would see it.
+        be positive. stream() gives the same tokens one step at a time.
         """
-        if temperature <= 0:
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, generator)], dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
+        """Yield the next tokens (B, 1) after idx (B, T), one sampling step at a time.
+
+        A KV cache means each new token runs one position. Past block_size the context is cropped
+        to the last block_size tokens; their positions then shift, so the window is recomputed each
+        step, exactly as a model without a cache would see it.
+        """
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"the prompt must have shape (B, T) with T >= 1, got {tuple(idx.shape)}")
+        if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         block_size = self.config.block_size
         kv_cache = None
@@ -257,8 +269,9 @@ class GPT(nn.Module):
                     logits, _ = self(idx[:, -1:], kv_cache=kv_cache)
             else:
                 logits, _ = self(idx[:, -block_size:])
-            idx = torch.cat((idx, sample_next_token(logits[:, -1, :], temperature, top_k, generator)), dim=1)
-        return idx
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, generator)
+            idx = torch.cat((idx, next_token), dim=1)
+            yield next_token
 
     # -------------------------------------------------------------------------
     # Hugging Face and our checkpoints
@@ -296,15 +309,19 @@ class GPT(nn.Module):
                 state[key].copy_(value)
         return model
 
-    def save_pretrained(self, directory):
-        """Write Hugging Face GPT-2 format (config.json + model.safetensors), padding rows dropped,
-        that transformers.GPT2LMHeadModel.from_pretrained(directory) loads with the same logits."""
+    def save_pretrained(self, directory, dtype=torch.float32, training=""):
+        """Write a folder that transformers, vLLM and lm-evaluation-harness load as it is: the
+        weights as GPT2LMHeadModel in dtype, padding rows dropped, with what export.save_folder adds
+        (generation config, GPT-2's tokenizer, a model card whose training section is `training`).
+        `directory` must be new or empty, and is never left half written."""
+        import export
         from transformers import GPT2Config, GPT2LMHeadModel
-        config = self.config
+        config, eot = self.config, GPT2_VOCAB_SIZE - 1
         vocab_size = min(config.vocab_size, GPT2_VOCAB_SIZE)
         hf_config = GPT2Config(vocab_size=vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
                                n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
-                               layer_norm_epsilon=1e-5, bos_token_id=GPT2_VOCAB_SIZE - 1, eos_token_id=GPT2_VOCAB_SIZE - 1)
+                               layer_norm_epsilon=1e-5, bos_token_id=eot, eos_token_id=eot,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # trained without dropout
         hf_model = GPT2LMHeadModel(hf_config)
         hf_state = hf_model.state_dict()
         with torch.no_grad():
@@ -315,11 +332,11 @@ class GPT(nn.Module):
                 if key in ("transformer.wte.weight", "lm_head.weight"):
                     value = value[:vocab_size]
                 hf_state[key].copy_(value)
-        hf_model.save_pretrained(directory)  # safetensors, written by transformers
+        export.save_folder(hf_model.to(dtype), directory, training)
 
     @classmethod
     def from_checkpoint(cls, path):
-        """The model of a train_gpt2.py checkpoint (a plain dict; see read_checkpoint)."""
+        """The model of a train_gpt2.py checkpoint, or of a log directory's latest (see read_checkpoint)."""
         checkpoint = read_checkpoint(path)
         model = cls(GPTConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
@@ -328,10 +345,20 @@ class GPT(nn.Module):
 
 def read_checkpoint(path):
     """A train_gpt2.py checkpoint: a plain dict read with torch.load(weights_only=True), so only
-    tensors and plain values come back and no code in the file can run. Any file that is not one
-    (another format, a write cut short) raises ValueError with one line that says so."""
+    tensors and plain values come back and no code in the file can run. `path` is a checkpoint file,
+    or a log directory: its latest readable checkpoint in <path>/checkpoints/ (a newer one cut short
+    by a crash is passed over). Anything else raises ValueError with one line that says so."""
+    if os.path.isdir(path):
+        checkpoint_dir = os.path.join(path, "checkpoints")
+        for candidate in sorted(glob.glob(os.path.join(glob.escape(checkpoint_dir), "step_[0-9]*.pt")), reverse=True):
+            try:
+                return read_checkpoint(candidate)
+            except ValueError:
+                continue
+        raise ValueError(f"{path} is not a checkpoint file, and {checkpoint_dir} holds no readable checkpoint "
+                         f"(train_gpt2.py --log-dir {path} writes them there)")
     if not os.path.isfile(path):
-        raise ValueError(f"{path} {'is a directory, not a checkpoint file' if os.path.isdir(path) else 'does not exist'}")
+        raise ValueError(f"{path} does not exist")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols: not the user's problem

@@ -6,8 +6,12 @@
 - `tiny_config`: a tiny GPTConfig with non-square sizes.
 - `hf_gpt2_dir`: a randomly initialised transformers GPT2LMHeadModel saved with save_pretrained,
   the offline stand-in for OpenAI's weights.
+- `run_main`: a script's main(argv) run in-process, giving (exit code, stdout, stderr).
+- `trained_log`: the log directory of a real 6-step train_gpt2.py run of a tiny GPT, and
+  `exported_run`: export.py's folder of its latest checkpoint (the notebook, export and sample tests).
 """
 
+import json
 import os
 import sys
 
@@ -41,6 +45,18 @@ def corpus_documents():
 
 
 @pytest.fixture
+def run_main(capsys):
+    def run(main, *argv):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return run
+
+
+@pytest.fixture
 def tiny_config():
     from model import GPTConfig
     return GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=3, n_embd=48)
@@ -56,3 +72,43 @@ def hf_gpt2_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf_gpt2")
     model.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def trained_log(tmp_path_factory, corpus_documents):
+    """A 6-step training run of a tiny GPT (vocab padded to 50304) on Python's reference manual, with
+    val and HellaSwag evals at steps 0, 3 and 6 and checkpoints at steps 3 and 6."""
+    import fineweb
+    import train_gpt2
+    tmp = tmp_path_factory.mktemp("run")
+    data_dir, log_dir = tmp / "data", tmp / "log"
+    fineweb.write_shards(corpus_documents, str(data_dir), "pydocs", shard_size=8192, num_proc=1, progress=False)
+    # A few real HellaSwag-format examples so the run logs hellaswag_acc too.
+    hellaswag_file = tmp / "hellaswag.jsonl"
+    with open(hellaswag_file, "w") as f:
+        for ctx, endings, label in [
+            ("The chef cracked two eggs into the bowl and", [" whisked them with a fork.", " painted the ceiling.",
+                                                             " drove to the airport.", " sang to the moon."], 0),
+            ("She tied her running shoes, stepped outside and", [" fell asleep on the sofa.", " started to jog.",
+                                                                 " baked a cake.", " read the newspaper."], 1),
+        ]:
+            f.write(json.dumps({"ctx": ctx, "endings": endings, "label": label}) + "\n")
+    exit_code = train_gpt2.main([
+        "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--n-layer", "2", "--n-head", "2",
+        "--n-embd", "32", "--block-size", "64", "--vocab-size", "50304", "--seq-len", "32", "--batch-size", "4",
+        "--total-batch-size", "128", "--max-steps", "6", "--warmup-steps", "2", "--max-lr", "1e-2",
+        "--min-lr", "1e-3", "--eval-interval", "3", "--val-tokens", "256", "--hellaswag-interval", "3",
+        "--hellaswag-file", str(hellaswag_file), "--sample-interval", "0", "--checkpoint-interval", "3",
+        "--no-compile", "--dtype", "float32", "--device", "cpu",
+    ])
+    assert exit_code == 0
+    return log_dir
+
+
+@pytest.fixture(scope="session")
+def exported_run(trained_log, tmp_path_factory):
+    """export.py's Hugging Face folder of trained_log's latest checkpoint (step 6), in float32."""
+    import export
+    directory = tmp_path_factory.mktemp("exported") / "tiny-gpt2"
+    assert export.main([str(trained_log), str(directory)]) == 0
+    return directory

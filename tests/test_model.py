@@ -1,6 +1,7 @@
 """model.py against independent references: transformers' GPT2LMHeadModel, plain re-computations."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -243,3 +244,116 @@ def test_from_checkpoint_restores_the_model(tiny_config, tmp_path):
     idx = torch.randint(0, tiny_config.vocab_size, (2, 8))
     assert restored.config == tiny_config
     assert torch.equal(restored(idx)[0], model(idx)[0])
+
+
+def test_stream_yields_the_tokens_generate_returns(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 5))
+    streamed = list(model.stream(prompt, 40, top_k=20, generator=torch.Generator().manual_seed(3)))  # past block_size
+    assert len(streamed) == 40 and all(t.shape == (2, 1) for t in streamed)
+    expected = model.generate(prompt, 40, top_k=20, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.cat([prompt, *streamed], dim=1), expected)
+
+
+# -----------------------------------------------------------------------------
+# Sampling: what temperature and top-k do, against the softmax computed here
+
+
+def empirical(samples, vocab_size):
+    return torch.bincount(samples.view(-1), minlength=vocab_size).float() / samples.numel()
+
+
+def test_top_k_one_is_argmax_and_top_k_never_leaves_the_k_most_likely():
+    from model import sample_next_token
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature in (0.3, 1.0, 5.0):
+        greedy = sample_next_token(logits, temperature, top_k=1, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(greedy.view(-1), logits.argmax(-1))
+    # 20,000 draws from one distribution: only its 5 most likely tokens, in their renormalised odds.
+    row = logits[:1].expand(20_000, -1)
+    samples = sample_next_token(row, 1.0, top_k=5, generator=torch.Generator().manual_seed(2))
+    top5 = logits[0].topk(5).indices
+    assert set(samples.view(-1).tolist()) == set(top5.tolist())
+    expected = torch.zeros(50)
+    expected[top5] = logits[0, top5].softmax(-1)
+    torch.testing.assert_close(empirical(samples, 50), expected, atol=0.015, rtol=0)
+
+
+def test_temperature_reshapes_the_distribution_as_softmax_of_logits_over_t():
+    from model import sample_next_token
+    logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(0)) * 2
+    rows = logits.expand(20_000, -1)
+    entropies = []
+    for temperature in (0.5, 1.0, 2.0):
+        samples = sample_next_token(rows, temperature, top_k=None, generator=torch.Generator().manual_seed(1))
+        expected = (logits[0] / temperature).softmax(-1)
+        torch.testing.assert_close(empirical(samples, 30), expected, atol=0.015, rtol=0)
+        entropies.append(-(expected * expected.log()).sum().item())
+    assert entropies[0] < entropies[1] - 0.3 and entropies[1] < entropies[2] - 0.3  # the sizes differ measurably
+
+
+# -----------------------------------------------------------------------------
+# model.py's own errors: one clear ValueError each
+
+
+def test_generate_refuses_an_empty_or_one_dimensional_prompt_and_a_non_positive_temperature(tiny_config):
+    model = GPT(tiny_config).eval()
+    for prompt in (torch.zeros(2, 0, dtype=torch.long), torch.zeros(5, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"shape \(B, T\) with T >= 1, got \((2, 0|5,)\)"):
+            model.generate(prompt, 4)
+    for temperature in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be positive"):
+            model.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=temperature)
+
+
+def test_a_sequence_longer_than_block_size_is_refused(tiny_config):
+    model = GPT(tiny_config)
+    with pytest.raises(ValueError, match="sequence of length 33 is longer than block_size 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_from_pretrained_refuses_a_smaller_vocab_and_another_activation(hf_small, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    path, _ = hf_small
+    with pytest.raises(ValueError, match="vocab_size 100 is smaller than the checkpoint's 101"):
+        GPT.from_pretrained(path, vocab_size=100)
+    config = GPT2Config(n_positions=16, n_embd=16, n_layer=1, n_head=2, vocab_size=50, activation_function="relu")
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "relu")
+    with pytest.raises(ValueError, match="uses activation 'relu'; GPT-2 uses gelu_new"):
+        GPT.from_pretrained(tmp_path / "relu")
+
+
+def test_read_checkpoint_of_a_log_dir_takes_the_latest_readable_one(tiny_config, tmp_path):
+    from dataclasses import asdict
+    from model import read_checkpoint
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    model = GPT(tiny_config)
+    for step in (2, 4):
+        torch.save({"model": model.state_dict(), "model_config": asdict(tiny_config), "step": step},
+                   checkpoints / f"step_{step:08d}.pt")
+    assert read_checkpoint(tmp_path)["step"] == 4
+    (checkpoints / "step_00000006.pt").write_bytes((checkpoints / "step_00000004.pt").read_bytes()[:1000])  # cut short
+    assert read_checkpoint(tmp_path)["step"] == 4
+    assert GPT.from_checkpoint(tmp_path).config == tiny_config
+    with pytest.raises(ValueError, match=r"holds no readable checkpoint \(train_gpt2.py --log-dir"):
+        read_checkpoint(checkpoints)  # the checkpoints folder itself is not a log directory
+
+
+def test_save_pretrained_writes_the_whole_folder_once(hf_gpt2_dir, hf_small, tmp_path):
+    from transformers import AutoTokenizer
+    model = GPT.from_pretrained(hf_gpt2_dir)
+    model.save_pretrained(tmp_path / "gpt2")
+    assert sorted(os.listdir(tmp_path / "gpt2")) == ["README.md", "config.json", "generation_config.json",
+                                                      "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert AutoTokenizer.from_pretrained(tmp_path / "gpt2").model_max_length == 64  # its block_size
+    card = (tmp_path / "gpt2" / "README.md").read_text()
+    assert f"{model.num_parameters():,} parameters" in card and "Not recorded" in card
+    with pytest.raises(ValueError, match="already exists and is not an empty directory"):
+        model.save_pretrained(tmp_path / "gpt2")
+    # GPT-2's tokenizer only goes with GPT-2's vocabulary.
+    GPT.from_pretrained(hf_small[0]).save_pretrained(tmp_path / "small")
+    assert "tokenizer.json" not in os.listdir(tmp_path / "small")
+    assert "101 token ids (no tokenizer)" in (tmp_path / "small" / "README.md").read_text()
+    assert sorted(os.listdir(tmp_path)) == ["gpt2", "small"]  # no staging folder left behind

@@ -1,0 +1,153 @@
+"""export.py on a real tiny checkpoint (conftest's trained_log, vocab padded to 50304): the folder
+loads in transformers as it is, and is checked against our model, tiktoken and metrics.jsonl."""
+
+import json
+import os
+import random
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import export
+import tokenizer
+from model import GPT
+
+PROMPT = "Hello, I'm a language model,"
+
+
+def last_evaluation(log_dir, key, step):
+    """(step, value) of the last `key` in metrics.jsonl at or before `step`, read here independently."""
+    with open(log_dir / "metrics.jsonl") as f:
+        events = [json.loads(line) for line in f]
+    return max((e["step"], e[key]) for e in events if key in e and e["step"] <= step)
+
+
+def test_pipeline_loads_the_export_as_it_is_and_generates(exported_run):
+    from transformers import pipeline
+    generator = pipeline("text-generation", model=str(exported_run))
+    text = generator(PROMPT)[0]["generated_text"]  # the folder's own generation config: top-k sampling
+    ids = generator.tokenizer(text)["input_ids"]
+    assert text.startswith(PROMPT) and len(ids) > len(generator.tokenizer(PROMPT)["input_ids"])
+    assert len(ids) <= 64  # never past the model's 64 positions (max_length = block_size)
+
+
+def test_export_logits_equal_the_checkpoints_and_bfloat16_stores_bfloat16(trained_log, exported_run, tmp_path,
+                                                                          run_main):
+    from transformers import AutoModelForCausalLM
+    model = GPT.from_checkpoint(trained_log / "checkpoints" / "step_00000006.pt").eval()
+    assert model.config.vocab_size == 50304
+    hf_model = AutoModelForCausalLM.from_pretrained(exported_run).eval()
+    assert hf_model.config.vocab_size == 50257 and hf_model.dtype == torch.float32
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(idx).logits, model(idx)[0][..., :50257], atol=1e-5, rtol=0)
+
+    bf16 = tmp_path / "bf16"
+    bf16.mkdir()  # an empty directory is a fine place to export to
+    assert run_main(export.main, trained_log, bf16, "--dtype", "bfloat16")[0] == 0
+    with safe_open(bf16 / "model.safetensors", "pt") as half, \
+            safe_open(exported_run / "model.safetensors", "pt") as full:
+        assert set(half.keys()) == set(full.keys())
+        for key in full.keys():
+            assert half.get_tensor(key).dtype == torch.bfloat16, key
+            assert torch.equal(half.get_tensor(key), full.get_tensor(key).to(torch.bfloat16)), key
+    assert "weights in bfloat16" in (bf16 / "README.md").read_text()
+
+
+ODD_TEXTS = [
+    "", " ", "\n", "\n\n\n", "  two leading, two trailing  ", "tabs\tand\r\nwindows\r\nlines\r\n", "trailing space ",
+    "naïve café — “quotes” ‘single’ … ½ ©", "日本語のテキストと한국어", "emoji 🤖👍🏽 👨‍👩‍👧 flags 🇫🇷",
+    "zero\u200bwidth\u00a0nbsp\u2028line\u3000ideographic", "combining e\u0301 and precomposed é",
+    "it's I'LL they've we'd YOU'RE", "12345678 3.14159 1,000,000 0x1F", "def f(x):\n    return x  # comment\n",
+    "  \n \n\t\n", "a  \n b", "?!?!... ---- ====", "ŁÓDŹ Ελληνικά русский עברית العربية",
+]
+
+
+def random_texts(count, seed=0):
+    """Seeded strings mixing scripts, digits, punctuation, emoji and every kind of whitespace."""
+    pieces = list("aZé日本ü ß\u00a0\t\n\r  '0123.,!?-_()") + ["'s", "'ll", "🤖", "👍🏽", "\u200b", "\u2028", " the", "  "]
+    rng = random.Random(seed)
+    return ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 60))) for _ in range(count)]
+
+
+def test_autotokenizer_of_the_export_equals_tiktoken(exported_run, corpus_documents):
+    from transformers import AutoTokenizer
+    enc = tokenizer.get_tokenizer()
+    hf_tokenizer = AutoTokenizer.from_pretrained(exported_run)
+    for text in corpus_documents + ODD_TEXTS + random_texts(300):
+        ids = hf_tokenizer(text)["input_ids"]
+        assert ids == enc.encode_ordinary(text), repr(text[:80])
+        assert hf_tokenizer.decode(ids) == text, repr(text[:80])
+    assert hf_tokenizer.bos_token_id == hf_tokenizer.eos_token_id == hf_tokenizer.pad_token_id == 50256
+    assert hf_tokenizer("<|endoftext|>")["input_ids"] == [50256] and len(hf_tokenizer) == 50257
+    assert hf_tokenizer.model_max_length == 64  # the model's block_size
+
+
+def test_model_card_reports_the_run_up_to_the_exported_checkpoint(trained_log, exported_run, tmp_path,
+                                                                  run_main):
+    model = GPT.from_checkpoint(trained_log / "checkpoints" / "step_00000006.pt")
+    exported_size = model.num_parameters() - (50304 - 50257) * model.config.n_embd  # padding rows dropped
+    card = (exported_run / "README.md").read_text()
+    assert f"{exported_size:,} parameters" in card and "2 layers, 2 heads" in card
+    assert "6 steps of 128 tokens: 768 tokens in all" in card  # --max-steps 6, --total-batch-size 128
+    val_step, val_loss = last_evaluation(trained_log, "val_loss", 6)
+    hellaswag_step, hellaswag = last_evaluation(trained_log, "hellaswag_acc", 6)
+    assert f"val loss: {val_loss:.4f} at step {val_step}" in card and val_step == 6
+    assert f"HellaSwag acc_norm: {hellaswag:.4f} at step {hellaswag_step}" in card and hellaswag_step == 6
+    assert f'pipeline("text-generation", model="{exported_run}")' in card
+
+    # Step 3's checkpoint: the evaluations up to step 3, not the later ones of the same log.
+    assert run_main(export.main, trained_log / "checkpoints" / "step_00000003.pt", tmp_path / "step3")[0] == 0
+    card = (tmp_path / "step3" / "README.md").read_text()
+    val_step, val_loss = last_evaluation(trained_log, "val_loss", 3)
+    assert "3 steps of 128 tokens: 384 tokens in all" in card
+    assert f"val loss: {val_loss:.4f} at step 3" in card and f"{last_evaluation(trained_log, 'val_loss', 6)[1]:.4f}" \
+        not in card
+
+    # A checkpoint outside a log directory: no metrics to report.
+    shutil.copy(trained_log / "checkpoints" / "step_00000006.pt", tmp_path / "alone.pt")
+    assert run_main(export.main, tmp_path / "alone.pt", tmp_path / "alone")[0] == 0
+    card = (tmp_path / "alone" / "README.md").read_text()
+    assert "6 steps of 128 tokens" in card and "val loss" not in card and "HellaSwag" not in card
+
+
+def test_a_failed_export_leaves_nothing_behind(trained_log, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the disk caught fire")
+
+    monkeypatch.setattr(tokenizer, "save_for_transformers", broken)  # after the weights are written
+    (tmp_path / "out").mkdir()
+    with pytest.raises(RuntimeError, match="caught fire"):
+        export.main([str(trained_log), str(tmp_path / "out")])
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == []  # no staging folder left
+
+
+@pytest.mark.parametrize("case, exit_code, message", [
+    ("not a checkpoint", 1, "is not a readable train_gpt2.py checkpoint"),
+    ("no such file", 1, "does not exist"),
+    ("log dir without checkpoints", 1, "holds no readable checkpoint"),
+    ("output dir not empty", 2, "already exists and is not an empty directory"),
+    ("output is a file", 2, "already exists and is not an empty directory"),
+    ("no output dir", 2, "required: output_dir"),
+    ("bad dtype", 2, "invalid choice: 'int8'"),
+])
+def test_errors_are_one_line(case, exit_code, message, trained_log, tmp_path, run_main):
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    argv = {
+        "not a checkpoint": [tmp_path / "notes.txt", tmp_path / "out"],
+        "no such file": [tmp_path / "missing.pt", tmp_path / "out"],
+        "log dir without checkpoints": [tmp_path / "full", tmp_path / "out"],
+        "output dir not empty": [trained_log, tmp_path / "full"],
+        "output is a file": [trained_log, tmp_path / "notes.txt"],
+        "no output dir": [trained_log],
+        "bad dtype": [trained_log, tmp_path / "out", "--dtype", "int8"],
+    }[case]
+    code, _, err = run_main(export.main, *argv)
+    assert code == exit_code
+    assert err.startswith("export.py: error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists() and os.listdir(tmp_path / "full") == ["keep.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "not a checkpoint\n"
