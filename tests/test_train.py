@@ -321,9 +321,10 @@ def test_init_from_a_local_gpt2_starts_from_its_loss(hf_gpt2_dir, data_dir, tmp_
         return F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
 
     val = epoch_windows(data_dir, "val", 32)[:16]  # --val-tokens 512
-    train = epoch_windows(data_dir, "train", 32, np.random.default_rng((1337, 0)))  # step 0: 2 micro steps of 4
+    train = epoch_windows(data_dir, "train", 32, np.random.default_rng((1337, 0)))  # --seed 1337, epoch 0
     assert series(tmp_path, "val_loss") == {0: pytest.approx(loss(val), rel=1e-5)}
-    assert series(tmp_path, "train_loss") == {0: pytest.approx((loss(train[:4]) + loss(train[4:8])) / 2, rel=1e-5)}
+    step_0 = (loss(train[:4]) + loss(train[4:8])) / 2  # 2 micro steps of 4 rows
+    assert series(tmp_path, "train_loss") == {0: pytest.approx(step_0, rel=1e-5)}
 
 
 def draws():
