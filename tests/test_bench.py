@@ -1,13 +1,16 @@
 """bench.py runs end to end on a tiny preset and reports sane figures.
 
 These tests check that the benchmark works, never how fast anything is: figures live in the
-benchmark's output, not in timed tests. What they do check could fail: the JSON's fields and
-their ranges, that the KV cache and the reference loop sample the same greedy tokens, that
-batched and one-at-a-time HellaSwag give the same losses, that a compiled step does not
-recompile, and that bad flags end with one line and exit code 2.
+benchmark's output, not in timed tests, and no test compares one measured figure with another
+(bench.py derives tokens/s, FLOP/s and ratios from its timings; re-deriving them here would only
+repeat its code). What they do check could fail: the JSON's fields, the model's size and FLOPs
+counted by hand, that the KV cache and the reference loop sample the same greedy tokens, that
+batched and one-at-a-time HellaSwag give the same losses, that SDPA's fused kernel ran, that a
+compiled step does not recompile, and that bad flags end with one line and exit code 2.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,6 +19,12 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The test preset's GPT, counted by hand: token embeddings (the tied lm_head) + positions +
+# 2 blocks (2 LayerNorms, q/k/v, attention projection, MLP in and out, each with a bias) + ln_f.
+C, V, T, L = 32, 50304, 64, 2
+BLOCK_PARAMETERS = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
+PARAMETERS = V * C + T * C + L * BLOCK_PARAMETERS + 2 * C
 
 
 def run_bench(*args):
@@ -33,11 +42,8 @@ def eager_result():
 def test_meta_names_the_machine_and_the_model(eager_result):
     meta = eager_result["meta"]
     assert meta["device"] == "cpu" and meta["torch"] == torch.__version__
-    assert meta["model_config"] == dict(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)
-    # The model's own count, recomputed: embeddings (tied lm_head) + positions + 2 blocks + ln_f.
-    C, V, T, L = 32, 50304, 64, 2
-    block = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
-    assert meta["parameters"] == V * C + T * C + L * block + 2 * C
+    assert meta["model_config"] == dict(block_size=T, vocab_size=V, n_layer=L, n_head=2, n_embd=C)
+    assert meta["parameters"] == PARAMETERS
 
 
 def test_matmul_ceiling_per_dtype(eager_result):
@@ -45,40 +51,31 @@ def test_matmul_ceiling_per_dtype(eager_result):
     assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
     for r in rows:
         assert r["size"] == 256 and r["reps"] == 5
-        assert 0 < r["flops_median"] <= r["flops_best"]
+        assert all(math.isfinite(r[k]) for k in ("flops_median", "flops_best"))  # numbers, not None
 
 
 def test_train_rows(eager_result):
     rows = eager_result["train"]
     assert [(r["mode"], r["dtype"]) for r in rows] == [("eager", "float32"), ("eager", "bfloat16")]
     for r in rows:
-        assert (r["batch_size"], r["seq_len"]) == (2, 64)
-        assert r["ms_per_step_best"] <= r["ms_per_step"]
-        # The reported figures are one measurement seen three ways: recompute them from each other.
-        assert r["tokens_per_sec"] == pytest.approx(2 * 64 / (r["ms_per_step"] / 1000))
-        assert r["achieved_flops"] == pytest.approx(r["flops_per_token"] * r["tokens_per_sec"])
-        assert r["ceiling_ratio"] == pytest.approx(r["achieved_flops"] / r["ceiling_flops"])
-        assert 0 < r["ceiling_ratio"] <= 1.5
+        assert (r["batch_size"], r["seq_len"]) == (2, T)
+        assert all(math.isfinite(r[k]) for k in ("ms_per_step", "tokens_per_sec", "achieved_flops", "ceiling_ratio"))
         assert r["mfu"] is None and r["peak_flops"] is None  # no peak-FLOP/s table entry for a CPU
-        assert r["recompiles"] == 0
         assert r["peak_memory_bytes"] > 0 and r["memory_kind"] == "process peak RSS"
         # SDPA's fused CPU kernel ran, forward and backward (not the unfused math fallback).
         assert "aten::_scaled_dot_product_flash_attention_for_cpu" in r["attention_kernels"]
         assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in r["attention_kernels"]
 
 
-def test_flops_per_token_is_the_models(eager_result):
-    from model import GPT, GPTConfig
-    model = GPT(GPTConfig(**eager_result["meta"]["model_config"]))
-    assert eager_result["train"][0]["flops_per_token"] == model.flops_per_token(64)
+def test_flops_per_token_counted_by_hand(eager_result):
+    # PaLM's estimate: 6 FLOPs per weight in a matmul (all but the position table), 12 * L * C * T for attention
+    assert eager_result["train"][0]["flops_per_token"] == 6 * (PARAMETERS - T * C) + 12 * L * C * T
 
 
 def test_sampling_with_and_without_cache_agree(eager_result):
     (r,) = eager_result["sample"]
     assert r["new_tokens"] == 24 and r["prompt_tokens"] == 8
     assert r["matching_tokens"] == r["new_tokens"]  # greedy, float32: the KV cache changes the speed, not the tokens
-    assert r["kv_cache_tokens_per_sec"] > 0 and r["no_cache_tokens_per_sec"] > 0
-    assert r["speedup"] == pytest.approx(r["kv_cache_tokens_per_sec"] / r["no_cache_tokens_per_sec"])
 
 
 def test_hellaswag_batched_and_single_agree(eager_result):
@@ -86,7 +83,6 @@ def test_hellaswag_batched_and_single_agree(eager_result):
     assert r["examples"] == 8 and r["batch_size"] == 4
     assert r["source"] == "built from the Python docs' sentences"
     assert r["max_loss_difference"] < 1e-3  # same scores, whatever the batch
-    assert r["speedup"] == pytest.approx(r["batched_examples_per_sec"] / r["single_examples_per_sec"])
 
 
 def test_fineweb_section(eager_result):
@@ -128,8 +124,8 @@ def test_compiled_step_does_not_recompile():
     assert proc.returncode == 0, proc.stderr
     (r,) = json.loads(proc.stdout)["train"]
     assert (r["mode"], r["dtype"]) == ("compiled", "float32")
-    assert r["recompiles"] == 0 and 0 < r["ceiling_ratio"] <= 1.5
-    assert r["first_step_s"] > r["ms_per_step"] / 1000  # the first step is the one that compiles
+    assert r["recompiles"] == 0  # no graph compiled after the warm-up step, i.e. in the timed steps
+    assert r["first_step_s"] > r["ms_per_step"] / 1000  # the first step compiles: seconds, against milliseconds
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in r["attention_kernels"]
 
 
