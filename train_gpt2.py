@@ -1100,15 +1100,13 @@ class WandB:
         except ImportError:
             raise TrainError("--wandb needs the wandb package: pip install wandb", exit_code=2)
         self.wandb = wandb
-        id_path = os.path.join(config.log_dir, "wandb_run_id")
+        id_path, run_id = os.path.join(config.log_dir, "wandb_run_id"), None
         if os.path.exists(id_path):
             with open(id_path) as f:
                 run_id = f.read().strip()
-        else:
-            run_id = wandb.util.generate_id()
-            atomic_write(id_path, lambda f: f.write(run_id.encode()))
         self.run = wandb.init(project=config.wandb, id=run_id, resume="allow", dir=config.log_dir,
-                              config=asdict(config))
+                              config=asdict(config), allow_val_change=True)  # a resume may change RESUMABLE ones
+        atomic_write(id_path, lambda f: f.write(self.run.id.encode()))
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")  # charts against our step, whatever W&B counts
 

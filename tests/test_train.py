@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -781,6 +782,94 @@ def test_bf16_autocast_trains_close_to_float32(straight, data_dir, tmp_path):
     for step, loss in losses.items():
         assert loss == pytest.approx(reference[step], abs=0.05) and loss != reference[step]  # bf16, not fp32
     assert series(tmp_path, "val_loss")[0] == pytest.approx(series(straight, "val_loss")[0], abs=0.05)
+
+
+# -----------------------------------------------------------------------------
+# Settings files and dashboards
+
+
+def test_the_written_config_repeats_the_run_and_flags_win(straight, data_dir, tmp_path):
+    written = os.path.join(straight, "config.toml")
+    config = parse_args(["--config", written])
+    assert config == parse_args(args(data_dir, straight))  # every setting of the run, read back
+    assert parse_args(["--config", written, "--max-lr", "3e-3", "--no-shuffle"]).max_lr == 3e-3  # flags win
+    assert not parse_args(["--config", written, "--no-shuffle"]).shuffle
+    assert main(["--config", written, "--log-dir", str(tmp_path)]) == 0  # the same run again
+    for key in ("train_loss", "val_loss"):
+        assert series(tmp_path, key) == series(straight, key)
+
+
+def test_config_files_with_mistakes_are_one_line(tmp_path, capsys):
+    cases = {"unknown.toml": ("max_lr = 1e-3\nlearning_rate = 1e-3\n", "unknown setting(s) learning_rate"),
+             "type.toml": ('max_steps = "many"\n', "argument --max-steps: invalid int value: 'many'"),
+             "syntax.toml": ("max_lr = \n", "cannot read --config")}
+    for name, (text, phrase) in cases.items():
+        (tmp_path / name).write_text(text)
+        err = error_of(capsys, ["--config", str(tmp_path / name)], 2)
+        assert phrase in err, err
+
+
+def test_shipped_configs_are_the_recipes_they_say(data_dir):
+    configs = {os.path.basename(path): parse_args(["--config", path])
+               for path in glob.glob(os.path.join(ROOT, "configs", "*.toml"))}
+    assert set(configs) == {"gpt2-124m-8gpu.toml", "gpt2-124m-1gpu-24gb.toml", "finetune-gpt2.toml", "demo.toml"}
+    for name, world_size in (("gpt2-124m-8gpu.toml", 8), ("gpt2-124m-1gpu-24gb.toml", 1)):
+        config = configs[name]
+        assert (config.total_batch_size, config.max_steps, config.max_lr, config.warmup_steps) == (524288, 19073, 6e-4, 715)
+        assert config.total_batch_size % (config.batch_size * config.seq_len * world_size) == 0
+        assert train_gpt2.config_problems(config, world_size) == []
+    assert configs["finetune-gpt2.toml"].init_from == "gpt2"
+    assert configs["demo.toml"] == parse_args(["--demo"])
+
+
+def tensorboard_scalars(log_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(os.path.join(log_dir, "tensorboard"))
+    events.Reload()  # purges what a later launch's purge_step dropped, as TensorBoard shows it
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def wandb_history(log_dir):
+    """{W&B run id: [logged dicts]} from the offline .wandb files (LevelDB-style log of protobufs)."""
+    from wandb.proto import wandb_internal_pb2
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(log_dir, "wandb", "offline-run-*", "run-*.wandb"))):
+        data, pos, pending, block = open(path, "rb").read(), 7, b"", 32768  # 7: the file's header
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # no room for a record header: the rest of the block is padding
+                pos += block - pos % block
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):  # a whole record, or the last piece of one
+                record = wandb_internal_pb2.Record.FromString(pending)
+                pending = b""
+                if record.WhichOneof("record_type") == "run":
+                    run_id = record.run.run_id
+                elif record.WhichOneof("record_type") == "history":
+                    runs.setdefault(run_id, []).append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                                        for i in record.history.item})
+    return runs
+
+
+def test_tensorboard_and_wandb_get_the_events_and_a_resume_continues_them(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    dashboards = ["--tensorboard", "--wandb", "gpt2-test", "--sample-interval", "4", "--sample-tokens", "4"]
+    assert main(args(data_dir, tmp_path, *dashboards, "--stop-at-step", "6")) == 0
+    assert main(args(data_dir, tmp_path, *dashboards, "--resume", str(tmp_path / "checkpoints" / "step_00000004.pt"),
+                     "--max-lr", "1e-2")) == 0  # a rollback from 6 to 4, then on to the end
+    for key in ("train_loss", "val_loss", "lr"):
+        assert tensorboard_scalars(tmp_path, key) == pytest.approx(series(tmp_path, key)), key  # one history
+    run_id = (tmp_path / "wandb_run_id").read_text()
+    runs = wandb_history(tmp_path)
+    assert list(runs) == [run_id]  # both launches logged to the same W&B run
+    logged = [event for event in runs[run_id] if "train_loss" in event]
+    assert [e["step"] for e in logged] == [0, 1, 2, 3, 4, 5, 4, 5, 6, 7]  # W&B keeps both branches of 4 and 5
+    final = {e["step"]: e["train_loss"] for e in logged[6:]} | {e["step"]: e["train_loss"] for e in logged[:4]}
+    assert final == pytest.approx(series(tmp_path, "train_loss"))
+    samples = [e for e in runs[run_id] if "samples/_type" in e]
+    assert [e["step"] for e in samples] == [0, 4, 4, 8] and samples[0]["samples/nrows"] == 4
 
 
 # -----------------------------------------------------------------------------
