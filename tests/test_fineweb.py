@@ -432,12 +432,15 @@ def test_interrupted_terminated_and_killed_cli_runs_resume_to_identical_bytes(co
     def kill(process):  # the main process alone, as the OOM killer does: no clean-up; its workers must go too
         workers.extend(workers_of(process))
         os.kill(process.pid, signal.SIGKILL)
+        deadline = time.time() + 60  # they go at once; the bound is only for a very slow machine
+        while not all(map(gone, workers)) and time.time() < deadline:
+            time.sleep(0.05)
+        orphans = [pid for pid in workers if not gone(pid)]
+        for pid in orphans:
+            os.kill(pid, signal.SIGKILL)  # a failing test leaves nothing behind
+        assert not orphans, f"workers {orphans} outlived the killed run"
     code, _ = stop_piped(tmp_path, documents, terminated + 3, kill)
     assert code == -signal.SIGKILL and len(workers) == 2
-    deadline = time.time() + 60  # they go at once; the bound is only for a very slow machine
-    while not all(map(gone, workers)) and time.time() < deadline:
-        time.sleep(0.05)
-    assert all(map(gone, workers)), workers
     shards, complete = progress(progress_file)
     assert not complete and len(shards) >= terminated + 3
     assert_piped_run_finishes_like_a_straight_one(tmp_path, documents, tokenizer)
