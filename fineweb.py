@@ -5,16 +5,13 @@
     python fineweb.py --input a.jsonl b.parquet notes.txt --output-dir my_shards   # local files, no hub
     python fineweb.py --dataset python-docs --output-dir pydocs --shard-size 100000   # offline demo
 
-Every document becomes [<|endoftext|>] + its GPT-2 tokens ("<|endoftext|>" in a text is plain text), in
-input order; the stream is cut every --shard-size tokens into `<prefix>_{val|train}_{i:06d}.npy` (uint16,
-shard 0 is the validation shard). Inputs: a Hugging Face dataset streamed with `datasets` (a hub name or
-a local copy of its repository), or --input files: .jsonl/.json (JSON Lines, a "text" field), .parquet (a
-"text" column), .txt (one document). FineWeb-Edu's sample-10BT/100BT/350BT hold about 10B/100B/350B tokens
-at 2 bytes each: for them (or --max-tokens) the bar shows the total and an ETA, and a run that will not fit
-on the disk is refused. Resuming: each shard is written fsync'd under a temporary name and renamed, then a
-line in `<prefix>_progress.jsonl` says where the stream goes on (for a hub dataset, with its state_dict).
-Rerun the same command after Ctrl-C, SIGTERM, a kill or a lost connection: a hub stream restarts there,
-local files are read past untokenized, and the shards come out byte-identical to an uninterrupted run.
+Every document becomes [<|endoftext|>] + its GPT-2 tokens (the text "<|endoftext|>" is plain text), in
+input order, cut every --shard-size tokens into `<prefix>_{val|train}_{i:06d}.npy` (shard 0: validation).
+Inputs: a Hugging Face dataset streamed with `datasets` (a hub name or a local copy), or --input files:
+.jsonl/.json (a "text" field per line), .parquet (a "text" column), .txt (one document). A rerun of the
+same command after Ctrl-C, SIGTERM, a kill or a lost connection keeps the finished shards (each fsync'd,
+then recorded in `<prefix>_progress.jsonl`) and goes on where they end, byte-identical to a straight run:
+a hub stream from its recorded state_dict, local files by reading past their documents untokenized.
 """
 
 import argparse
@@ -49,7 +46,9 @@ HUB_BATCH = 1000  # rows read from the hub at a time (columns: 4x faster than ro
 
 
 class UsageError(UserError):
-    def __init__(self, message):  # arguments that cannot work
+    """Arguments that cannot work (exit code 2)."""
+
+    def __init__(self, message):
         super().__init__(message, exit_code=2)
 
 
@@ -87,8 +86,9 @@ def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_
 
 def _bad_settings(prefix, shard_size, num_proc, max_tokens):
     """What cannot work, named for the library and the command line alike."""
-    found = [f"{name}={value} (--{name.replace('_', '-')} {value}) must be at least 1" for name, value in
-             (("shard_size", shard_size), ("num_proc", num_proc), ("max_tokens", max_tokens)) if value is not None and value < 1]
+    sizes = {"shard_size": shard_size, "num_proc": num_proc, "max_tokens": max_tokens}
+    found = [f"{name}={value} (--{name.replace('_', '-')} {value}) must be at least 1"
+             for name, value in sizes.items() if value is not None and value < 1]
     if not prefix or prefix[0] == "." or prefix != prefix.strip() or set("/\\*?[]") & set(prefix):
         found.append(f"--prefix {prefix!r} must be a plain file-name start (no path separators, wildcards, leading "
                      f"dot or surrounding spaces), e.g. edufineweb")
@@ -109,9 +109,11 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
         with tqdm(total=expected_tokens or max_tokens, initial=total, unit="tok", unit_scale=True, desc="tokenizing",
                   disable=not progress, smoothing=0.1) as bar:
             documents = iter(documents)
+            bar.set_postfix_str(f"reading past the {start_document - first:,} documents of finished shards")
             if sum(1 for _ in itertools.islice(documents, start_document - first)) < start_document - first:
                 raise DataError(f"the input has fewer documents than the {start_document} of the finished shards in "
                                 f"{shards.output_dir}: it changed; delete {shards.output_dir} and start over")
+            bar.set_postfix_str(f"shard {len(shards)}")
             document = start_document  # the document whose tokens come next
             for tokens in _tokenize_in_order(documents, pool, num_proc):
                 offset = start_offset if document == start_document else 0  # its tokens already in shards
@@ -124,6 +126,7 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
                         after = (document + 1, 0) if offset == tokens.size else (document, offset)
                         shards.write(buffer[:filled], *after, hub and hub.position(after[0]))
                         filled = 0
+                        bar.set_postfix_str(f"shard {len(shards)}")
                 if total == max_tokens:
                     break
                 document += 1
@@ -160,8 +163,9 @@ class Progress(list):
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{self.path} is unreadable ({e}); delete {output_dir} and start over") from None
         if earlier != self.arguments:
-            changes = ", ".join(f"{key} {json.dumps(earlier.get(key))} then, {json.dumps(self.arguments.get(key))} "
-                                f"now" for key in sorted(earlier | self.arguments) if earlier.get(key) != self.arguments.get(key))
+            changed = [key for key in sorted(earlier | self.arguments) if earlier.get(key) != self.arguments.get(key)]
+            changes = ", ".join(f"{key} {json.dumps(earlier.get(key))} then, {json.dumps(self.arguments.get(key))} now"
+                                for key in changed)
             raise UsageError(f"{output_dir} holds shards made with other arguments ({changes}); rerun with the same "
                              f"arguments to resume, or choose another --output-dir")
         finished = [record for record in records if "file" in record]
@@ -284,47 +288,57 @@ def python_docs_documents():
 
 
 def local_documents(paths):
-    """The documents of local files, in the order given, one batch or line at a time (flat memory)."""
+    """The documents of local files, in the order given, a line or a batch of rows at a time (flat memory)."""
+    for path in paths:
+        yield from {".txt": _text, ".parquet": _parquet}.get(os.path.splitext(path)[1].lower(), _json_lines)(path)
+
+
+def _text(path):
+    try:
+        yield open(path, encoding="utf-8-sig", newline="").read()  # as stored, \r\n and all; -sig: a BOM is no text
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; re-encode the file as UTF-8") from None
+
+
+def _json_lines(path):
+    number = 0
+    try:
+        for number, line in enumerate(open(path, encoding="utf-8-sig"), start=1):
+            if number == 1 and line.lstrip().startswith("["):
+                raise DataError(f"{path} holds a JSON array; fineweb.py reads JSON Lines (one object per line) to "
+                                f"keep memory flat: convert it with `jq -c '.[]' {path} > out.jsonl`")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {number}: malformed JSON ({e.msg}, column {e.colno}); fix or remove "
+                                f"that line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{path} line {number}: no \"text\" string; every line must be a JSON object with a "
+                                f"\"text\" field holding the document")
+            yield record["text"]
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text after line {number}; re-encode the file as UTF-8") from None
+
+
+def _parquet(path):
     import pyarrow as pa
     import pyarrow.parquet as pq
-    for path in paths:
-        kind, number = os.path.splitext(path)[1].lower(), 0
-        try:
-            if kind == ".txt":
-                yield open(path, encoding="utf-8-sig", newline="").read()  # as stored, \r\n and all; -sig: no BOM
-            elif kind == ".parquet":
-                try:
-                    parquet = pq.ParquetFile(path)
-                except (pa.ArrowException, OSError) as e:
-                    raise DataError(f"{path} is not a readable Parquet file ({e})") from None
-                names = parquet.schema_arrow.names
-                if "text" not in names or parquet.schema_arrow.field("text").type not in (pa.string(), pa.large_string()):
-                    raise DataError(f"{path} has no \"text\" column of strings (columns: {', '.join(names)}); "
-                                    f"put the documents in one")
-                for batch in parquet.iter_batches(batch_size=1024, columns=["text"]):
-                    texts = batch.column(0).to_pylist()
-                    if None in texts:
-                        raise DataError(f"{path} row {number + texts.index(None)}: \"text\" is null; drop or fill it")
-                    number += len(texts)
-                    yield from texts
-            else:  # JSON Lines
-                for number, line in enumerate(open(path, encoding="utf-8-sig"), start=1):
-                    if not line.strip():
-                        continue
-                    if number == 1 and line.lstrip().startswith("["):
-                        raise DataError(f"{path} holds a JSON array; fineweb.py reads JSON Lines (one object per line) "
-                                        f"to keep memory flat: convert it with `jq -c '.[]' {path} > out.jsonl`")
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path} line {number}: malformed JSON ({e.msg}, column {e.colno}); fix or "
-                                        f"remove that line") from None
-                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                        raise DataError(f"{path} line {number}: no \"text\" string; every line must be a JSON object "
-                                        f"with a \"text\" field holding the document")
-                    yield record["text"]
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text{f' after line {number}' if number else ''}; re-encode it as UTF-8") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path} is not a readable Parquet file ({e})") from None
+    names, row = parquet.schema_arrow.names, 0
+    if "text" not in names or parquet.schema_arrow.field("text").type not in (pa.string(), pa.large_string()):
+        raise DataError(f"{path} has no \"text\" column of strings (columns: {', '.join(names)}); put the "
+                        f"documents in one")
+    for batch in parquet.iter_batches(batch_size=1024, columns=["text"]):
+        texts = batch.column(0).to_pylist()
+        if None in texts:
+            raise DataError(f"{path} row {row + texts.index(None)}: \"text\" is null; drop or fill that row")
+        row += len(texts)
+        yield from texts
 
 
 class HubDocuments:
@@ -383,14 +397,17 @@ def parse_args(argv=None):
     parser.add_argument("--disk-check", action=argparse.BooleanOptionalAction, default=True,
                         help="refuse to start when a known subset or --max-tokens will not fit on the output disk")
     args = parser.parse_args(argv)
-    found = [] if args.output_dir and os.path.isdir(nearest_existing(args.output_dir)) and os.access(
-        nearest_existing(args.output_dir), os.W_OK) else [f"--output-dir {args.output_dir!r} must be a directory you can write in"]
+    writable = args.output_dir and os.path.isdir(nearest_existing(args.output_dir)) and os.access(
+        nearest_existing(args.output_dir), os.W_OK)
+    found = [] if writable else [f"--output-dir {args.output_dir!r} must be a directory you can write in"]
     for path in args.input or []:
-        if not os.path.exists(path) or os.path.isdir(path) or os.path.splitext(path)[1].lower() not in INPUT_FORMATS:
-            found.append(f"--input {path} does not exist" if not os.path.exists(path) else
-                         f"--input {path} is not a file (pass the files inside a directory, e.g. DIR/*.parquet)"
-                         if os.path.isdir(path) else f"--input {path}: unknown format "
-                         f"{os.path.splitext(path)[1] or '(no extension)'}; use {', '.join(INPUT_FORMATS)}")
+        extension = os.path.splitext(path)[1].lower()
+        if not os.path.exists(path) or os.path.isdir(path):
+            found.append(f"--input {path} does not exist" if not os.path.exists(path) else f"--input {path} is not a "
+                         f"file (pass the files inside a directory, e.g. DIR/*.parquet)")
+        elif extension not in INPUT_FORMATS:
+            found.append(f"--input {path}: unknown format {extension or '(no extension)'}; "
+                         f"use {', '.join(INPUT_FORMATS)}")
     if found:
         parser.exit(2, f"{parser.prog}: error: {'; '.join(found)}\n")
     return args
@@ -409,8 +426,9 @@ def main(argv=None):
     local, demo = args.input, args.dataset == PYTHON_DOCS
     known = None if local or demo else SUBSET_TOKENS.get(args.subset)
     expected = min(n for n in (known, args.max_tokens) if n) if known or args.max_tokens else None
+    # 2 bytes a token, less what the shards of an interrupted run already hold
     written = sum(map(os.path.getsize, glob.glob(os.path.join(glob.escape(args.output_dir), f"{args.prefix}_*.npy"))))
-    needed, free = 2 * (expected or 0) - written, shutil.disk_usage(nearest_existing(args.output_dir)).free  # 2 bytes a token
+    needed, free = 2 * (expected or 0) - written, shutil.disk_usage(nearest_existing(args.output_dir)).free
     if args.disk_check and needed > free:
         fail(1, f"{args.output_dir} needs about {needed / 1e9:.1f} GB more for {expected:,.0f} tokens but its disk has "
                 f"{free / 1e9:.1f} GB free; free some space, choose another --output-dir or a smaller --max-tokens, "
