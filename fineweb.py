@@ -360,10 +360,15 @@ class HubDocuments:
         import datasets
         from huggingface_hub.utils import logging
         try:
-            logging.set_verbosity_error()  # without a network, its retry warnings would bury the error below
-            rows = datasets.load_dataset(self.dataset, name=self.subset, split="train", streaming=True)
-            logging.set_verbosity_warning()  # mid-stream they tell how a long run rides out a flaky network
-            rows, (start,) = rows.select_columns(["text"]), list(self.positions)
+            # Quiet while connecting: without a network the hub's retry warnings would bury the one-line
+            # error below. Mid-stream they are useful (a long run rides out a flaky connection).
+            verbosity = logging.get_verbosity()
+            logging.set_verbosity_error()
+            try:
+                rows = datasets.load_dataset(self.dataset, name=self.subset, split="train", streaming=True)
+            finally:
+                logging.set_verbosity(verbosity)
+            rows, start = rows.select_columns(["text"]), self.positions[0]
             if start["state"] is not None:
                 rows.load_state_dict(start["state"])
             document = start["document"]
