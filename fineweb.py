@@ -1,94 +1,220 @@
 """FineWeb-Edu, tokenized once into the uint16 shards that train_gpt2.py reads.
 
-    python fineweb.py                                  # sample-10BT from the hub -> edu_fineweb10B/
+    python fineweb.py                                  # sample-10BT from the hub -> edu_fineweb10B/ (~20 GB)
     python fineweb.py --subset sample-100BT --output-dir edu_fineweb100B
-    python fineweb.py --input a.jsonl b.parquet --output-dir my_shards    # local files, no hub
+    python fineweb.py --input a.jsonl b.parquet notes.txt --output-dir my_shards   # local files, no hub
     python fineweb.py --dataset python-docs --output-dir pydocs --shard-size 100000   # offline demo
-    python fineweb.py --benchmark                      # tokens/s against tiktoken's ceiling here
 
-    from fineweb import write_shards, python_docs_documents       # what train_gpt2.py's demo does
-    paths = write_shards(python_docs_documents(), "pydocs", "pydocs", shard_size=16384)
-
-What a shard holds: every document becomes [<|endoftext|>] + its GPT-2 tokens (tokenizer.py;
-text that happens to read "<|endoftext|>" is tokenized as plain text), the documents are joined
-into one stream in input order, and the stream is cut every --shard-size tokens (100M by
-default) into `<prefix>_{val|train}_{index:06d}.npy`, uint16. Shard 0 is the validation shard,
-the rest are training shards. A document may run on from one shard into the next; nothing is
-dropped; the last shard is usually shorter. --max-tokens stops the stream after that many tokens.
-
-Inputs: by default FineWeb-Edu streamed from the Hugging Face hub with `datasets` (nothing is
-downloaded ahead, memory stays flat); --dataset also takes a local copy of a dataset repository
-(a directory, e.g. a git clone of HuggingFaceFW/fineweb-edu). With --input, local files in the
-order given:
-  .jsonl, .json   JSON Lines: one object per line with a "text" string (other keys ignored; blank
-                  lines skipped). A .json holding one big JSON array is refused, because it cannot
-                  be read without loading it whole: convert it with `jq -c '.[]' in.json > in.jsonl`.
-  .parquet        a "text" string column, read a batch of rows at a time.
-  .txt            the whole file is one document (UTF-8).
-
-Speed: documents are tokenized by a pool of --num-proc processes (default: every core) in input
-order, one block of documents ahead of the writer, so the output is the same for any pool size and
-only a few blocks of text are ever in memory. --benchmark times it against tiktoken alone in as
-many processes (no reading, writing or messages between processes). sample-10BT is about 10B
-tokens, ~20 GB of shards; at R tokens/s the tokenizing takes 10B / R seconds, and streaming the
-data from the hub may well set the pace instead.
-
-Safety and resuming: a shard is written under a hidden temporary name and renamed when complete,
-and `<prefix>_progress.json` (rewritten the same way after every shard) records the arguments and,
-for every finished shard, where in the document stream it ends. A rerun with the same arguments
-after an interruption (Ctrl-C, a kill, a lost connection, a bad input line fixed in place) checks
-the finished shards, reads past the documents they hold without tokenizing them again, and
-produces the same bytes as a run that was never interrupted; a rerun with different arguments is
-refused. Resuming assumes the documents before the stopping point did not change.
-
-Errors a user can cause end with one line on stderr and exit code 2 (bad arguments, an output
-directory made with other arguments) or 1 (a malformed input, the hub out of reach, a full disk, a
-tokenizing process killed).
+Every document becomes [<|endoftext|>] + its GPT-2 tokens (the text "<|endoftext|>" is plain text), in
+input order, cut every --shard-size tokens into `<prefix>_{val|train}_{i:06d}.npy` (shard 0: validation).
+Inputs: a Hugging Face dataset streamed with `datasets` (a hub name or a local copy), or --input files:
+.jsonl/.json (a "text" field per line), .parquet (a "text" column), .txt (one document). A rerun of the
+same command after Ctrl-C, SIGTERM, a kill or a lost connection keeps the finished shards (each fsync'd,
+then recorded in `<prefix>_progress.jsonl`) and goes on where they end, byte-identical to a straight run:
+a hub stream from its recorded state_dict, local files by reading past their documents untokenized.
 """
 
 import argparse
+import ctypes
 import glob
 import itertools
 import json
+import multiprocessing
 import os
+import shutil
 import signal
 import sys
-import tempfile
+import threading
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
 
+from common import DirectoryLock, UserError, atomic_write
 from tokenizer import EOT, get_tokenizer
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 PYTHON_DOCS = "python-docs"  # --dataset value of the offline demo corpus
+SUBSET_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT": 350e9}  # "around", says the card
 CHUNK_DOCS = 16  # documents per task sent to a worker: fewer, larger messages between processes
 BLOCK_CHUNKS = 32  # chunks per worker in one block; two blocks are in flight at a time
+INPUT_FORMATS = (".jsonl", ".json", ".parquet", ".txt")
+HUB_BATCH = 1000  # rows read from the hub at a time (columns: 4x faster than row dicts), a resume point each
+
+
+class UsageError(UserError):
+    """Arguments that cannot work (exit code 2)."""
+
+    def __init__(self, message):
+        super().__init__(message, exit_code=2)
+
+
+class DataError(UserError):
+    """Input that cannot be read, or a hub out of reach, found at run time (exit code 1)."""
 
 
 def default_num_proc():
     """The cores this process may run on (a container or `taskset` may allow fewer than exist)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-class UsageError(ValueError):
-    """Arguments that cannot work; the message says which and how to fix them (exit code 2)."""
-
-
-class DataError(RuntimeError):
-    """Input that cannot be read, or a hub that cannot be reached, found at run time (exit code 1)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # -----------------------------------------------------------------------------
-# Tokenizing one document
+# The writer
+
+
+def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_000, num_proc=None,
+                 max_tokens=None, progress=True, source=None, expected_tokens=None):
+    """Tokenize `documents` (strings, or a HubDocuments) into shards in `output_dir`, which it locks;
+    return every shard's path. A rerun with the same arguments keeps the earlier run's verified shards
+    and goes on where they end. `source` (any JSON value) says where the documents come from and must
+    match on a rerun; `expected_tokens` is the bar's total. Raises UsageError (other arguments than the
+    earlier run) or DataError (unreadable or no documents); the finished shards stay."""
+    num_proc = default_num_proc() if num_proc is None else num_proc
+    if problems := _bad_settings(prefix, shard_size, num_proc, max_tokens):
+        raise UsageError("; ".join(problems))
+    get_tokenizer()  # loaded once here; forked workers inherit it
+    with DirectoryLock(output_dir, "fineweb.py run"):
+        shards = Progress(output_dir, prefix, dict(prefix=prefix, shard_size=shard_size, max_tokens=max_tokens,
+                                                   source=source))
+        if not shards.complete:
+            _write(documents, shards, shard_size, num_proc, max_tokens, progress, expected_tokens)
+        return [os.path.join(output_dir, shard["file"]) for shard in shards]
+
+
+def _bad_settings(prefix, shard_size, num_proc, max_tokens):
+    """What cannot work, named for the library and the command line alike."""
+    sizes = {"shard_size": shard_size, "num_proc": num_proc, "max_tokens": max_tokens}
+    found = [f"{name}={value} (--{name.replace('_', '-')} {value}) must be at least 1"
+             for name, value in sizes.items() if value is not None and value < 1]
+    if not prefix or prefix[0] == "." or prefix != prefix.strip() or set("/\\*?[]") & set(prefix):
+        found.append(f"--prefix {prefix!r} must be a plain file-name start (no path separators, wildcards, leading "
+                     f"dot or surrounding spaces), e.g. edufineweb")
+    return found
+
+
+def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expected_tokens):
+    # Where the finished shards leave the stream: the next document, and how many of its tokens to drop.
+    last = (shards or [{"next_document": 0, "next_offset": 0, "stream": None}])[-1]
+    start_document, start_offset = last["next_document"], last["next_offset"]
+    hub = documents if isinstance(documents, HubDocuments) else None
+    if hub and last["stream"]:
+        hub.positions = deque([last["stream"]])  # the stream goes on from there, not from its first row
+    first = hub.positions[0]["document"] if hub else 0  # the first document that will be read
+    total, filled, buffer = sum(shard["tokens"] for shard in shards), 0, np.empty(shard_size, np.uint16)
+    pool = _worker_pool(num_proc)
+    try:
+        with tqdm(total=expected_tokens or max_tokens, initial=total, unit="tok", unit_scale=True, desc="tokenizing",
+                  disable=not progress, smoothing=0.1) as bar:
+            documents = iter(documents)
+            bar.set_postfix_str(f"reading past the {start_document - first:,} documents of finished shards")
+            if sum(1 for _ in itertools.islice(documents, start_document - first)) < start_document - first:
+                raise DataError(f"the input has fewer documents than the {start_document} of the finished shards in "
+                                f"{shards.output_dir}: it changed; delete {shards.output_dir} and start over")
+            bar.set_postfix_str(f"shard {len(shards)}")
+            document = start_document  # the document whose tokens come next
+            for tokens in _tokenize_in_order(documents, pool, num_proc):
+                offset = start_offset if document == start_document else 0  # its tokens already in shards
+                while offset < tokens.size and total != max_tokens:
+                    take = min(tokens.size - offset, shard_size - filled, (max_tokens or np.inf) - total)
+                    buffer[filled:filled + take] = tokens[offset:offset + take]
+                    filled, offset, total = filled + take, offset + take, total + take
+                    bar.update(take)
+                    if filled == shard_size or total == max_tokens:  # a full shard, or the last one
+                        after = (document + 1, 0) if offset == tokens.size else (document, offset)
+                        shards.write(buffer[:filled], *after, hub and hub.position(after[0]))
+                        filled = 0
+                        bar.set_postfix_str(f"shard {len(shards)}")
+                if total == max_tokens:
+                    break
+                document += 1
+            if filled:  # the documents ran out: what is left is the last, shorter shard
+                shards.write(buffer[:filled], document, 0, hub and hub.position(document))
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C, queued chunks are dropped
+    if not shards:
+        raise DataError("the input holds no documents (it is empty, or only blank lines); check the input")
+    shards.log({"complete": True})
+
+
+class Progress(list):
+    """The verified finished shards of an output directory, and `<prefix>_progress.jsonl`, appended to so
+    that each shard costs the same: {"arguments"}, per shard {"file", "tokens", "next_document",
+    "next_offset", "stream"}, then {"complete": true}. (next_document, next_offset): the next document and
+    how many of its tokens (EOT included) are in shards; "stream": a HubDocuments position or null. Each
+    line is fsync'd; a last line cut short by a crash is ignored."""
+
+    def __init__(self, output_dir, prefix, arguments):
+        self.output_dir, self.prefix, self.arguments = output_dir, prefix, json.loads(json.dumps(arguments))
+        self.path, self.complete = os.path.join(output_dir, f"{prefix}_progress.jsonl"), False
+        if not os.path.exists(self.path):
+            strays = sorted(glob.glob(os.path.join(glob.escape(output_dir), f"{glob.escape(prefix)}_*_[0-9]*.npy")))
+            if strays:
+                raise UsageError(f"{output_dir} already holds {prefix} shards ({os.path.basename(strays[0])}, ...) but "
+                                 f"no {os.path.basename(self.path)}, so they cannot be resumed; delete them or choose "
+                                 f"another --output-dir")
+            return
+        try:
+            with open(self.path, "rb") as f:
+                header, *records = [json.loads(line) for line in f.read().split(b"\n")[:-1]]  # [-1]: "" or torn
+            earlier = header["arguments"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{self.path} is unreadable ({e}); delete {output_dir} and start over") from None
+        if earlier != self.arguments:
+            changed = [key for key in sorted(earlier | self.arguments) if earlier.get(key) != self.arguments.get(key)]
+            changes = ", ".join(f"{key} {json.dumps(earlier.get(key))} then, {json.dumps(self.arguments.get(key))} now"
+                                for key in changed)
+            raise UsageError(f"{output_dir} holds shards made with other arguments ({changes}); rerun with the same "
+                             f"arguments to resume, or choose another --output-dir")
+        finished = [record for record in records if "file" in record]
+        self.extend(itertools.takewhile(lambda shard: _is_whole(os.path.join(output_dir, shard["file"]),
+                                                                shard["tokens"]), finished))
+        self.complete = {"complete": True} in records and len(self) == len(finished)  # else a damaged one is redone
+        if not self.complete:  # go on from a clean directory: what a killed run left half-written goes
+            for path in glob.glob(os.path.join(glob.escape(output_dir), f".{glob.escape(prefix)}_*.tmp")):
+                os.remove(path)
+            self._rewrite()  # once a run: the verified shards only, ending in a whole line
+
+    def _rewrite(self):
+        lines = "".join(json.dumps(record) + "\n" for record in [{"arguments": self.arguments}, *self])
+        atomic_write(self.path, lambda f: f.write(lines.encode()))
+
+    def log(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write(self, tokens, next_document, next_offset, stream):
+        if not os.path.exists(self.path):
+            self._rewrite()  # first, so that no shard ever exists without a progress file
+        name = f"{self.prefix}_{'train' if self else 'val'}_{len(self):06d}.npy"
+        atomic_write(os.path.join(self.output_dir, name), lambda f: np.save(f, tokens))
+        self.append(dict(file=name, tokens=int(tokens.size), next_document=next_document, next_offset=next_offset,
+                         stream=stream))
+        self.log(self[-1])
+
+
+def _is_whole(path, tokens):
+    """True when `path` is a readable uint16 .npy of exactly `tokens` tokens (a finished shard)."""
+    try:
+        shard = np.load(path, mmap_mode="r")  # reads the header only; a truncated file fails here
+    except (OSError, ValueError, EOFError):
+        return False
+    return shard.dtype == np.uint16 and shard.shape == (tokens,)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizing, in a pool of processes that keeps the input order
+
+
+def tokenize_document(text):
+    """[EOT] + the GPT-2 tokens of one document, uint16. encode_to_numpy, no special tokens allowed, is
+    encode_ordinary handing back a numpy buffer: no conversion per token."""
+    ids = get_tokenizer().encode_to_numpy(text, disallowed_special=())  # (n,) uint32
+    return to_uint16(np.concatenate([np.array([EOT], dtype=np.uint32), ids]))
 
 
 def to_uint16(ids):
@@ -99,57 +225,15 @@ def to_uint16(ids):
     return ids.astype(np.uint16)
 
 
-def tokenize_document(text):
-    """[EOT] + the GPT-2 tokens of one document, as a uint16 array.
-
-    encode_to_numpy with no special tokens allowed or disallowed tokenizes exactly like
-    encode_ordinary ("<|endoftext|>" in the text is plain text), but hands back a numpy buffer
-    instead of a Python list, which saves a conversion per token.
-    """
-    ids = get_tokenizer().encode_to_numpy(text, disallowed_special=())  # (n,) uint32
-    return to_uint16(np.concatenate([np.array([EOT], dtype=np.uint32), ids]))
-
-
-def _init_worker():
-    # Ctrl-C goes to the whole process group: let the parent alone handle it (it stops the pool)
-    # rather than have every worker print a traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    get_tokenizer()  # built once per worker, before the first document arrives
-
-
-@contextmanager
-def _worker_pool(num_proc):
-    """num_proc tokenizing processes. ProcessPoolExecutor rather than multiprocessing.Pool: Pool's
-    worker-handler thread wakes up on every result that arrives, and that busy thread cost the
-    writer a fifth of its speed on 2 cores; and a worker that dies (out of memory, say) raises
-    BrokenProcessPool here where Pool would wait forever."""
-    pool = ProcessPoolExecutor(num_proc, initializer=_init_worker)
-    try:
-        # Start the workers now: forking once threads run (datasets, pyarrow, tqdm's monitor) is
-        # unsafe, and with the fork start method the first task forks them all.
-        pool.submit(int).result()
-        yield pool
-    finally:
-        pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C, queued chunks are dropped
-
-
 def _tokenize_in_order(documents, pool, num_proc):
-    """Yield tokenize_document(text) for each document, in order, tokenized in `pool`.
-
-    Documents are read one block ahead: while the caller writes the tokens of one block, the pool
-    tokenizes the next. pool.map alone would read the whole input into its task queue as fast
-    as it could; blocks keep memory flat. A DataError while reading (a malformed line) is raised
-    only after the documents before it have been yielded, so their shards still get written.
-    """
-    block_docs = CHUNK_DOCS * BLOCK_CHUNKS * num_proc
-    documents = iter(documents)
-    pending = deque()  # imap iterators of blocks being tokenized, oldest first
-    error = None
+    """Yield tokenize_document(text) for each document, in order, reading one block of documents ahead
+    (pool.map alone would read the whole input into its queue). A DataError while reading (a malformed
+    line) comes after the documents before it, so their shards still get written."""
+    pending, error = deque(), None  # result iterators of the blocks in the pool, oldest first
     while error is None:
         block = []
         try:
-            for text in itertools.islice(documents, block_docs):
-                block.append(text)
+            block.extend(itertools.islice(documents, CHUNK_DOCS * BLOCK_CHUNKS * num_proc))
         except DataError as e:
             error = e
         if not block:
@@ -163,489 +247,235 @@ def _tokenize_in_order(documents, pool, num_proc):
         raise error
 
 
+def _worker_pool(num_proc):
+    """ProcessPoolExecutor, not multiprocessing.Pool, whose handler thread wakes on every result (a fifth
+    of the writer's speed on 2 cores) and which waits forever when a worker dies (out of memory, say)
+    where this raises BrokenProcessPool. Forked on Linux: the workers inherit the tokenizer."""
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+    pool = ProcessPoolExecutor(num_proc, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),))
+    pool.submit(int).result()  # start the workers now: forking once threads run (datasets, tqdm) is unsafe
+    return pool
+
+
+def _init_worker(parent):
+    # Never outlive the run, however the main process ends: Linux kills a worker with its parent
+    # (prctl 1 = PR_SET_PDEATHSIG); elsewhere, or if the parent was already gone, the watch does.
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    # A process group of its own: Ctrl-C and `kill -TERM -<group>` reach the main process alone, which
+    # stops the pool and says so in one line. The SIGTERM handler inherited from it is undone.
+    if hasattr(os, "setpgid"):
+        os.setpgid(0, 0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    get_tokenizer()  # built once per worker, before the first document arrives
+
+
+def _exit_when_orphaned(parent):
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
 # -----------------------------------------------------------------------------
-# Documents: the offline demo corpus, local files, the Hugging Face hub
+# Documents: the offline demo corpus, local files, a Hugging Face dataset
 
 
 def python_docs_documents():
-    """The topics of Python's reference manual (pydoc_data.topics), sorted by topic name.
-
-    Real English text that ships with every Python: the offline corpus for demos and tests.
-    """
+    """The topics of Python's reference manual, sorted by name: real English text that ships with Python."""
     from pydoc_data.topics import topics
     return [topics[name] for name in sorted(topics)]
 
 
-INPUT_FORMATS = (".jsonl", ".json", ".parquet", ".txt")
+def local_documents(paths):
+    """The documents of local files, in the order given, a line or a batch of rows at a time (flat memory)."""
+    for path in paths:
+        yield from {".txt": _text, ".parquet": _parquet}.get(os.path.splitext(path)[1].lower(), _json_lines)(path)
 
 
-def _json_lines_documents(path):
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark, if any, is not text
-        line_number = 0
-        try:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                if line_number == 1 and line.lstrip().startswith("["):
-                    raise DataError(f"{path} holds a JSON array; fineweb.py reads JSON Lines (one object per "
-                                    f"line) to keep memory flat: convert it with `jq -c '.[]' {path} > out.jsonl`")
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    reason = f"{e.msg.removesuffix(' at')}, column {e.colno}"
-                    raise DataError(f"{path} line {line_number}: malformed JSON ({reason}); "
-                                    f"fix or remove that line") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise DataError(f"{path} line {line_number}: no \"text\" string; every line must be a JSON "
-                                    f"object with a \"text\" field holding the document")
-                yield record["text"]
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text after line {line_number}; re-encode the file as UTF-8") from None
+def _text(path):
+    try:
+        yield open(path, encoding="utf-8-sig", newline="").read()  # as stored, \r\n and all; -sig: a BOM is no text
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; re-encode the file as UTF-8") from None
 
 
-def _parquet_documents(path):
+def _json_lines(path):
+    number = 0
+    try:
+        for number, line in enumerate(open(path, encoding="utf-8-sig"), start=1):
+            if number == 1 and line.lstrip().startswith("["):
+                raise DataError(f"{path} holds a JSON array; fineweb.py reads JSON Lines (one object per line) to "
+                                f"keep memory flat: convert it with `jq -c '.[]' {path} > out.jsonl`")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {number}: malformed JSON ({e.msg}, column {e.colno}); fix or remove "
+                                f"that line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{path} line {number}: no \"text\" string; every line must be a JSON object with a "
+                                f"\"text\" field holding the document")
+            yield record["text"]
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text after line {number}; re-encode the file as UTF-8") from None
+
+
+def _parquet(path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path} is not a readable Parquet file ({e})") from None
-    schema = parquet.schema_arrow
-    if "text" not in schema.names:
-        raise DataError(f"{path} has no \"text\" column (columns: {', '.join(schema.names)}); "
-                        f"the documents must be in a string column named text")
-    if not (pa.types.is_string(schema.field("text").type) or pa.types.is_large_string(schema.field("text").type)):
-        raise DataError(f"{path}: column \"text\" is {schema.field('text').type}, not strings")
-    row = 0
-    for batch in parquet.iter_batches(batch_size=1024, columns=["text"]):  # a batch at a time: flat memory
+    names, row = parquet.schema_arrow.names, 0
+    if "text" not in names or parquet.schema_arrow.field("text").type not in (pa.string(), pa.large_string()):
+        raise DataError(f"{path} has no \"text\" column of strings (columns: {', '.join(names)}); put the "
+                        f"documents in one")
+    for batch in parquet.iter_batches(batch_size=1024, columns=["text"]):
         texts = batch.column(0).to_pylist()
         if None in texts:
-            raise DataError(f"{path} row {row + texts.index(None)}: \"text\" is null; drop or fill empty rows")
+            raise DataError(f"{path} row {row + texts.index(None)}: \"text\" is null; drop or fill that row")
         row += len(texts)
         yield from texts
 
 
-def _text_file_documents(path):
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:  # the text exactly as stored, \r\n and all
-            yield f.read()
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; re-encode the file as UTF-8") from None
+class HubDocuments:
+    """The "text" of a Hugging Face dataset's train split, streamed, with positions to resume from:
+    {"document": how many documents come before it, "state": IterableDataset.state_dict()}, one per
+    HUB_BATCH rows. write_shards keeps with each shard the last position before the shard's end."""
 
+    def __init__(self, dataset=DEFAULT_DATASET, subset="sample-10BT"):
+        self.dataset, self.subset = dataset, subset
+        self.positions = deque([{"document": 0, "state": None}])  # the oldest one still needed first
 
-def local_documents(paths):
-    """The documents of local files, in the order given (formats: see the module docstring)."""
-    readers = {".jsonl": _json_lines_documents, ".json": _json_lines_documents,
-               ".parquet": _parquet_documents, ".txt": _text_file_documents}
-    for path in paths:
-        yield from readers[os.path.splitext(path)[1].lower()](path)
+    def position(self, document):
+        """The latest position at or before `document` (the writer never goes back before it)."""
+        while len(self.positions) > 1 and self.positions[1]["document"] <= document:
+            self.positions.popleft()
+        return self.positions[0]
 
-
-def hub_documents(dataset=DEFAULT_DATASET, subset="sample-10BT"):
-    """The "text" of every row of a Hugging Face dataset's train split, streamed (nothing downloaded ahead)."""
-    import logging
-
-    import datasets
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    try:
-        # Quiet while connecting: without a network its retry warnings would bury the one-line
-        # error below. Mid-stream they are useful (a long run rides out a flaky connection).
-        hub_logger.setLevel(logging.ERROR)
+    def __iter__(self):
+        import datasets
+        from huggingface_hub.utils import logging
         try:
-            rows = datasets.load_dataset(dataset, name=subset, split="train", streaming=True).select_columns(["text"])
-        finally:
-            hub_logger.setLevel(level)
-        for batch in rows.iter(batch_size=1000):  # columns of 1000 rows: 4x faster than row dicts
-            yield from batch["text"]
-    except Exception as e:  # network, hub, or name errors from datasets/huggingface_hub: all say the same fix
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"could not stream {dataset} ({subset}) from the Hugging Face hub: {type(e).__name__}: "
-                        f"{reason}; check the network and the names, or tokenize local files with --input") from None
+            # Quiet while connecting: without a network the hub's retry warnings would bury the one-line
+            # error below. Mid-stream they are useful (a long run rides out a flaky connection).
+            verbosity = logging.get_verbosity()
+            logging.set_verbosity_error()
+            try:
+                rows = datasets.load_dataset(self.dataset, name=self.subset, split="train", streaming=True)
+            finally:
+                logging.set_verbosity(verbosity)
+            rows, start = rows.select_columns(["text"]), self.positions[0]
+            if start["state"] is not None:
+                rows.load_state_dict(start["state"])
+            document = start["document"]
+            for batch in rows.iter(batch_size=HUB_BATCH):
+                document += len(batch["text"])
+                self.positions.append({"document": document, "state": rows.state_dict()})
+                yield from batch["text"]
+        except Exception as e:  # network, hub or name errors from datasets and huggingface_hub: one fix
+            raise DataError(f"could not stream {self.dataset} ({self.subset}) from the Hugging Face hub: "
+                            f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}; check the network and "
+                            f"the names, or tokenize local files with --input") from None
 
 
 # -----------------------------------------------------------------------------
-# Shards: the output directory, its progress file, and the writer
-
-
-def shard_name(prefix, index):
-    """`<prefix>_val_000000.npy` for shard 0, `<prefix>_train_{index:06d}.npy` for the others."""
-    return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
-
-
-def _atomic_write(path, write):
-    """Call write(file) on a hidden temporary file next to `path`, then rename it to `path`.
-
-    A reader (or a rerun) sees either the old file or the complete new one, never a half-written
-    one. If writing fails or is interrupted, the temporary file is removed.
-    """
-    temporary = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    try:
-        with open(temporary, "wb") as f:
-            write(f)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def _shard_is_whole(path, tokens):
-    """True when `path` is a readable uint16 .npy of exactly `tokens` tokens (a finished shard)."""
-    try:
-        shard = np.load(path, mmap_mode="r")  # reads the header only; a truncated file fails here
-    except (OSError, ValueError, EOFError):
-        return False
-    return shard.dtype == np.uint16 and shard.shape == (tokens,)
-
-
-class ShardDirectory:
-    """The output directory: finished shards, the progress file, and writing the next shard.
-
-    progress.json: {"arguments": {...}, "complete": bool, "shards": [{"file", "tokens",
-    "next_document", "next_offset"}, ...]}, where (next_document, next_offset) is the stream
-    position right after the shard: the index of the next document and how many of its tokens
-    (counting its leading EOT) are already in this or earlier shards.
-    """
-
-    def __init__(self, output_dir, prefix, arguments):
-        self.output_dir = output_dir
-        self.prefix = prefix
-        self.arguments = json.loads(json.dumps(arguments))  # as it reads back from JSON: lists, not tuples
-        self.progress_path = os.path.join(output_dir, f"{prefix}_progress.json")
-        self.shards, self.complete = self._finished_shards()
-
-    def _finished_shards(self):
-        """The verified finished shards of an earlier run with the same arguments, and whether it completed."""
-        if not os.path.exists(self.progress_path):
-            strays = glob.glob(os.path.join(glob.escape(self.output_dir), f"{glob.escape(self.prefix)}_*_[0-9]*.npy"))
-            if strays:
-                raise UsageError(f"{self.output_dir} already holds {self.prefix} shards "
-                                 f"({os.path.basename(sorted(strays)[0])}, ...) but no "
-                                 f"{os.path.basename(self.progress_path)}, so they cannot be resumed; "
-                                 f"delete them or choose another --output-dir")
-            return [], False
-        try:
-            with open(self.progress_path) as f:
-                progress = json.load(f)
-            earlier, shards, complete = progress["arguments"], progress["shards"], progress["complete"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{self.progress_path} is unreadable ({e}); delete {self.output_dir} "
-                            f"and start over") from None
-        if earlier != self.arguments:
-            changed = [key for key in sorted(set(earlier) | set(self.arguments))
-                       if earlier.get(key) != self.arguments.get(key)]
-            changes = ", ".join(f"{key} {json.dumps(earlier.get(key))} then, {json.dumps(self.arguments.get(key))} now"
-                                for key in changed)
-            raise UsageError(f"{self.output_dir} holds shards made with other arguments ({changes}); rerun with the "
-                             f"same arguments to resume, or choose another --output-dir")
-        whole = list(itertools.takewhile(
-            lambda shard: _shard_is_whole(os.path.join(self.output_dir, shard["file"]), shard["tokens"]), shards))
-        return whole, complete and len(whole) == len(shards)  # a missing or damaged shard is made again
-
-    def remove_temporary_files(self):
-        """Remove the half-written files an interrupted run may have left (SIGKILL skips the clean-up)."""
-        for path in glob.glob(os.path.join(glob.escape(self.output_dir), f".{glob.escape(self.prefix)}_*.tmp")):
-            os.remove(path)
-
-    def paths(self):
-        return [os.path.join(self.output_dir, shard["file"]) for shard in self.shards]
-
-    def _save_progress(self):
-        state = {"arguments": self.arguments, "complete": self.complete, "shards": self.shards}
-        _atomic_write(self.progress_path, lambda f: f.write(json.dumps(state, indent=1).encode()))
-
-    def write_shard(self, tokens, next_document, next_offset):
-        """Write the next shard (tokens: (n,) uint16), then record it and where the stream goes on."""
-        os.makedirs(self.output_dir, exist_ok=True)
-        if not os.path.exists(self.progress_path):
-            self._save_progress()  # first, so that no shard ever exists without a progress file
-        name = shard_name(self.prefix, len(self.shards))
-        _atomic_write(os.path.join(self.output_dir, name), lambda f: np.save(f, tokens))
-        self.shards.append({"file": name, "tokens": int(tokens.size),
-                            "next_document": next_document, "next_offset": next_offset})
-        self._save_progress()
-
-    def mark_complete(self):
-        self.complete = True
-        if self.shards:
-            self._save_progress()
-
-
-def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_000, num_proc=None,
-                 max_tokens=None, progress=True, source=None):
-    """Tokenize `documents` (an iterable of str) into uint16 shards in `output_dir`; return all shard paths.
-
-    Shard contents and names: see the module docstring. A rerun with the same arguments resumes:
-    the shards of an earlier run are verified and kept, that many documents are read past without
-    tokenizing them, and the output is byte-identical to an uninterrupted run. `source` describes
-    where the documents come from (any JSON value); it is recorded with the other arguments so a
-    rerun on other documents is refused. Raises UsageError (other arguments than the earlier run)
-    or DataError (from reading the documents); finished shards stay so a rerun can resume.
-    """
-    num_proc = num_proc or default_num_proc()
-    too_small = [f"{name}={value} must be at least 1" for name, value in
-                 (("shard_size", shard_size), ("num_proc", num_proc), ("max_tokens", max_tokens))
-                 if value is not None and value < 1]
-    if too_small:
-        raise UsageError("; ".join(too_small))
-    get_tokenizer()  # loaded once here; forked workers inherit it
-    arguments = {"prefix": prefix, "shard_size": shard_size, "max_tokens": max_tokens, "source": source}
-    directory = ShardDirectory(output_dir, prefix, arguments)
-    if directory.complete:
-        return directory.paths()
-    directory.remove_temporary_files()
-    # Where the finished shards leave the stream: skip that many documents, drop that many tokens.
-    start_document, start_offset = 0, 0
-    if directory.shards:
-        start_document, start_offset = directory.shards[-1]["next_document"], directory.shards[-1]["next_offset"]
-    total = sum(shard["tokens"] for shard in directory.shards)
-
-    buffer = np.empty(shard_size, dtype=np.uint16)  # the shard being filled
-    filled = 0
-    with _worker_pool(num_proc) as pool, \
-            tqdm(total=max_tokens, initial=total, unit="tok", unit_scale=True, desc="tokenizing",
-                 disable=not progress, smoothing=0.1) as bar:
-        documents = iter(documents)
-        if start_document:
-            bar.set_postfix_str(f"reading past the {start_document:,} documents of finished shards")
-            skipped = sum(1 for _ in itertools.islice(documents, start_document))  # read, not tokenized
-            if skipped < start_document:
-                raise DataError(f"the input has only {skipped} documents, fewer than the {start_document} that the "
-                                f"finished shards in {output_dir} hold: it changed since they were made; delete "
-                                f"{output_dir} and start over")
-        bar.set_postfix_str(f"shard {len(directory.shards)}")
-        document = start_document  # index of the document whose tokens come next
-        for tokens in _tokenize_in_order(documents, pool, num_proc):
-            offset = start_offset if document == start_document else 0  # its tokens already in shards
-            while offset < tokens.size and total != max_tokens:
-                take = min(tokens.size - offset, shard_size - filled)
-                if max_tokens is not None:
-                    take = min(take, max_tokens - total)
-                buffer[filled:filled + take] = tokens[offset:offset + take]
-                filled, offset, total = filled + take, offset + take, total + take
-                bar.update(take)
-                if filled == shard_size or total == max_tokens:  # a full shard, or the last one
-                    next_document, next_offset = (document + 1, 0) if offset == tokens.size else (document, offset)
-                    directory.write_shard(buffer[:filled], next_document, next_offset)
-                    filled = 0
-                    bar.set_postfix_str(f"shard {len(directory.shards)}")
-            if total == max_tokens:
-                break
-            document += 1
-        if filled:  # the documents ran out: what is left is the last, shorter shard
-            directory.write_shard(buffer[:filled], document, 0)
-    directory.mark_complete()
-    return directory.paths()
-
-
-# -----------------------------------------------------------------------------
-# Benchmark: fineweb.py's tokens/s against the ceiling of tokenizing alone
-
-_ceiling_texts = None  # the benchmark texts, inside each ceiling worker
-
-
-def _ceiling_init(texts):
-    global _ceiling_texts
-    _ceiling_texts = texts
-    get_tokenizer()
-
-
-def _ceiling_count(span):
-    encode = get_tokenizer().encode_to_numpy  # tiktoken's fastest call, the one tokenize_document makes
-    return sum(len(encode(text, disallowed_special=())) for text in _ceiling_texts[span[0]:span[1]])
-
-
-def _time_write_shards(documents, num_proc, shard_size):
-    with tempfile.TemporaryDirectory() as output_dir:
-        start = time.perf_counter()
-        paths = write_shards(documents, output_dir, "benchmark", shard_size, num_proc, progress=False)
-        seconds = time.perf_counter() - start
-        return seconds, sum(np.load(path, mmap_mode="r").size for path in paths)
-
-
-def _time_ceiling(documents, num_proc):
-    with ProcessPoolExecutor(num_proc, initializer=_ceiling_init, initargs=(documents,)) as pool:
-        list(pool.map(_ceiling_count, [(0, 0)] * num_proc))  # workers up, tokenizer loaded
-        spans = [(i, i + CHUNK_DOCS) for i in range(0, len(documents), CHUNK_DOCS)]
-        start = time.perf_counter()
-        tokens = sum(pool.map(_ceiling_count, spans)) + len(documents)  # + one EOT each
-        return time.perf_counter() - start, tokens
-
-
-def benchmark(documents, num_proc=None, shard_size=100_000_000, repeats=3):
-    """Time write_shards on `documents` (into a temporary directory) against the ceiling.
-
-    The ceiling is tiktoken alone (encode_to_numpy, its fastest call, the one tokenize_document
-    makes) over the same texts in the same number of processes, which already hold the texts: no
-    reading, no messages between processes, no writing. Each is
-    timed `repeats` times, alternating, and the fastest run counts (other load on the machine
-    only ever slows a run down). Returns {"tokens", "num_proc", "seconds", "tokens_per_sec",
-    "ceiling_seconds", "ceiling_tokens_per_sec", "ratio"}; tokens count every document's EOT.
-    """
-    documents = list(documents)
-    num_proc = num_proc or default_num_proc()
-    runs, ceiling_runs = [], []
-    for _ in range(repeats):
-        runs.append(_time_write_shards(documents, num_proc, shard_size))
-        ceiling_runs.append(_time_ceiling(documents, num_proc))
-    (seconds, tokens), (ceiling_seconds, ceiling_tokens) = min(runs), min(ceiling_runs)
-    assert ceiling_tokens == tokens, (ceiling_tokens, tokens)
-    return {"tokens": tokens, "num_proc": num_proc,
-            "seconds": seconds, "tokens_per_sec": tokens / seconds,
-            "ceiling_seconds": ceiling_seconds, "ceiling_tokens_per_sec": tokens / ceiling_seconds,
-            "ratio": ceiling_seconds / seconds}
-
-
-# -----------------------------------------------------------------------------
-# Command line
-
-
-@dataclass
-class FinewebConfig:
-    dataset: str = DEFAULT_DATASET  # Hugging Face dataset, or "python-docs" for the offline demo corpus
-    subset: str = "sample-10BT"  # the dataset's configuration: sample-10BT, sample-100BT, ...
-    input: list[str] | None = None  # local .jsonl/.json/.parquet/.txt files instead of the hub
-    output_dir: str = "edu_fineweb10B"
-    prefix: str = "edufineweb"  # shard names: <prefix>_val_000000.npy, <prefix>_train_000001.npy, ...
-    shard_size: int = 100_000_000  # tokens per shard (uint16: 200 MB)
-    num_proc: int = field(default_factory=default_num_proc)  # tokenizer processes
-    max_tokens: int | None = None  # stop after this many tokens in all
-    progress: bool = True  # a tqdm bar on stderr
-    benchmark: bool = False  # measure tokens/s on the python-docs corpus instead
-
-    def problems(self):
-        """Every value that cannot work, as readable strings (empty when the config is fine)."""
-        found = []
-        if self.shard_size < 1:
-            found.append(f"--shard-size {self.shard_size} must be at least 1 token")
-        if self.num_proc < 1:
-            found.append(f"--num-proc {self.num_proc} must be at least 1")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            found.append(f"--max-tokens {self.max_tokens} must be at least 1 (leave it out for no limit)")
-        if (not self.prefix or self.prefix.startswith(".") or self.prefix != self.prefix.strip()
-                or any(c in self.prefix for c in "/\\*?[]")):
-            found.append(f"--prefix {self.prefix!r} must be a plain file-name start (no path separators, "
-                         f"wildcards, leading dot or surrounding spaces), e.g. edufineweb")
-        if not self.output_dir:
-            found.append("--output-dir must not be empty")
-        elif os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
-            found.append(f"--output-dir {self.output_dir} exists and is not a directory")
-        for path in self.input or []:
-            extension = os.path.splitext(path)[1].lower()
-            if not os.path.exists(path):
-                found.append(f"--input {path} does not exist")
-            elif not os.path.isfile(path):
-                found.append(f"--input {path} is not a file (pass the files inside a directory, e.g. DIR/*.parquet)")
-            elif extension not in INPUT_FORMATS:
-                found.append(f"--input {path}: unknown format {extension or '(no extension)'}; "
-                             f"use {', '.join(INPUT_FORMATS)}")
-        return found
-
-    def source(self):
-        """Where the documents come from, as recorded in the progress file (a rerun must match)."""
-        if self.input:
-            return {"input": [os.path.abspath(path) for path in self.input]}
-        if self.dataset == PYTHON_DOCS:
-            return {"dataset": PYTHON_DOCS}
-        return {"dataset": self.dataset, "subset": self.subset}
-
-    def documents(self):
-        if self.input:
-            return local_documents(self.input)
-        if self.dataset == PYTHON_DOCS:
-            return python_docs_documents()
-        return hub_documents(self.dataset, self.subset)
+# Command line. Errors are one line on stderr: exit 2 for arguments, 1 at run time, 130 Ctrl-C, 143 SIGTERM.
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Tokenize FineWeb-Edu (or local text) into uint16 GPT-2 token shards.")
-    # What to tokenize
-    parser.add_argument("--dataset", default=FinewebConfig.dataset,
-                        help=f"Hugging Face dataset to stream (a hub name or a local copy of its repository), or "
-                             f"{PYTHON_DOCS} for Python's reference manual, the offline demo (default: %(default)s)")
-    parser.add_argument("--subset", default=FinewebConfig.subset,
-                        help="the dataset's configuration, e.g. sample-10BT or sample-100BT (default: %(default)s)")
-    parser.add_argument("--input", nargs="+", metavar="FILE", default=None,
-                        help="tokenize these local files instead of the hub: .jsonl/.json (JSON Lines with a "
-                             "\"text\" field), .parquet (a \"text\" column), .txt (one document per file)")
-    parser.add_argument("--max-tokens", type=int, default=None,
-                        help="stop after this many tokens in all (default: the whole dataset)")
-    # Where the shards go
-    parser.add_argument("--output-dir", default=FinewebConfig.output_dir, help="shard directory (default: %(default)s)")
-    parser.add_argument("--prefix", default=FinewebConfig.prefix,
-                        help="shard names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ... (default: %(default)s)")
-    parser.add_argument("--shard-size", type=int, default=FinewebConfig.shard_size,
-                        help="tokens per shard; the first shard is the validation shard (default: %(default)s)")
-    # How
-    parser.add_argument("--num-proc", type=int, default=None,
-                        help="tokenizer processes (default: the cores available, here %d)" % default_num_proc())
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="show a progress bar with tokens/s on stderr (default: on)")
-    parser.add_argument("--benchmark", action="store_true",
-                        help="instead of writing shards, print tokens/s on the python-docs corpus beside the "
-                             "ceiling (tiktoken alone in --num-proc processes)")
-    args = vars(parser.parse_args(argv))
-    if args["num_proc"] is None:
-        del args["num_proc"]
-    config = FinewebConfig(**args)
-    problems = config.problems()
-    if problems:
-        parser.exit(2, f"{parser.prog}: error: {'; '.join(problems)}\n")
-    return config
+    parser = argparse.ArgumentParser(description="Tokenize FineWeb-Edu (or local text) into uint16 GPT-2 token "
+                                     "shards.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset", default=DEFAULT_DATASET, help=f"Hugging Face dataset (a hub name or a local "
+                        f"copy), or {PYTHON_DOCS}: Python's manual, offline")
+    parser.add_argument("--subset", default="sample-10BT", help="the dataset's configuration")
+    parser.add_argument("--input", nargs="+", metavar="FILE", help="local .jsonl/.json/.parquet/.txt files instead")
+    parser.add_argument("--max-tokens", type=int, help="stop after this many tokens in all")
+    parser.add_argument("--output-dir", default="edu_fineweb10B", help="shard directory")
+    parser.add_argument("--prefix", default="edufineweb", help="shard names: PREFIX_val_000000.npy, PREFIX_train_...")
+    parser.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard")
+    parser.add_argument("--num-proc", type=int, default=default_num_proc(), help="tokenizer processes")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar")
+    parser.add_argument("--disk-check", action=argparse.BooleanOptionalAction, default=True,
+                        help="refuse to start when a known subset or --max-tokens will not fit on the output disk")
+    args = parser.parse_args(argv)
+    writable = args.output_dir and os.path.isdir(nearest_existing(args.output_dir)) and os.access(
+        nearest_existing(args.output_dir), os.W_OK)
+    found = [] if writable else [f"--output-dir {args.output_dir!r} must be a directory you can write in"]
+    for path in args.input or []:
+        extension = os.path.splitext(path)[1].lower()
+        if not os.path.exists(path) or os.path.isdir(path):
+            found.append(f"--input {path} does not exist" if not os.path.exists(path) else f"--input {path} is not a "
+                         f"file (pass the files inside a directory, e.g. DIR/*.parquet)")
+        elif extension not in INPUT_FORMATS:
+            found.append(f"--input {path}: unknown format {extension or '(no extension)'}; "
+                         f"use {', '.join(INPUT_FORMATS)}")
+    if found:
+        parser.exit(2, f"{parser.prog}: error: {'; '.join(found)}\n")
+    return args
 
 
-def benchmark_documents(num_proc):
-    """Python's reference manual, repeated so the measurement takes several seconds on any machine
-    (once through, process start-up would dominate)."""
-    return python_docs_documents() * (15 * num_proc)
-
-
-def run_benchmark(config):
-    documents = benchmark_documents(config.num_proc)
-    print(f"benchmark: {len(documents):,} documents (python-docs), {config.num_proc} processes ...", flush=True)
-    result = benchmark(documents, config.num_proc)
-    print(f"fineweb.py  {result['tokens_per_sec']:>13,.0f} tokens/s  "
-          f"({result['tokens']:,} tokens in {result['seconds']:.1f} s, tokenized, sharded and written)")
-    print(f"ceiling     {result['ceiling_tokens_per_sec']:>13,.0f} tokens/s  "
-          f"({result['ceiling_seconds']:.1f} s of tiktoken alone in {config.num_proc} processes, no I/O)")
-    print("(each the fastest of 3 alternating runs)")
-    print(f"ratio       {result['ratio']:.2f}")
-
-
-def resumable(config):
-    """The hint after a failure at run time: what was finished is kept, a rerun goes on from there."""
-    if os.path.exists(os.path.join(config.output_dir, f"{config.prefix}_progress.json")):
-        return f"finished shards in {config.output_dir} are kept: rerun the same command to resume"
-    return ""
-
-
-def fail(exit_code, message, hint=""):
-    """One line on stderr, then exit: no traceback for problems a user can fix."""
-    line = " ".join(str(message).split())  # one line, whatever the message held
-    print(f"fineweb.py: error: {line}" + (f"; {hint}" if hint else ""), file=sys.stderr)
-    sys.exit(exit_code)
+def nearest_existing(path):
+    """`path`, or its nearest parent that exists (where a run will create it)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def main(argv=None):
-    config = parse_args(argv)
-    if config.benchmark:
-        run_benchmark(config)
-        return
-    start = time.time()
+    args, start = parse_args(argv), time.time()
+    local, demo = args.input, args.dataset == PYTHON_DOCS
+    known = None if local or demo else SUBSET_TOKENS.get(args.subset)
+    expected = min(n for n in (known, args.max_tokens) if n) if known or args.max_tokens else None
+    # 2 bytes a token, less what the shards of an interrupted run already hold
+    written = sum(map(os.path.getsize, glob.glob(os.path.join(glob.escape(args.output_dir), f"{args.prefix}_*.npy"))))
+    needed, free = 2 * (expected or 0) - written, shutil.disk_usage(nearest_existing(args.output_dir)).free
+    if args.disk_check and needed > free:
+        fail(1, f"{args.output_dir} needs about {needed / 1e9:.1f} GB more for {expected:,.0f} tokens but its disk has "
+                f"{free / 1e9:.1f} GB free; free some space, choose another --output-dir or a smaller --max-tokens, "
+                f"or pass --no-disk-check")
+    documents = local_documents(local) if local else python_docs_documents() if demo else \
+        HubDocuments(args.dataset, args.subset)
+    source = {"input": [os.path.abspath(path) for path in local]} if local else \
+        {"dataset": args.dataset} if demo else {"dataset": args.dataset, "subset": args.subset}
+    previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM stops the run as Ctrl-C does
     try:
-        paths = write_shards(config.documents(), config.output_dir, config.prefix, config.shard_size, config.num_proc,
-                             config.max_tokens, config.progress, source=config.source())
-    except UsageError as e:
-        fail(2, e)
-    except (DataError, OSError) as e:
-        fail(1, e, resumable(config))
+        paths = write_shards(documents, args.output_dir, args.prefix, args.shard_size, args.num_proc,
+                             args.max_tokens, args.progress, source, expected)
+    except KeyboardInterrupt as e:
+        fail(128 + (e.args[0] if e.args else signal.SIGINT), f"stopped by {'SIGTERM' if e.args else 'SIGINT'}", args)
     except BrokenProcessPool:
-        fail(1, "a tokenizing process died (killed, or out of memory: try a smaller --num-proc)", resumable(config))
-    except KeyboardInterrupt:
-        fail(130, "interrupted", resumable(config))
+        fail(1, "a tokenizing process died (killed, or out of memory: try a smaller --num-proc)", args)
+    except (DataError, OSError) as e:
+        fail(1, e, args)
+    except UserError as e:  # arguments that do not fit this directory, or another run holding it
+        fail(e.exit_code, e)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     tokens = sum(np.load(path, mmap_mode="r").size for path in paths)
-    print(f"{config.output_dir}: {len(paths)} shards ({min(len(paths), 1)} val, {max(len(paths) - 1, 0)} train), "
+    print(f"{args.output_dir}: {len(paths)} shards ({min(len(paths), 1)} val, {max(len(paths) - 1, 0)} train), "
           f"{tokens:,} tokens ({time.time() - start:.0f} s)")
+    if len(paths) == 1:
+        print(f"fineweb.py: warning: all {tokens:,} tokens fit in the val shard, leaving no train shard; rerun "
+              f"into a new --output-dir with a smaller --shard-size, e.g. {max(tokens // 10, 1)}", file=sys.stderr)
+
+
+def _terminate(signal_number, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the process at once
+    raise KeyboardInterrupt(signal_number)
+
+
+def fail(exit_code, message, args=None):
+    """One line on stderr, then exit; after a run-time failure, the line says that a rerun resumes."""
+    kept = args and os.path.exists(os.path.join(args.output_dir, f"{args.prefix}_progress.jsonl"))
+    print(f"fineweb.py: error: {' '.join(str(message).split())}" + (
+        f"; finished shards in {args.output_dir} are kept: rerun the same command to resume" if kept else ""),
+        file=sys.stderr)
+    sys.exit(exit_code)
 
 
 if __name__ == "__main__":

@@ -49,11 +49,12 @@ tokens only, so a checkpoint and its Hugging Face export (which drops the paddin
 """
 
 import argparse
+import hashlib
 import http.client
 import json
 import os
-import socket
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass
 
@@ -62,11 +63,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import atomic_write
 from model import GPT, GPT2_VOCAB_SIZE  # scored over GPT-2's real tokens only; more rows are padding
 from tokenizer import get_tokenizer
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DATA_FILE = "hellaswag_val.jsonl"
+# The file as Hugging Face's `hellaswag` dataset script pinned it (its dataset_infos.json, download_checksums).
+DATA_BYTES, DATA_SHA256 = 12_246_618, "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
 PAD_MULTIPLE = 32  # a batch's row length is a multiple of this (friendlier kernels, few shapes)
 
 # -----------------------------------------------------------------------------
@@ -97,8 +101,10 @@ class HellaSwagConfig:
                          f"a Hugging Face directory, or a hub name such as gpt2")
         if self.predictions is not None:
             directory = os.path.dirname(os.path.abspath(self.predictions))
-            if not os.path.isdir(directory):
-                found.append(f"--predictions {self.predictions}: directory {directory} does not exist")
+            if os.path.isdir(self.predictions):
+                found.append(f"--predictions {self.predictions} is a directory; give the path of a file to write")
+            elif not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+                found.append(f"--predictions {self.predictions}: {directory} is not a directory you can write in")
         device_type = self.device.split(":")[0]
         if device_type not in ("auto", "cpu", "cuda", "mps"):
             found.append(f"--device {self.device} is not one of auto, cpu, cuda, cuda:N, mps")
@@ -144,31 +150,56 @@ def cache_dir():
     return os.environ.get("HELLASWAG_CACHE") or default
 
 
-def download(url=DATA_URL, directory=None):
-    """The validation set in the cache directory, fetched from url the first time; returns its path."""
-    directory = directory or cache_dir()
-    path = os.path.join(directory, DATA_FILE)
+def download(url=DATA_URL, directory=None, size=DATA_BYTES, sha256=DATA_SHA256, tries=4, wait=2.0):
+    """The validation set in the cache directory, fetched from url the first time; returns its path.
+
+    The file must have `size` bytes and the `sha256` pinned above (None skips a check), in the cache
+    as when it arrives: a file that fails is removed and fetched again. A failed try (no connection,
+    an HTTP error, a file that fails the check) is retried after `wait` seconds, doubling, `tries`
+    times in all; a file that fails never gets the cache name (common.atomic_write).
+    """
+    path = os.path.join(directory or cache_dir(), DATA_FILE)
     if os.path.exists(path):
-        return path
-    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"  # ranks (nodes) may download at once: own names
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            size = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {DATA_FILE}") as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            if size is not None and f.tell() != size:
-                raise OSError(f"got {f.tell()} of {size} bytes")
-        os.replace(tmp, path)  # only a complete file ever has the final name
-    except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors too
-        raise DataError(f"could not download HellaSwag from {url} ({e}); "
-                        f"pass --data FILE with a local copy of {DATA_FILE}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+        with open(path, "rb") as f:
+            if not _failed_check(f.read(), size, sha256):
+                return path
+        print(f"{path} fails its check: downloading it again", file=sys.stderr)
+        os.remove(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for attempt in range(1, tries + 1):
+        try:
+            atomic_write(path, lambda f: _fetch(url, f, size, sha256))
+            return path
+        except (OSError, http.client.HTTPException, DataError) as e:  # URLError and timeouts are OSErrors too
+            if attempt == tries:
+                raise DataError(f"could not download HellaSwag from {url} in {tries} tries ({e}); nothing was kept in "
+                                f"{os.path.dirname(path)}; pass --data FILE with a local copy of {DATA_FILE}") from None
+            print(f"download of {DATA_FILE} failed ({e}); try {attempt + 1} of {tries} in {wait:g} s",
+                  file=sys.stderr)
+            time.sleep(wait)
+            wait *= 2
+
+
+def _fetch(url, f, size, sha256):
+    with urllib.request.urlopen(url, timeout=60) as response, \
+            tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {DATA_FILE}") as bar:
+        data = bytearray()
+        while chunk := response.read(1 << 20):
+            data += chunk
+            bar.update(len(chunk))
+    if problem := _failed_check(data, size, sha256):
+        raise DataError(problem)
+    f.write(data)
+
+
+def _failed_check(data, size, sha256):
+    """What is wrong with the file's bytes, or None when they are the pinned ones."""
+    digest = hashlib.sha256(data).hexdigest()
+    if size is not None and len(data) != size:
+        return f"the file has {len(data):,} bytes, not the pinned {size:,}"
+    if sha256 is not None and digest != sha256:
+        return f"the file's sha256 is {digest[:16]}..., not the pinned {sha256[:16]}..."
+    return None
 
 
 def load_examples(path):
@@ -369,16 +400,9 @@ def load_model(name_or_path, device):
 
 
 def write_predictions(path, predictions):
-    """One JSON line per example in index order, written to a temp name and renamed when complete."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for p in sorted(predictions, key=lambda p: p["index"]):
-                f.write(json.dumps(p) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """One JSON line per example in index order, whole or not at all (common.atomic_write)."""
+    lines = "".join(json.dumps(p) + "\n" for p in sorted(predictions, key=lambda p: p["index"]))
+    atomic_write(path, lambda f: f.write(lines.encode("utf-8")))
 
 
 def main(argv=None):

@@ -1,7 +1,9 @@
 """fineweb.py: shards equal an independent re-tokenization, inputs agree, resuming is exact, errors are clean.
 
 The reference everywhere is a plain re-computation with the tokenizer: for each document
-[EOT] + encode_ordinary(text), all concatenated, cut every shard_size tokens.
+[EOT] + encode_ordinary(text), all concatenated, cut every shard_size tokens. A test that stops a
+run feeds its input through a named pipe: the run cannot finish while the pipe is open, so where it
+is stopped does not depend on how fast the machine is.
 """
 
 import glob
@@ -10,10 +12,14 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import namedtuple
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,6 +76,21 @@ def expected_names(prefix, count):
     return [f"{prefix}_val_000000.npy"] + [f"{prefix}_train_{i:06d}.npy" for i in range(1, count)]
 
 
+def progress(path):
+    """(finished shard records, complete) from a progress file, read independently of fineweb.py."""
+    try:
+        lines = open(path).read().split("\n")[:-1]  # the part after the last newline is not a whole line
+    except FileNotFoundError:
+        return [], False
+    records = [json.loads(line) for line in lines[1:]]
+    return [r for r in records if "file" in r], {"complete": True} in records
+
+
+def leftovers(directory):
+    """Hidden files other than the directory's lock file: what a run left half-written."""
+    return [p for p in glob.glob(os.path.join(directory, ".*")) if os.path.basename(p) != ".lock"]
+
+
 def run_cli(*args, cwd):
     return subprocess.run([sys.executable, FINEWEB, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=180)
@@ -84,6 +105,18 @@ def write_jsonl(path, documents, replace=None):
         for i, text in enumerate(documents, start=1):
             f.write(replace[1] if replace and replace[0] == i else json.dumps({"id": i, "text": text}) + "\n")
         f.write("\n")
+
+
+def fineweb_edu_copy(directory, documents, files=2):
+    """A local dataset repository in FineWeb-Edu's layout: a README whose YAML names the config
+    sample-10BT and its parquet files (sample/10BT/*), which carry more columns than text."""
+    (directory / "sample" / "10BT").mkdir(parents=True)
+    (directory / "README.md").write_text("---\nconfigs:\n- config_name: sample-10BT\n  data_files:\n  - split: train\n"
+                                         "    path: sample/10BT/*\n---\n")
+    for i, part in enumerate(np.array_split(np.array(documents, dtype=object), files)):
+        table = pa.table({"text": list(part), "id": [f"<urn:{j}>" for j in range(len(part))], "score": [3.5] * len(part)})
+        pq.write_table(table, directory / "sample" / "10BT" / f"{i:03d}_00000.parquet", row_group_size=10)
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +164,24 @@ def test_shards_equal_an_independent_retokenization(corpus_documents, reference,
     assert [s.size for s in shards] == [SHARD] * (count - 1) + [len(reference) - SHARD * (count - 1)]
     assert np.array_equal(np.concatenate(shards), reference)
     assert int((np.concatenate(shards) == EOT).sum()) == len(corpus_documents)
-    # Nothing else is left in the directory: no temporary files, one progress file.
-    assert sorted(os.listdir(tmp_path)) == sorted(expected_names("pydocs", count) + ["pydocs_progress.json"])
+    # Nothing else is left in the directory: no temporary files, one progress file, the lock file.
+    assert sorted(os.listdir(tmp_path)) == sorted(expected_names("pydocs", count) + ["pydocs_progress.jsonl", ".lock"])
     # The order is the input order whatever the pool size.
     one = tmp_path / "one"
     fineweb.write_shards(corpus_documents, str(one), "pydocs", SHARD, num_proc=1, progress=False)
     assert differences(shard_bytes(one), straight_run) == differences(shard_bytes(tmp_path), straight_run) == []
+
+
+def test_progress_bookkeeping_appends_one_line_per_shard(corpus_documents, monkeypatch, tmp_path):
+    # O(1) per shard: the progress file is written whole once (its first line), then only appended to.
+    written = []
+    atomic_write = fineweb.atomic_write
+    monkeypatch.setattr(fineweb, "atomic_write", lambda path, write: (written.append(path), atomic_write(path, write)))
+    paths = fineweb.write_shards(corpus_documents, str(tmp_path), "pydocs", 2_000, num_proc=1, progress=False)
+    assert len(paths) > 50
+    assert written.count(str(tmp_path / "pydocs_progress.jsonl")) == 1 and len(written) == len(paths) + 1
+    lines = (tmp_path / "pydocs_progress.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + len(paths) + 1 and json.loads(lines[-1]) == {"complete": True}
 
 
 def test_input_formats_give_the_same_shards(corpus_documents, straight_run, tmp_path):
@@ -163,23 +208,13 @@ def test_input_formats_give_the_same_shards(corpus_documents, straight_run, tmp_
 
 
 def test_hub_streaming_path_reads_a_local_copy_in_fineweb_edu_layout(corpus_documents, straight_run, tmp_path):
-    """The `datasets` streaming code users run against the hub, pointed at a dataset repository on disk.
-
-    The layout is FineWeb-Edu's: a README whose YAML names the config sample-10BT and its parquet
-    files (sample/10BT/*), which carry more columns than text.
-    """
-    repo = tmp_path / "fineweb-edu"
-    (repo / "sample" / "10BT").mkdir(parents=True)
-    (repo / "README.md").write_text("---\nconfigs:\n- config_name: sample-10BT\n  data_files:\n  - split: train\n"
-                                    "    path: sample/10BT/*\n---\n")
-    half = len(corpus_documents) // 2
-    for name, part in (("000_00000.parquet", corpus_documents[:half]), ("001_00000.parquet", corpus_documents[half:])):
-        table = pa.table({"text": part, "id": [f"<urn:{i}>" for i in range(len(part))], "score": [3.5] * len(part)})
-        pq.write_table(table, repo / "sample" / "10BT" / name, row_group_size=10)
+    """The `datasets` streaming code users run against the hub, pointed at a dataset repository on disk."""
+    repo = fineweb_edu_copy(tmp_path / "fineweb-edu", corpus_documents)
     result = run_cli("--dataset", repo, "--subset", "sample-10BT", "--output-dir", "out", "--prefix", "pydocs",
-                     "--shard-size", SHARD, "--num-proc", 2, "--no-progress", cwd=tmp_path)
+                     "--shard-size", SHARD, "--num-proc", 2, "--progress", "--no-disk-check", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert differences(shard_bytes(tmp_path / "out"), straight_run) == []
+    assert "/10.0G" in result.stderr  # sample-10BT: the bar's total is the card's ~10B tokens
 
 
 def test_max_tokens_stops_the_stream_and_reads_lazily(corpus_documents, reference, tmp_path):
@@ -212,18 +247,51 @@ def test_resume_after_a_failure_mid_stream_is_byte_identical(corpus_documents, s
     out = str(tmp_path)
     with pytest.raises(fineweb.DataError, match="connection lost"):
         fineweb.write_shards(failing_after(corpus_documents, 40), out, "pydocs", SHARD, num_proc=2, progress=False)
-    progress = json.load(open(tmp_path / "pydocs_progress.json"))
-    finished = [shard["file"] for shard in progress["shards"]]
-    assert not progress["complete"] and 1 < len(finished) < len(straight_run)
-    assert progress["shards"][-1]["next_offset"] > 0  # it stopped inside a document: resume splits it
-    assert sorted(os.listdir(tmp_path)) == sorted(finished + ["pydocs_progress.json"])  # nothing half-written
+    shards, complete = progress(tmp_path / "pydocs_progress.jsonl")
+    finished = [shard["file"] for shard in shards]
+    assert not complete and 1 < len(finished) < len(straight_run)
+    assert shards[-1]["next_offset"] > 0  # it stopped inside a document: resume splits it
+    assert sorted(os.listdir(tmp_path)) == sorted(finished + ["pydocs_progress.jsonl", ".lock"])  # nothing half-written
     assert differences(shard_bytes(tmp_path), {name: straight_run[name] for name in finished}) == []
     before = {name: os.stat(tmp_path / name).st_mtime_ns for name in finished}
 
     fineweb.write_shards(corpus_documents, out, "pydocs", SHARD, num_proc=2, progress=False)
     assert differences(shard_bytes(tmp_path), straight_run) == []
     assert {name: os.stat(tmp_path / name).st_mtime_ns for name in finished} == before  # kept, not redone
-    assert json.load(open(tmp_path / "pydocs_progress.json"))["complete"]
+    assert progress(tmp_path / "pydocs_progress.jsonl")[1]
+
+
+def test_a_hub_stream_resumes_from_its_own_position(corpus_documents, reference, monkeypatch, tmp_path):
+    # A rerun restarts the `datasets` stream at its recorded state_dict: it reads the documents of the
+    # unfinished shard and at most one batch before them, never the finished shards' documents again.
+    monkeypatch.setattr(fineweb, "HUB_BATCH", 10)
+    documents = corpus_documents * 6
+    repo = str(fineweb_edu_copy(tmp_path / "repo", documents, files=3))
+    rows_read, fail_after = [], [300]
+    iterate = datasets.IterableDataset.iter
+
+    def counted(self, *args, **kwargs):  # every batch of rows `datasets` hands to fineweb.py
+        for batch in iterate(self, *args, **kwargs):
+            if fail_after and sum(rows_read) + len(batch["text"]) > fail_after[0]:
+                raise ConnectionError("connection lost")
+            rows_read.append(len(batch["text"]))
+            yield batch
+    monkeypatch.setattr(datasets.IterableDataset, "iter", counted)
+
+    out = str(tmp_path / "out")
+    with pytest.raises(fineweb.DataError, match="ConnectionError: connection lost"):
+        fineweb.write_shards(fineweb.HubDocuments(repo), out, "pydocs", SHARD, num_proc=1, progress=False)
+    shards, _ = progress(os.path.join(out, "pydocs_progress.jsonl"))
+    last = shards[-1]
+    assert sum(rows_read) == 300 and last["next_document"] > 200 and last["next_offset"] > 0
+    assert 0 <= last["next_document"] - last["stream"]["document"] < 10  # the position: within a batch before
+
+    rows_read.clear(), fail_after.clear()
+    fineweb.write_shards(fineweb.HubDocuments(repo), out, "pydocs", SHARD, num_proc=1, progress=False)
+    expected = reference_shards(np.tile(reference, 6), SHARD, "pydocs")
+    assert differences(shard_bytes(out), expected) == []
+    assert sum(rows_read) == len(documents) - last["stream"]["document"]
+    assert sum(rows_read) < len(documents) - last["next_document"] + 10  # the rest, and less than a batch more
 
 
 def test_resume_remakes_damaged_shards_and_clears_leftovers(corpus_documents, straight_run, tmp_path):
@@ -233,84 +301,185 @@ def test_resume_remakes_damaged_shards_and_clears_leftovers(corpus_documents, st
         f.truncate(1000)  # a shard cut short (say, a disk that filled up)
     os.remove(tmp_path / "pydocs_train_000005.npy")
     (tmp_path / ".pydocs_train_000001.npy.tmp").write_bytes(b"half a shard")  # left by a killed run
+    with open(tmp_path / "pydocs_progress.jsonl", "a") as f:
+        f.write('{"file": "pydocs_tra')  # a line cut short by a crash
     untouched = os.stat(tmp_path / "pydocs_train_000002.npy").st_mtime_ns
 
     fineweb.write_shards(corpus_documents, out, "pydocs", SHARD, num_proc=2, progress=False)
     assert differences(shard_bytes(tmp_path), straight_run) == []
-    assert not glob.glob(str(tmp_path / ".*"))
+    assert not leftovers(tmp_path)
     assert os.stat(tmp_path / "pydocs_train_000002.npy").st_mtime_ns == untouched
+    shards, complete = progress(tmp_path / "pydocs_progress.jsonl")
+    assert complete and [s["file"] for s in shards] == expected_names("pydocs", len(straight_run))  # each once
 
 
-BIG_ARGS = ["--input", "big.jsonl", "--output-dir", "out", "--shard-size", 20_000, "--num-proc", 2, "--no-progress"]
+def paragraphs(corpus_documents):
+    """Short documents (the manual's paragraphs): many shards, and many blocks, out of few tokens."""
+    return [p for doc in corpus_documents for p in doc.split("\n\n") if p.strip()]
 
 
-def big_input(corpus_documents, tmp_path):
-    """big.jsonl: ~4M tokens, a couple of seconds of tokenizing, long enough to stop a run midway.
-    Returns the progress file of a CLI run with BIG_ARGS."""
-    write_jsonl(tmp_path / "big.jsonl", corpus_documents * 30)
-    return tmp_path / "out" / "edufineweb_progress.json"
+class Feeder(threading.Thread):
+    """Writes JSON Lines documents into a named pipe that a run reads as its --input. `pause` stops the
+    writing but keeps the pipe open, so the run cannot see the end of its input; `close` closes it."""
 
+    def __init__(self, fifo, documents, close=False):
+        super().__init__(daemon=True)
+        self.fifo, self.documents, self.pause, self.close = fifo, documents, threading.Event(), threading.Event()
+        if close:
+            self.close.set()
 
-def stop_after_shards(args, cwd, progress_file, shards, stop):
-    """Start the CLI, wait until `shards` shards are finished, call stop(process); return (exit code, stderr)."""
-    # A session of its own: a signal to the group reaches every process, as Ctrl-C in a terminal does.
-    process = subprocess.Popen([sys.executable, FINEWEB, *map(str, args)], cwd=cwd, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
+    def run(self):
         try:
-            if len(json.loads(progress_file.read_text())["shards"]) >= shards:
-                break
-        except (OSError, ValueError):
-            pass  # not written yet
-        time.sleep(0.005)
+            with open(self.fifo, "w") as f:  # waits for the run to open the pipe
+                for i, text in enumerate(self.documents):
+                    if self.pause.is_set():
+                        break
+                    f.write(json.dumps({"id": i, "text": text}) + "\n")
+                    f.flush()
+                self.close.wait()
+        except BrokenPipeError:
+            pass  # the run is gone
+
+    def finish(self):
+        self.close.set()
+        if self.is_alive():  # the run never opened the pipe: open it, so that the feeder is not stuck
+            os.close(os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK))
+        self.join(timeout=60)
+
+
+PIPE_ARGS = ["--input", "big.jsonl", "--output-dir", "out", "--shard-size", 2_000, "--num-proc", 2, "--no-progress"]
+
+
+def start_piped(tmp_path, documents, args=PIPE_ARGS, close=False):
+    """The CLI reading big.jsonl, a named pipe that a Feeder fills with `documents`. Its own session: a
+    signal to its process group reaches it as Ctrl-C in a terminal would."""
+    if not (tmp_path / "big.jsonl").exists():
+        os.mkfifo(tmp_path / "big.jsonl")
+    process = subprocess.Popen([sys.executable, FINEWEB, *map(str, args)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    feeder = Feeder(tmp_path / "big.jsonl", documents, close)
+    feeder.start()
+    return process, feeder
+
+
+def wait_until(condition, process, what):
+    """Wait for an event the test then acts on; the deadline only stops a hung test."""
+    deadline = time.time() + 300
+    while not condition() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert condition(), f"never happened: {what} (exit code {process.poll()})"
+
+
+def finished_shards(tmp_path):
+    return len(progress(tmp_path / "out" / "edufineweb_progress.jsonl")[0])
+
+
+def stop_piped(tmp_path, documents, shards, stop):
+    """Run the CLI on the piped documents until `shards` shards are finished, then call stop(process)
+    while the pipe is still open (the run cannot have ended); return (exit code, stderr)."""
+    process, feeder = start_piped(tmp_path, documents)
+    wait_until(lambda: finished_shards(tmp_path) >= shards, process, f"{shards} shards")
+    feeder.pause.set()
     stop(process)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = process.communicate(timeout=120)
+    feeder.finish()
     return process.returncode, stderr
 
 
-def signal_group(signal_number):
-    return lambda process: os.killpg(process.pid, signal_number)
-
-
-def kill_one_worker(process):
-    """What the out-of-memory killer does: SIGKILL one tokenizing process, not the CLI."""
+def workers_of(process):
     with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
-        workers = [int(pid) for pid in f.read().split()]
+        return [int(pid) for pid in f.read().split()]
+
+
+def gone(pid):
+    """True once the process has exited (a zombie left to an init that does not reap counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def piped_input(corpus_documents):
+    """Enough paragraphs that three stops in a row each find shards to finish: a run holds two blocks of
+    documents back before it writes their shards (read-ahead), and each stop may finish one more block."""
+    block = fineweb.CHUNK_DOCS * fineweb.BLOCK_CHUNKS * 2
+    docs = paragraphs(corpus_documents)
+    return docs * -(-(4 * block + 200) // len(docs))
+
+
+def assert_piped_run_finishes_like_a_straight_one(tmp_path, documents, tokenizer):
+    process, feeder = start_piped(tmp_path, documents, close=True)
+    _, stderr = process.communicate(timeout=300)
+    feeder.finish()
+    assert process.returncode == 0, stderr
+    expected = reference_shards(reference_tokens(documents, tokenizer), 2_000, "edufineweb")
+    assert differences(shard_bytes(tmp_path / "out"), expected) == []
+    assert not leftovers(tmp_path / "out")
+
+
+@pytest.mark.multiprocess
+def test_interrupted_terminated_and_killed_cli_runs_resume_to_identical_bytes(corpus_documents, tokenizer, tmp_path):
+    documents = piped_input(corpus_documents)
+    progress_file = tmp_path / "out" / "edufineweb_progress.jsonl"
+    code, stderr = stop_piped(tmp_path, documents, 3, lambda p: os.killpg(p.pid, signal.SIGINT))  # Ctrl-C
+    assert code == 130 and stderr.count("\n") == 1 and "Traceback" not in stderr and "rerun" in stderr, stderr
+    interrupted = finished_shards(tmp_path)
+    code, stderr = stop_piped(tmp_path, documents, interrupted + 3, lambda p: os.killpg(p.pid, signal.SIGTERM))
+    assert code == 143 and stderr.count("\n") == 1 and "SIGTERM" in stderr and "rerun" in stderr, stderr
+    terminated, workers = finished_shards(tmp_path), []
+
+    def kill(process):  # the main process alone, as the OOM killer does: no clean-up; its workers must go too
+        workers.extend(workers_of(process))
+        os.kill(process.pid, signal.SIGKILL)
+        deadline = time.time() + 60  # they go at once; the bound is only for a very slow machine
+        while not all(map(gone, workers)) and time.time() < deadline:
+            time.sleep(0.05)
+        orphans = [pid for pid in workers if not gone(pid)]
+        for pid in orphans:
+            os.kill(pid, signal.SIGKILL)  # a failing test leaves nothing behind
+        assert not orphans, f"workers {orphans} outlived the killed run"
+    code, _ = stop_piped(tmp_path, documents, terminated + 3, kill)
+    assert code == -signal.SIGKILL and len(workers) == 2
+    shards, complete = progress(progress_file)
+    assert not complete and len(shards) >= terminated + 3
+    assert_piped_run_finishes_like_a_straight_one(tmp_path, documents, tokenizer)
+
+
+@pytest.mark.multiprocess
+def test_a_dead_worker_is_one_line_and_the_rerun_resumes(corpus_documents, tokenizer, tmp_path):
+    # The out-of-memory killer picks a worker: the run must stop with a message, not wait forever.
+    documents = piped_input(corpus_documents)
+    process, feeder = start_piped(tmp_path, documents)
+    wait_until(lambda: finished_shards(tmp_path) >= 1, process, "a shard")
+    feeder.pause.set()
+    workers = workers_of(process)
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
-
-
-def assert_big_run_finishes_like_a_straight_one(tmp_path, reference):
-    result = run_cli(*BIG_ARGS, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    expected = reference_shards(np.tile(reference, 30), 20_000, "edufineweb")
-    assert differences(shard_bytes(tmp_path / "out"), expected) == []
-    assert not glob.glob(str(tmp_path / "out" / ".*"))
-
-
-@pytest.mark.multiprocess
-def test_interrupted_and_killed_cli_runs_resume_to_identical_bytes(corpus_documents, reference, tmp_path):
-    progress_file = big_input(corpus_documents, tmp_path)
-    code, stderr = stop_after_shards(BIG_ARGS, tmp_path, progress_file, 3, signal_group(signal.SIGINT))  # Ctrl-C
-    assert code == 130 and stderr.count("\n") == 1 and "Traceback" not in stderr and "rerun" in stderr, stderr
-    interrupted = len(json.loads(progress_file.read_text())["shards"])
-    code, _ = stop_after_shards(BIG_ARGS, tmp_path, progress_file, interrupted + 3,
-                                signal_group(signal.SIGKILL))  # no clean-up at all
-    assert code == -signal.SIGKILL
-    killed = json.loads(progress_file.read_text())
-    assert not killed["complete"] and len(killed["shards"]) >= interrupted + 3
-    assert_big_run_finishes_like_a_straight_one(tmp_path, reference)
-
-
-@pytest.mark.multiprocess
-def test_a_dead_worker_is_one_line_and_the_rerun_resumes(corpus_documents, reference, tmp_path):
-    # The out-of-memory killer picks a worker: the run must stop with a message, not wait forever.
-    progress_file = big_input(corpus_documents, tmp_path)
-    code, stderr = stop_after_shards(BIG_ARGS, tmp_path, progress_file, 1, kill_one_worker)
-    assert code == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    wait_until(lambda: all(map(gone, workers)), process, "the pool noticed")  # it ends the other worker too
+    feeder.close.set()  # the rest of the input must go to the broken pool
+    _, stderr = process.communicate(timeout=120)
+    feeder.finish()
+    assert process.returncode == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
     assert "a tokenizing process died" in stderr and "rerun" in stderr
-    assert_big_run_finishes_like_a_straight_one(tmp_path, reference)
+    assert_piped_run_finishes_like_a_straight_one(tmp_path, documents, tokenizer)
+
+
+@pytest.mark.multiprocess
+def test_a_second_run_on_one_directory_is_refused_and_the_first_finishes(corpus_documents, straight_run, tmp_path):
+    args = ["--output-dir", "out", "--prefix", "pydocs", "--num-proc", 1, "--no-progress"]
+    first, feeder = start_piped(tmp_path, corpus_documents, ["--input", "big.jsonl", "--shard-size", SHARD, *args])
+    lock = tmp_path / "out" / ".lock"
+    wait_until(lambda: lock.exists() and f"pid {first.pid} " in lock.read_text(), first, "the first run's lock")
+    second = run_cli("--input", "big.jsonl", "--shard-size", 6_000, *args, cwd=tmp_path)  # the first one waits on its pipe
+    line = second.stderr.strip()
+    assert second.returncode == 1 and "\n" not in line and "Traceback" not in line, second.stderr
+    assert f"pid {first.pid} on {socket.gethostname()}" in line and "out is in use" in line
+    feeder.close.set()
+    _, stderr = first.communicate(timeout=120)
+    feeder.finish()
+    assert first.returncode == 0, stderr
+    assert differences(shard_bytes(tmp_path / "out"), straight_run) == []
 
 
 def test_a_malformed_line_keeps_finished_shards_and_a_fixed_file_resumes(corpus_documents, straight_run, tmp_path):
@@ -321,8 +490,8 @@ def test_a_malformed_line_keeps_finished_shards_and_a_fixed_file_resumes(corpus_
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "corpus.jsonl line 60" in result.stderr and "resume" in result.stderr
-    finished = json.load(open(tmp_path / "out" / "pydocs_progress.json"))["shards"]
-    assert len(finished) >= 2 and not glob.glob(str(tmp_path / "out" / ".*"))
+    finished, _ = progress(tmp_path / "out" / "pydocs_progress.jsonl")
+    assert len(finished) >= 2 and not leftovers(tmp_path / "out")
     assert differences(shard_bytes(tmp_path / "out"), {s["file"]: straight_run[s["file"]] for s in finished}) == []
 
     write_jsonl(tmp_path / "corpus.jsonl", corpus_documents)  # the line fixed in place
@@ -357,6 +526,9 @@ def make_inputs(tmp_path):
     pq.write_table(pa.table({"content": ["a document under the wrong column"]}), tmp_path / "notext.parquet")
     (tmp_path / "fake.parquet").write_text("not parquet at all")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n  \n\n")
+    (tmp_path / "a_file").write_text("not a directory")
 
 
 ERRORS = {
@@ -365,13 +537,17 @@ ERRORS = {
     "directory": (["--input", "a_dir"], 2, ["a_dir is not a file"]),
     "bad flags": (["--dataset", "python-docs", "--shard-size", "0", "--num-proc", "0", "--max-tokens", "-5",
                    "--prefix", "a/b"], 2, ["--shard-size 0", "--num-proc 0", "--max-tokens -5", "--prefix 'a/b'"]),
+    "output under a file": (["--dataset", "python-docs", "--output-dir", "a_file/out"], 2,
+                            ["--output-dir 'a_file/out'", "directory"]),
     "malformed json": (["--input", "bad.jsonl"], 1, ["bad.jsonl line 3", "malformed JSON"]),
     "no text field": (["--input", "notext.jsonl"], 1, ["notext.jsonl line 1", '"text"']),
     "json array": (["--input", "array.json"], 1, ["array.json holds a JSON array", "jq"]),
     "no text column": (["--input", "notext.parquet"], 1, ['notext.parquet has no "text" column', "content"]),
     "not parquet": (["--input", "fake.parquet"], 1, ["fake.parquet is not a readable Parquet file"]),
     "not utf-8": (["--input", "latin1.txt"], 1, ["latin1.txt", "UTF-8"]),
-    "hub unreachable": (["--dataset", "HuggingFaceFW/fineweb-edu"], 1, ["Hugging Face hub", "--input"]),
+    "empty input": (["--input", "empty.jsonl"], 1, ["no documents"]),
+    "blank lines": (["--input", "blank.jsonl"], 1, ["no documents"]),
+    "hub unreachable": (["--dataset", "HuggingFaceFW/fineweb-edu", "--no-disk-check"], 1, ["Hugging Face hub", "--input"]),
 }
 
 
@@ -387,7 +563,7 @@ def test_errors_are_one_clean_line(case, tmp_path):
     assert "\n" not in line and "Traceback" not in line and line.startswith("fineweb.py: error:"), result.stderr
     for phrase in phrases:
         assert phrase in line
-    assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out") or os.listdir(tmp_path / "out") in ([], [".lock"])
 
 
 def test_shards_without_a_progress_file_are_not_overwritten(tmp_path):
@@ -398,7 +574,7 @@ def test_shards_without_a_progress_file_are_not_overwritten(tmp_path):
     assert result.returncode == 2
     line = result.stderr.strip()
     assert "\n" not in line and "Traceback" not in line and "no edufineweb_progress.json" in line
-    assert os.listdir(tmp_path / "out") == ["edufineweb_val_000000.npy"]
+    assert sorted(os.listdir(tmp_path / "out")) == [".lock", "edufineweb_val_000000.npy"]
     assert np.load(stray).tolist() == list(range(10))
 
 
@@ -409,12 +585,27 @@ def test_write_shards_refuses_sizes_below_one(corpus_documents, tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
-# -----------------------------------------------------------------------------
-# Benchmark
+def test_an_input_that_fills_only_the_val_shard_warns_naming_shard_size(tmp_path):
+    result = run_cli("--dataset", "python-docs", "--output-dir", "out", "--shard-size", 10**9, "--num-proc", 1,
+                     "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0 and "1 shards (1 val, 0 train)" in result.stdout
+    assert result.stderr.count("\n") == 1 and "no train shard" in result.stderr and "--shard-size" in result.stderr
 
 
-def test_benchmark_counts_the_same_tokens_as_the_ceiling(corpus_documents, reference):
-    result = fineweb.benchmark(corpus_documents, num_proc=2)
-    assert result["tokens"] == len(reference) and result["num_proc"] == 2
-    assert result["tokens_per_sec"] > 0 and result["ceiling_tokens_per_sec"] > 0
-    assert result["ratio"] == pytest.approx(result["tokens_per_sec"] / result["ceiling_tokens_per_sec"])
+def test_a_run_that_will_not_fit_on_the_disk_is_refused_before_it_starts(monkeypatch, capsys, tmp_path):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(fineweb.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 19_999, 19_999))
+    handler = signal.getsignal(signal.SIGTERM)
+    args = ["--dataset", "python-docs", "--max-tokens", 10_000, "--shard-size", SHARD, "--output-dir", tmp_path / "out",
+            "--num-proc", 1, "--no-progress"]
+    with pytest.raises(SystemExit) as exit:
+        fineweb.main(list(map(str, args)))  # 10,000 tokens need 20,000 bytes
+    line = capsys.readouterr().err.strip()
+    assert exit.value.code == 1 and "\n" not in line and "--no-disk-check" in line and "GB free" in line
+    assert not os.path.exists(tmp_path / "out")
+    fineweb.main(list(map(str, args + ["--no-disk-check"])))
+    assert [np.load(p).size for p in shard_files(tmp_path / "out")] == [SHARD, SHARD]
+    monkeypatch.setattr(fineweb.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 20_000, 20_000))
+    fineweb.main(list(map(str, args + ["--output-dir", tmp_path / "fits"])))  # exactly enough
+    assert len(shard_files(tmp_path / "fits")) == 2
+    assert signal.getsignal(signal.SIGTERM) == handler  # main() put back the handler it replaced

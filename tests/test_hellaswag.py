@@ -6,10 +6,14 @@ longer than the test model's 64 positions (so left truncation is exercised). The
 random GPT-2 of the `hf_gpt2_dir` fixture.
 """
 
+import hashlib
+import http.server
+import inspect
 import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import asdict
 
 import pytest
@@ -190,21 +194,98 @@ def test_load_examples_reads_what_was_written(data_file, examples, tmp_path):
     assert hellaswag.load_examples(str(with_extras)) == examples[:1]
 
 
+def pins(path):
+    """download()'s size and sha256 arguments for a local file: the tests' stand-in for the real pins."""
+    data = open(path, "rb").read()
+    return dict(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
 def test_download_copies_the_file_once_and_atomically(data_file, tmp_path):
     # A file:// URL goes through the same urllib code as the real https download.
     cache = tmp_path / "cache"
-    path = hellaswag.download(f"file://{data_file}", str(cache))
+    path = hellaswag.download(f"file://{data_file}", str(cache), **pins(data_file))
     assert path == str(cache / hellaswag.DATA_FILE)
     with open(path, "rb") as a, open(data_file, "rb") as b:
         assert a.read() == b.read()
     assert os.listdir(cache) == [hellaswag.DATA_FILE]
     # Cached: a second call does not fetch again, even from a URL that would fail.
-    assert hellaswag.download(f"file://{tmp_path}/missing.jsonl", str(cache)) == path
+    assert hellaswag.download(f"file://{tmp_path}/missing.jsonl", str(cache), **pins(data_file)) == path
 
     with pytest.raises(hellaswag.DataError, match="--data FILE") as error:
-        hellaswag.download(f"file://{tmp_path}/missing.jsonl", str(tmp_path / "other"))
+        hellaswag.download(f"file://{tmp_path}/missing.jsonl", str(tmp_path / "other"), tries=2, wait=0)
     assert "missing.jsonl" in str(error.value)
     assert os.listdir(tmp_path / "other") == []  # no partial file left behind
+
+
+class FlakyServer:
+    """An HTTP server on 127.0.0.1 in a thread: answers 503 to the first `failures` requests, then serves
+    `body`. Counts the requests it gets."""
+
+    def __init__(self, body, failures=0):
+        self.body, self.failures, self.requests = body, failures, 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests += 1
+                if server.requests <= server.failures:
+                    self.send_error(503, "try again later")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(server.body)))
+                self.end_headers()
+                self.wfile.write(server.body)
+
+            def log_message(self, *args):  # quiet
+                pass
+
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/hellaswag_val.jsonl"
+
+    def __enter__(self):
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def test_download_retries_with_a_growing_wait(data_file, tmp_path, capsys):
+    body = open(data_file, "rb").read()
+    with FlakyServer(body, failures=2) as server:
+        path = hellaswag.download(server.url, str(tmp_path), **pins(data_file), tries=4, wait=0.01)
+    assert open(path, "rb").read() == body and server.requests == 3
+    retries = [line for line in capsys.readouterr().err.splitlines() if "failed" in line]
+    assert len(retries) == 2 and all("503" in line for line in retries)
+    assert "try 2 of 4 in 0.01 s" in retries[0] and "try 3 of 4 in 0.02 s" in retries[1]
+
+
+@pytest.mark.parametrize("damage", ["one byte changed", "cut short"])
+def test_a_download_that_fails_its_check_is_never_kept(damage, data_file, tmp_path):
+    body = open(data_file, "rb").read()
+    bad = body[:100] + bytes([body[100] ^ 1]) + body[101:] if damage == "one byte changed" else body[:-10]
+    with FlakyServer(bad) as server, pytest.raises(hellaswag.DataError) as error:
+        hellaswag.download(server.url, str(tmp_path / "cache"), **pins(data_file), tries=3, wait=0)
+    assert server.requests == 3  # each try fetched it again
+    message = str(error.value)
+    assert ("sha256" if damage == "one byte changed" else f"has {len(bad):,} bytes") in message
+    assert "nothing was kept" in message and "--data FILE" in message
+    assert os.listdir(tmp_path / "cache") == []
+
+
+def test_a_cached_file_that_fails_its_check_is_fetched_again(data_file, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / hellaswag.DATA_FILE).write_bytes(b"{}\n")  # say, from before the file was pinned
+    with FlakyServer(open(data_file, "rb").read()) as server:
+        path = hellaswag.download(server.url, str(cache), **pins(data_file), wait=0)
+    assert server.requests == 1 and open(path, "rb").read() == open(data_file, "rb").read()
+
+
+def test_a_plain_download_is_checked_against_the_pins():
+    defaults = inspect.signature(hellaswag.download).parameters
+    assert (defaults["size"].default, defaults["sha256"].default) == (hellaswag.DATA_BYTES, hellaswag.DATA_SHA256)
 
 
 # -----------------------------------------------------------------------------
@@ -284,6 +365,23 @@ def test_usage_errors_are_listed_together(tmp_path):
     for flag in ("--model", "--data", "--batch-size"):
         assert flag in proc.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_predictions_path_is_checked_before_the_evaluation(data_file, hf_gpt2_dir, tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    for predictions, phrase in ((tmp_path, "is a directory"), (tmp_path / "a_file" / "p.jsonl", "you can write in")):
+        proc = run_cli("-m", hf_gpt2_dir, "--data", data_file, "--device", "cpu", "--predictions", str(predictions))
+        assert proc.returncode == 2 and proc.stdout == ""  # refused before the model was even loaded
+        assert proc.stderr.count("\n") == 1 and "--predictions" in proc.stderr and phrase in proc.stderr, proc.stderr
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line(data_file, tmp_path):
+    fake = tmp_path / "fake.pt"
+    fake.write_text("these are notes, not weights")
+    proc = run_cli("-m", str(fake), "--data", data_file, "--device", "cpu")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot load model {fake}" in proc.stderr and "not a readable train_gpt2.py checkpoint" in proc.stderr
+    assert "weights_only" not in proc.stderr
 
 
 def test_unloadable_model_is_one_line(data_file, tmp_path):
