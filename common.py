@@ -1,14 +1,19 @@
-"""What every script shares and no chapter is about: one error type, files written safely, and a
-lock that keeps two runs out of one directory.
+"""What every script shares and no chapter is about: settings as flags, one error type, the
+device, files written safely, and a lock that keeps two runs out of one directory.
 
-    from common import UserError, atomic_write, DirectoryLock
+    config = parse_settings(MyConfig, argv)                        # a dataclass of setting()s -> its flags
+    device = pick_device("auto")                                   # cuda > mps > cpu
     atomic_write("out/shard.npy", lambda f: np.save(f, tokens))   # whole file or none, even after a crash
     with DirectoryLock("log"):                                     # a second run on log/ stops at once
         ...
 """
 
+import argparse
 import os
 import socket
+import sys
+import tomllib
+from dataclasses import field, fields
 
 
 class UserError(Exception):
@@ -18,6 +23,96 @@ class UserError(Exception):
     def __init__(self, message, exit_code=1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# -----------------------------------------------------------------------------
+# Settings: one dataclass per script, one --flag per field
+
+
+def setting(default, help, **argparse_kwargs):
+    """A dataclass field that is also a command-line flag (see parse_settings)."""
+    return field(default=default, metadata=dict(help=help, **argparse_kwargs))
+
+
+class SettingsParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own checks end the same way as problems() do
+        raise UserError(f"{message} (see --help)", exit_code=2)
+
+
+def parse_settings(config_class, argv=None, description=None, defaults=None):
+    """The command line -> a config_class, a dataclass of setting()s.
+
+    Each field is a flag (max_lr is --max-lr; a bool is --x/--no-x), its metadata goes to argparse
+    (choices, type, nargs, action), plus flags=("-m", "--model") for other names and
+    positional=True for an argument without a flag. --config FILE takes the same settings from a
+    TOML file (max_lr = 6e-4), in front of the command line, whose flags win. defaults(given) may
+    change the defaults from the flags given (a preset). Bad values raise one UserError (exit 2)
+    listing them: argparse's own checks first, then every one of config.problems().
+    """
+    parser = SettingsParser(description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="FILE", help="a TOML file of these settings (max_lr = 6e-4 for "
+                        "--max-lr); flags on the command line win")
+    for f in fields(config_class):
+        kwargs, names = dict(f.metadata), ["--" + f.name.replace("_", "-")]
+        names = [f.name] if kwargs.pop("positional", False) else list(kwargs.pop("flags", names))
+        if f.type is bool:
+            kwargs.setdefault("action", argparse.BooleanOptionalAction)
+        elif "action" not in kwargs:
+            kwargs.setdefault("type", type(f.default))
+        if f.default is not None and "default:" not in kwargs["help"]:
+            kwargs["help"] += f" (default: {f.default})"
+        parser.add_argument(*names, **kwargs, **({} if names == [f.name] else {"dest": f.name}))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given = vars(parser.parse_args(argv))
+    if "config" in given:
+        given = vars(parser.parse_args(config_file_flags(given["config"], config_class) + argv))
+    given.pop("config", None)
+    config = config_class(**{**(defaults(given) if defaults else {}), **given})
+    problems = config.problems()
+    if problems:
+        raise UserError("; ".join(problems), exit_code=2)
+    return config
+
+
+def config_file_flags(path, config_class):
+    """A TOML settings file as the flags that say the same: one way in for every value."""
+    try:
+        with open(path, "rb") as f:
+            settings = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"cannot read --config {path} ({e})", exit_code=2) from None
+    names = {f.name: f for f in fields(config_class)}
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        raise UserError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; see --help", exit_code=2)
+    flags = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if names[key].type is not bool:
+            flags += [flag, *map(str, value if isinstance(value, list) else [value])]
+        elif value or names[key].metadata.get("action") != "store_true":  # store_true flags have no --no- form
+            flags.append(flag if value else "--no-" + flag[2:])
+    return flags
+
+
+def pick_device(name="auto"):
+    """A torch.device: 'auto' is cuda, else mps, else cpu. Under torchrun a GPU is this process's own,
+    cuda:LOCAL_RANK, and the process makes it current (its RNG, pinned memory and kernels)."""
+    import torch  # here: fineweb.py and its tokenizer processes do without torch
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name}; use auto, cpu, cuda, cuda:N or mps", exit_code=2) from None
+    if device.type == "cuda" and not torch.cuda.is_available() or \
+            device.type == "mps" and not torch.backends.mps.is_available() or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: no such device on this machine; use --device auto", exit_code=2)
+    if device.type == "cuda":
+        if "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process
+        torch.cuda.set_device(device.index or 0)
+    return device
 
 
 # -----------------------------------------------------------------------------
