@@ -1,10 +1,12 @@
-"""What every script shares and no chapter is about: one error type, files written safely, and a
-lock that keeps two runs out of one directory.
+"""What every script shares and no chapter is about: one error type, files written safely, a
+lock that keeps two runs out of one directory, and the dtype each device computes in.
 
-    from common import UserError, atomic_write, DirectoryLock
+    from common import UserError, atomic_write, DirectoryLock, resolve_dtype, autocast_dtype_for
     atomic_write("out/shard.npy", lambda f: np.save(f, tokens))   # whole file or none, even after a crash
     with DirectoryLock("log"):                                     # a second run on log/ stops at once
         ...
+    resolve_dtype("auto", torch.device("cuda"))                   # "bfloat16" on an A100 or H100
+    autocast_dtype_for("auto", torch.device("cpu"))                # None: float32, no autocast
 """
 
 import os
@@ -105,3 +107,28 @@ class DirectoryLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+# -----------------------------------------------------------------------------
+# The dtype a device computes in
+
+
+def resolve_dtype(dtype, device):
+    """The name of the dtype to autocast to on `device` ("float32": no autocast). 'auto' picks:
+    bfloat16 on CUDA GPUs of compute capability 8.0 and up (Ampere on: A100, L4, H100), float16 on
+    older ones (T4, V100: no bf16 compute; training adds a gradient scaler), and float32 on MPS and
+    CPU (bf16 autocast is slow on CPUs without bf16 instructions, and unreliable on MPS). Other
+    names are returned as given. train_gpt2.py, hellaswag.py and bench.py all pick this way."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        import torch  # here, not at the top: scripts without torch (fineweb.py) import this file too
+        return "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float16"
+    return "float32"
+
+
+def autocast_dtype_for(dtype, device):
+    """resolve_dtype's pick as the torch dtype to give torch.autocast, or None for float32 (no autocast)."""
+    import torch
+    name = resolve_dtype(dtype, device)
+    return None if name == "float32" else getattr(torch, name)

@@ -159,7 +159,7 @@ def test_lr_schedule_warmup_peak_decay_and_floor():
     ("NVIDIA GeForce RTX 4090", None),  # unknown: no MFU rather than a wrong one (--peak-flops gives one)
 ])
 def test_peak_flops_by_gpu_name(name, flops):
-    assert train_gpt2.peak_flops_of(name) == flops
+    assert train_gpt2.peak_flops_of(name, "bfloat16") == flops
 
 
 # -----------------------------------------------------------------------------
