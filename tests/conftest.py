@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "multiprocess: starts several processes (torchrun, killed runs)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tests/test_gpu.py; skipped without one)")
 
 
 @pytest.fixture(scope="session")
