@@ -400,7 +400,7 @@ def main(argv=None):
             print(f"{config.model}: {model.num_parameters():,} parameters on {device}, "
                   f"{len(examples)} examples over {world_size} process(es)")
         result = evaluate(model, examples, device, batch_size=config.batch_size, rank=rank, world_size=world_size,
-                          autocast_dtype=autocast_dtype_for("auto", device), progress=rank == 0)  # as --dtype auto trains
+                          autocast_dtype=autocast_dtype_for("auto", device), progress=rank == 0)  # as training
         predictions = result["predictions"]
         counts = torch.tensor([result["correct"], result["correct_norm"], result["total"]], device=device)
         if distributed:

@@ -38,7 +38,6 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -139,8 +138,8 @@ class TrainConfig:
                                  "float16 with a gradient scaler on older ones, float32 on MPS and CPU",
                          choices=["auto", "float32", "bfloat16", "float16"])
     compile: bool | str = setting("auto", "torch.compile the model (training, val loss and HellaSwag); auto: on for "
-                                          "CUDA where Triton works, off on MPS, Windows and CPU; --compile/--no-compile force it",
-                                  action=OnOffOrAuto)
+                                          "CUDA where Triton works, off on MPS, Windows and CPU; --compile and "
+                                          "--no-compile force it", action=OnOffOrAuto)
     peak_flops: float = setting(None, "device peak FLOP/s for MFU (default: a table of dense peaks by GPU and "
                                       "dtype)", type=float)
     seed: int = setting(1337, "seed of the initial weights and the data shuffle")
@@ -288,11 +287,11 @@ def all_reduce_sum(tensor):
 # -----------------------------------------------------------------------------
 # Precision, compile and batch size: what `auto` picks
 #
-#                    --dtype                  --compile   --batch-size (micro batch per device)
-#   CUDA, Ampere on  bfloat16 autocast        on          the largest of 64, 32, ..., 1 that fits a trial step
-#   CUDA, older      float16 + grad scaler    on          the same
-#   MPS              float32                  off         estimated from the free memory
-#   CPU              float32                  off         estimated from the free memory
+#                    --dtype                 --compile  --batch-size (micro batch per device)
+#   CUDA, Ampere on  bfloat16 autocast       on         the largest of 64, 32, ..., 1 that fits a trial step
+#   CUDA, older      float16 + grad scaler   on         the same
+#   MPS              float32                 off        estimated from the free memory
+#   CPU              float32                 off        estimated from the free memory
 # compile needs Triton, which works on CUDA GPUs from Volta on, and not on Windows. --demo keeps
 # float32, no compile and 8 rows. The resolved values go into log.txt and the checkpoints.
 
@@ -319,14 +318,15 @@ def compile_by_default(device):
 
 
 def autocast_and_scaler(dtype, device):
-    """The forward pass's autocast context and, for float16, the gradient scaler: float16's range
-    ends at 65504 and its precision at 6e-8, so small gradients would vanish; the scaler multiplies
-    the loss up before backward and the gradients back down before the step. bfloat16 has
-    float32's range and needs none."""
+    """The forward pass's autocast context and, for float16, the gradient scaler: float16 ends at
+    65504 and below 6e-8, so small gradients would round to zero; the scaler multiplies the loss up
+    before backward and the gradients back down before the step. bfloat16 has float32's range and
+    needs none."""
     dtype = autocast_dtype_for(dtype, device)
     if dtype is None:
         return nullcontext(), None
-    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return torch.autocast(device.type, dtype=dtype), scaler
 
 
 def batch_size_candidates(config, world_size):
@@ -340,7 +340,7 @@ def auto_batch_size(config, device, world_size):
     on any rank, so that all ranks run the same number of micro steps."""
     candidates = batch_size_candidates(config, world_size)
     if device.type == "cuda":
-        batch_size = first_that_fits(candidates, lambda b: trial_step(config, device, b), device)[0] or 0
+        batch_size, _ = first_that_fits(candidates, lambda b: trial_step(config, device, b), device)
         free_memory(device)  # the trial model and its compiled graphs
         how = " (auto: the largest that fit a trial step)"
     else:
@@ -351,8 +351,8 @@ def auto_batch_size(config, device, world_size):
         batch_size = (fitting or candidates[-1:])[0]  # none: the smallest, 1
         how = (f" (auto: {per_row / 1e9:.2f} GB per row, within {budget / 1e9:.1f} GB: half the free memory)"
                if budget else " (auto: the free memory is unknown here)")
-    if dist.is_initialized():
-        smallest = torch.tensor([batch_size], device=device)
+    if dist.is_initialized():  # 0: none fit on some rank
+        smallest = torch.tensor([batch_size or 0], device=device)
         dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
         batch_size = int(smallest.item())
     if not batch_size:
@@ -375,16 +375,18 @@ def first_that_fits(batch_sizes, try_step, device):
 
 def trial_step(config, device, batch_size):
     """One training step of a throwaway model at this micro batch, as the run will take it (dtype,
-    scaler, compile, AdamW): raises torch.OutOfMemoryError where it does not fit. The run's own
-    model is built afterwards, from the same seed, so the trial changes nothing it computes."""
-    trial = replace(config, batch_size=batch_size, total_batch_size=batch_size * config.seq_len)
-    raw_model = build_model(trial, device)
+    compile, fused AdamW) but without train_step's all-reduces: ranks whose tries differ must not
+    meet in a collective. Raises torch.OutOfMemoryError where it does not fit. The run's own model
+    is built afterwards, from the same seed, so the trial changes nothing the run computes."""
+    raw_model = build_model(config, device)
     optimizer, _ = raw_model.configure_optimizers(config.weight_decay, config.max_lr, device_type=device.type)
-    tokens = torch.zeros(batch_size, config.seq_len, dtype=torch.long)
-    loader = SimpleNamespace(next_batch=lambda: (tokens, tokens))
     model = torch.compile(raw_model) if config.compile else raw_model
     autocast, scaler = autocast_and_scaler(config.dtype, device)
-    train_step(model, optimizer, loader, 1, 0.0, trial, device, autocast, 0, scaler)
+    tokens = torch.zeros(batch_size, config.seq_len, dtype=torch.long, device=device)
+    with autocast:
+        _, loss = model(tokens, tokens)
+    (scaler.scale(loss) if scaler else loss).backward()
+    optimizer.step()  # allocates AdamW's two moments
 
 
 def free_memory(device):

@@ -74,7 +74,8 @@ def check_demo_with_auto_defaults(device, tmp_path, hellaswag_file, monkeypatch,
                  "--max-steps", str(steps), "--warmup-steps", str(steps // 5), "--eval-interval", str(half),
                  "--hellaswag-interval", str(half), "--sample-interval", str(half), "--sample-tokens", "16"]) == 0
     dtype, compiled = resolve_dtype("auto", torch.device(device)), train_gpt2.compile_by_default(torch.device(device))
-    assert f"dtype {dtype} (auto), compile {'on' if compiled else 'off'} (auto), batch size 8\n" in capsys.readouterr().out
+    printed = f"dtype {dtype} (auto), compile {'on' if compiled else 'off'} (auto), batch size 8\n"
+    assert printed in capsys.readouterr().out
     config = checkpoint(log, steps)["config"]
     assert (config["dtype"], config["compile"]) == (dtype, compiled)  # what ran, not "auto"
     losses = series(log, "train_loss")

@@ -490,7 +490,8 @@ def test_auto_dtype_and_compile_for_each_device(kind, capability, triton, system
     device = torch.device(kind)
     config = train_gpt2.resolve_auto(parse_args(["--batch-size", "8"]), device, 1)
     assert (config.dtype, config.compile, config.batch_size) == (dtype, compiled, 8)
-    assert capsys.readouterr().out == f"dtype {dtype} (auto), compile {'on' if compiled else 'off'} (auto), batch size 8\n"
+    printed = f"dtype {dtype} (auto), compile {'on' if compiled else 'off'} (auto), batch size 8\n"
+    assert capsys.readouterr().out == printed
     # hellaswag.py and bench.py autocast to the same dtype; explicit flags are kept as given
     assert autocast_dtype_for("auto", device) == (None if dtype == "float32" else getattr(torch, dtype))
     forced = train_gpt2.resolve_auto(parse_args(["--batch-size", "8", "--dtype", "float16", "--no-compile"]), device, 1)
@@ -543,7 +544,8 @@ def test_auto_batch_size_on_cuda_is_the_largest_trial_step_that_fits(monkeypatch
     monkeypatch.setattr(train_gpt2, "trial_step", trial_step)
     monkeypatch.setattr(train_gpt2, "free_memory", lambda device: None)
     config = parse_args(["--dtype", "bfloat16", "--compile"])
-    assert train_gpt2.auto_batch_size(config, torch.device("cuda"), 1) == (16, " (auto: the largest that fit a trial step)")
+    batch_size, how = train_gpt2.auto_batch_size(config, torch.device("cuda"), 1)
+    assert (batch_size, how) == (16, " (auto: the largest that fit a trial step)")
     assert tried == [64, 32, 16]
     tried.clear()
     with pytest.raises(TrainError, match="out of cuda memory at --batch-size 1 .* use a shorter --seq-len"):
@@ -617,7 +619,8 @@ def test_memory_estimate_is_near_a_measured_training_step():
         tokens = torch.randint(0, 50257, (config.batch_size, config.seq_len))
         loader = SimpleNamespace(next_batch=lambda: (tokens, tokens))
         train_gpt2.train_step(model, optimizer, loader, 1, 1e-3, config, device, torch.autocast("cpu", enabled=False), 0)
-        estimate = 16 * model.num_parameters() + config.batch_size * train_gpt2.activation_bytes(model.config, config.seq_len)
+        per_row = train_gpt2.activation_bytes(model.config, config.seq_len)
+        estimate = 16 * model.num_parameters() + config.batch_size * per_row
         print(estimate / (status("VmHWM") - before))"""
     if not os.path.exists("/proc/self/status"):
         pytest.skip("peak memory is read from Linux's /proc")
@@ -675,7 +678,8 @@ def test_float16_overflow_is_the_scalers_to_handle_not_an_error(data_dir):
 
 @pytest.mark.parametrize("name, dtype, flops", [
     ("NVIDIA H100 80GB HBM3", "float32", 494.5e12), ("NVIDIA H100 80GB HBM3", "float16", 989e12),
-    ("NVIDIA H100 PCIe", "float32", 378e12), ("NVIDIA H200", "bfloat16", 989e12), ("NVIDIA H200 NVL", "bfloat16", 835e12),
+    ("NVIDIA H100 PCIe", "float32", 378e12), ("NVIDIA H200", "bfloat16", 989e12),
+    ("NVIDIA H200 NVL", "bfloat16", 835e12),
     ("NVIDIA A100-SXM4-40GB", "float32", 156e12), ("NVIDIA L4", "float32", 60e12), ("NVIDIA L40S", "float16", 362e12),
     ("Tesla V100-SXM2-16GB", "float16", 125e12), ("Tesla V100-PCIE-32GB", "float16", 112e12),
     ("Tesla V100S-PCIE-32GB", "float16", 130e12), ("Tesla V100-SXM2-16GB", "float32", 15.7e12),
