@@ -256,6 +256,6 @@ def test_auto_batch_size_under_a_memory_cap_and_the_out_of_memory_line(data_dir,
         assert batch_size < 64 and tried == [64, 32, 16, 8, 4, 2, 1][:len(tried)] and tried[-1] == batch_size
         assert f"batch size {batch_size} (auto: the largest that fit a trial step)" in capsys.readouterr().out
         assert main([*gpt2, "--log-dir", str(tmp_path / "64"), "--batch-size", "64"]) == 1
-    assert capsys.readouterr().err == ("error: out of cuda memory at step 0 with --batch-size 64; relaunch with "
-                                       "--batch-size 32 (same total batch, more micro steps; it resumes from the "
-                                       "last checkpoint)\n")
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: out of cuda memory at step 0 with --batch-size 64; relaunch with --batch-size 32 (same "
+                      "total batch, more micro steps; it resumes from the last checkpoint)"]
