@@ -22,10 +22,9 @@ import pytest
 import torch
 
 import bench
-import fineweb
 import train_gpt2
 from common import resolve_dtype
-from test_train import HELLASWAG, SCRIPT, args, checkpoint, series
+from test_train import HELLASWAG, SCRIPT, args, checkpoint, data_dir, series  # noqa: F401 (data_dir: a fixture)
 from train_gpt2 import main
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
@@ -36,13 +35,6 @@ def fresh_dynamo():
     """Each test compiles from nothing, as a new process would: earlier tests' graphs do not count
     against torch.compile's per-function limit of recompiles."""
     torch._dynamo.reset()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, corpus_documents):
-    path = tmp_path_factory.mktemp("data")
-    fineweb.write_shards(corpus_documents, str(path), "pydocs", shard_size=4096, num_proc=1, progress=False)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
