@@ -9,11 +9,11 @@
 The sections (--sections, default all of them, in this order):
   matmul     the device's own ceiling: a large square matmul in each dtype, FLOP/s.
   train      one training micro step exactly as train_gpt2.py runs it (its train_step: forward
-             under autocast, backward, clip_grad_norm_, fused AdamW step), for every --dtypes x
-             --modes. Warm-up steps (compilation included) are left out; the timed steps are
-             synchronized and their median is reported as ms/step and tokens/s. Achieved FLOP/s =
-             model.flops_per_token(T) x tokens/s. MFU divides it by the device's dense bf16 peak
-             (train_gpt2.py's table, or --peak-flops; none on CPU). The ceiling ratio divides it by
+             under autocast, backward, clip_grad_norm_, fused AdamW step; float16 with its gradient
+             scaler), for every --dtypes x --modes. Warm-up steps (compilation included) are left
+             out; the timed steps are synchronized and their median is reported as ms/step and
+             tokens/s. Achieved FLOP/s = model.flops_per_token(T) x tokens/s. MFU divides it by the
+             device's dense peak in that dtype (train_gpt2.py's table, or --peak-flops; none on CPU). The ceiling ratio divides it by
              the median of matmuls in the same dtype timed between the training steps, so both
              saw the same machine at the same moment.
   sample     model.generate with its KV cache against a reference loop without one (the whole
@@ -29,13 +29,13 @@ the same device reaches in a plain matmul, measured in the same run, compares ac
 The model's weights are a fresh initialisation (speed does not depend on them), and the tokens
 are real text: Python's reference manual (pydoc_data), tokenized with GPT-2's tokenizer. Without
 --hellaswag-file, HellaSwag-format examples are built from the same manual's sentences (the
-output says which). float32 matmuls run as TF32 on CUDA, as in train_gpt2.py. Peak memory is
+output says which). float32 matmuls run as TF32 on CUDA, as in train_gpt2.py; sampling and
+HellaSwag run under the autocast dtype that train_gpt2.py's --dtype auto picks. Peak memory is
 torch.cuda.max_memory_allocated on CUDA and the process's peak resident set size (RSS) elsewhere.
 """
 
 import argparse
 import datetime
-import gc
 import itertools
 import json
 import os
@@ -46,7 +46,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -55,11 +54,12 @@ import torch
 import fineweb
 import hellaswag
 import train_gpt2
+from common import autocast_dtype_for
 from model import GPT, GPT2_SIZES, sample_next_token
 from tokenizer import get_tokenizer
 
 SECTIONS = ("matmul", "train", "sample", "hellaswag", "fineweb")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("eager", "compiled")
 PROMPT = "Hello, I'm a language model,"  # the prompt train_gpt2.py samples from
 
@@ -87,7 +87,8 @@ class BenchConfig:
     steps: int = setting(None, "timed training steps (default: 20 on a GPU, 3 on CPU)", type=int)
     warmup_steps: int = setting(None, "untimed steps first, compilation included (default: 5 on a GPU, "
                                       "1 on CPU)", type=int)
-    dtypes: str = setting("float32,bfloat16", "comma-separated: float32 and/or bfloat16 (autocast)")
+    dtypes: str = setting("float32,bfloat16", "comma-separated: float32, bfloat16 and/or float16 (autocast; "
+                                              "float16 with a gradient scaler)")
     modes: str = setting("eager,compiled", "comma-separated: eager and/or compiled (torch.compile)")
     # what else to measure
     sections: str = setting(",".join(SECTIONS), "comma-separated sections to run")
@@ -106,7 +107,7 @@ class BenchConfig:
     # the machine and the output
     device: str = setting("auto", "cpu, cuda, cuda:N, mps, or auto for cuda > mps > cpu")
     peak_flops: float = setting(None, "the device's peak FLOP/s for MFU (default: train_gpt2.py's "
-                                      "table of bf16 peaks; none on CPU)", type=float)
+                                      "table of dense peaks by GPU and dtype; none on CPU)", type=float)
     profile: bool = setting(True, "after timing, profile one step: which attention kernels ran")
     json: bool = setting(False, "print one JSON object instead of tables")
 
@@ -326,24 +327,14 @@ def batch_sizes(config, device):
 
 def bench_train(config, device, dtype_name, mode, tokens):
     sizes = batch_sizes(config, device)
-    for batch_size in sizes:
-        try:
-            return bench_train_at(config, device, dtype_name, mode, tokens, batch_size)
-        except torch.OutOfMemoryError:
-            pass  # leaving the except block drops the traceback, and with it the failed attempt's tensors
-        free_memory(device)
-        if batch_size == sizes[-1]:
-            raise BenchError(f"out of {device.type} memory at batch size {batch_size} ({dtype_name}, {mode}); "
-                             f"pass a smaller --batch-size or --seq-len")
-        log(f"  batch size {batch_size} does not fit; trying {batch_size // 2}")
-
-
-def free_memory(device):
-    """Forget compiled graphs (they hold their model) and hand cached GPU memory back."""
-    torch._dynamo.reset()  # also: the next batch size compiles afresh, not as a dynamic shape
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    batch_size, row = train_gpt2.first_that_fits(
+        sizes, lambda b: bench_train_at(config, device, dtype_name, mode, tokens, b), device)
+    if row is None:
+        raise BenchError(f"out of {device.type} memory at batch size {sizes[-1]} ({dtype_name}, {mode}); "
+                         f"pass a smaller --batch-size or --seq-len")
+    if batch_size != sizes[0]:
+        log(f"  batch size {batch_size * 2} does not fit; measured at {batch_size}")
+    return row
 
 
 def bench_train_at(config, device, dtype_name, mode, tokens, batch_size):
@@ -352,12 +343,13 @@ def bench_train_at(config, device, dtype_name, mode, tokens, batch_size):
     optimizer, _ = raw_model.configure_optimizers(tc.weight_decay, tc.max_lr, (tc.beta1, tc.beta2), tc.adam_eps,
                                                   device.type)
     model = torch.compile(raw_model) if tc.compile else raw_model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype_name == "bfloat16" else nullcontext()
+    autocast, scaler = train_gpt2.autocast_and_scaler(dtype_name, device)
     loader = RepeatedBatch(tokens, batch_size, config.seq_len)
     matmul = Matmul(config.matmul_size, DTYPES[dtype_name], device)
+    losses = []
 
     def step():  # exactly one optimizer step of train_gpt2.py with one micro step
-        train_gpt2.train_step(model, optimizer, loader, 1, tc.max_lr, tc, device, autocast)
+        losses.append(train_gpt2.train_step(model, optimizer, loader, 1, tc.max_lr, tc, device, autocast, scaler)[0])
 
     reset_peak_memory(device)
     first_step = timed(step, device)  # compiles, when compiled
@@ -386,7 +378,7 @@ def bench_train_at(config, device, dtype_name, mode, tokens, batch_size):
                 peak_flops=peak, mfu=achieved / peak if peak else None, ceiling_flops=statistics.median(ceiling),
                 ceiling_ratio=achieved / statistics.median(ceiling), first_step_s=first_step, recompiles=recompiles,
                 peak_memory_bytes=memory, memory_kind=memory_kind, other_load=other_load,
-                attention_kernels=kernels)
+                attention_kernels=kernels, first_loss=losses[0], grad_scale=scaler.get_scale() if scaler else None)
 
 
 def attention_kernels(step, device):
@@ -419,16 +411,12 @@ def generate_without_cache(model, idx, max_new_tokens, temperature=1.0, top_k=50
     return idx
 
 
-def inference_autocast(device):
-    """bf16 autocast on GPUs, as train_gpt2.py samples and scores; float32 on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if device.type != "cpu" else nullcontext()
-
-
 def bench_sample(config, device, model):
     prompt = torch.tensor([get_tokenizer().encode_ordinary(PROMPT)], device=device)  # (1, T0)
     n = config.max_new_tokens
     outputs, seconds = {}, {}
-    with inference_autocast(device):
+    dtype = autocast_dtype_for("auto", device)  # as train_gpt2.py's --dtype auto samples
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         model.generate(prompt, 2, top_k=1)  # warm-up
         for name, sample in (("kv_cache", model.generate), ("no_cache", lambda *a, **k: generate_without_cache(model, *a, **k))):
             generator = torch.Generator(device=device).manual_seed(0)
@@ -477,12 +465,12 @@ def bench_hellaswag(config, device, model):
         source = config.hellaswag_file
     else:
         examples, source = examples_from_text(config.hellaswag_examples), "built from the Python docs' sentences"
-    autocast_dtype = torch.bfloat16 if device.type != "cpu" else None
+    dtype = autocast_dtype_for("auto", device)  # as train_gpt2.py's --dtype auto scores
     batch_size = config.hellaswag_batch_size
-    hellaswag.evaluate(model, examples[:batch_size], device, batch_size, autocast_dtype=autocast_dtype)  # warm-up
+    hellaswag.evaluate(model, examples[:batch_size], device, batch_size, autocast_dtype=dtype)  # warm-up
     results, seconds = {}, {}
     for name, size in (("batched", batch_size), ("single", 1)):
-        run = lambda: results.__setitem__(name, hellaswag.evaluate(model, examples, device, size, autocast_dtype=autocast_dtype))  # noqa: E731
+        run = lambda: results.__setitem__(name, hellaswag.evaluate(model, examples, device, size, autocast_dtype=dtype))  # noqa: E731
         seconds[name] = timed(run, device)
     losses = [torch.tensor([p["losses"] for p in results[name]["predictions"]]) for name in ("batched", "single")]
     return dict(source=source, examples=len(examples), batch_size=batch_size,
@@ -671,7 +659,7 @@ def run(config):
                 log(f"  {row['ms_per_step']:.1f} ms/step, {row['tokens_per_sec']:,.0f} tokens/s, "
                     f"{percent(row['ceiling_ratio'])} of the matmul ceiling, MFU {percent(row['mfu'])}")
                 result["train"].append(row)
-                free_memory(device)  # the next row starts from an empty device
+                train_gpt2.free_memory(device)  # the next row starts from an empty device
     if "sample" in sections or "hellaswag" in sections:
         torch.manual_seed(0)
         model = GPT(model_config(config)).to(device).eval()  # built after training: not in its peak memory

@@ -1,11 +1,15 @@
 """What every script shares and no chapter is about: settings as flags, one error type, the
-device, files written safely, and a lock that keeps two runs out of one directory.
+device and the dtype it computes in, files written safely, and a lock that keeps two runs out of
+one directory.
 
     config = parse_settings(MyConfig, argv)                        # a dataclass of setting()s -> its flags
     device = pick_device("auto")                                   # cuda > mps > cpu
+    resolve_dtype("auto", device)                                  # "bfloat16" on an A100 or H100
     atomic_write("out/shard.npy", lambda f: np.save(f, tokens))   # whole file or none, even after a crash
     with DirectoryLock("log"):                                     # a second run on log/ stops at once
         ...
+    resolve_dtype("auto", torch.device("cuda"))                   # "bfloat16" on an A100 or H100
+    autocast_dtype_for("auto", torch.device("cpu"))                # None: float32, no autocast
 """
 
 import argparse
@@ -88,7 +92,7 @@ def config_file_flags(path, config_class):
     flags = []
     for key, value in settings.items():
         flag = "--" + key.replace("_", "-")
-        if names[key].type is not bool:
+        if not isinstance(value, bool):
             flags += [flag, *map(str, value if isinstance(value, list) else [value])]
         elif value or names[key].metadata.get("action") != "store_true":  # store_true flags have no --no- form
             flags.append(flag if value else "--no-" + flag[2:])
@@ -200,3 +204,28 @@ class DirectoryLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+# -----------------------------------------------------------------------------
+# The dtype a device computes in
+
+
+def resolve_dtype(dtype, device):
+    """The name of the dtype to autocast to on `device` ("float32": no autocast). 'auto' picks:
+    bfloat16 on CUDA GPUs of compute capability 8.0 and up (Ampere on: A100, L4, H100), float16 on
+    older ones (T4, V100: no bf16 compute; training adds a gradient scaler), and float32 on MPS and
+    CPU (bf16 autocast is slow on CPUs without bf16 instructions, and unreliable on MPS). Other
+    names are returned as given. train_gpt2.py, hellaswag.py and bench.py all pick this way."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        import torch  # here, not at the top: scripts without torch (fineweb.py) import this file too
+        return "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float16"
+    return "float32"
+
+
+def autocast_dtype_for(dtype, device):
+    """resolve_dtype's pick as the torch dtype to give torch.autocast, or None for float32 (no autocast)."""
+    import torch
+    name = resolve_dtype(dtype, device)
+    return None if name == "float32" else getattr(torch, name)

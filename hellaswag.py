@@ -36,8 +36,8 @@ batch have about one length. Every row (context + ending) of a batch is right-pa
 batch's longest row rounded up to a multiple of 32, and the last batch is filled up with dummy
 rows: few shapes (a torch.compile'd model compiles a dynamic-length graph once they differ) and
 little padding. A row longer than the model's block size keeps its last block_size tokens (the
-start of the context is dropped). On GPU the forward runs under bf16 autocast. Only the
-positions that predict an ending token go through the lm_head (our GPT's logit_positions; a
+start of the context is dropped). On GPU the forward runs under bf16 autocast (fp16 before
+Ampere). Only the positions that predict an ending token go through the lm_head (our GPT's logit_positions; a
 transformers model computes every position's logits and we pick). That is less time (the
 lm_head is a 50304-wide matmul) and much less memory: with the default 16 examples (64 rows),
 T = 192 and, say, 20 ending tokens per row, the logits are 64 * 20 * 50304 * 2 bytes = 0.13 GB in
@@ -63,7 +63,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import atomic_write
+from common import atomic_write, autocast_dtype_for
 from model import GPT, GPT2_VOCAB_SIZE  # scored over GPT-2's real tokens only; more rows are padding
 from tokenizer import get_tokenizer
 
@@ -422,9 +422,8 @@ def main(argv=None):
         if rank == 0:
             print(f"{config.model}: {model.num_parameters():,} parameters on {device}, "
                   f"{len(examples)} examples over {world_size} process(es)")
-        autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-        result = evaluate(model, examples, device, batch_size=config.batch_size, rank=rank,
-                          world_size=world_size, autocast_dtype=autocast_dtype, progress=rank == 0)
+        result = evaluate(model, examples, device, batch_size=config.batch_size, rank=rank, world_size=world_size,
+                          autocast_dtype=autocast_dtype_for("auto", device), progress=rank == 0)  # as training
         predictions = result["predictions"]
         counts = torch.tensor([result["correct"], result["correct_norm"], result["total"]], device=device)
         if distributed:

@@ -12,11 +12,12 @@ Relaunching the same command continues the run: `--resume auto` (the default) lo
 readable checkpoint in `<log dir>/checkpoints/` (a shared directory for multi-node runs), or starts
 fresh when there is none. `--resume never` always starts fresh; `--resume PATH` loads that file.
 
-The defaults are the GPT-3 small recipe on 10B tokens: 524,288 tokens per step (64 x 1024 per
-micro batch, gradient accumulation over the rest), AdamW (0.9, 0.95) with weight decay 0.1, lr 6e-4
-warmed up over 715 steps then cosine-decayed to 6e-5 at step 19,073, gradients clipped at 1.0,
-vocab padded to 50304, bf16 autocast, TF32 matmuls and torch.compile. Every setting is a flag
-(`python train_gpt2.py --help`); `--demo` only changes the defaults, explicit flags still win.
+The defaults are the GPT-3 small recipe on 10B tokens: 524,288 tokens per step (micro batches of
+up to 64 x 1024, gradient accumulation over the rest), AdamW (0.9, 0.95) with weight decay 0.1, lr
+6e-4 warmed up over 715 steps then cosine-decayed to 6e-5 at step 19,073, gradients clipped at 1.0,
+vocab padded to 50304, TF32 matmuls. The dtype (bf16 autocast on recent GPUs), torch.compile and the
+micro batch default to `auto`: what suits the machine (see "what `auto` picks" below). Every setting
+is a flag (`python train_gpt2.py --help`); `--demo` only changes the defaults, explicit flags still win.
 
 Each step prints one line (loss, lr, grad norm, ms, tokens/s, MFU) and appends the same to
 `<log dir>/metrics.jsonl`; evaluations (val loss, HellaSwag, samples) go there too, and a text
@@ -26,6 +27,7 @@ copy with a header per launch goes to `<log dir>/log.txt`. play.ipynb plots them
 import argparse
 import ctypes
 import datetime
+import gc
 import glob
 import json
 import math
@@ -41,7 +43,7 @@ import threading
 import time
 import tomllib
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -49,7 +51,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from common import DirectoryLock, UserError, atomic_write
+from common import DirectoryLock, UserError, atomic_write, autocast_dtype_for, resolve_dtype
 from model import GPT, GPT2_SIZES, GPTConfig, read_checkpoint
 from tokenizer import get_tokenizer
 
@@ -76,12 +78,30 @@ def add_flags(parser, config_class):
     for f in fields(config_class):
         kwargs = dict(f.metadata)
         if f.type is bool:
-            kwargs.setdefault("action", argparse.BooleanOptionalAction)  # --compile / --no-compile
-        else:
+            kwargs.setdefault("action", argparse.BooleanOptionalAction)  # --shuffle / --no-shuffle
+        elif "action" not in kwargs:
             kwargs.setdefault("type", type(f.default))
         if f.default is not None and "default:" not in kwargs["help"]:
             kwargs["help"] += f" (default: {f.default})"
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+class OnOffOrAuto(argparse.Action):
+    """--compile / --no-compile force a setting on or off; --compile auto leaves it to the machine."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        negatives = ["--no-" + option[2:] for option in option_strings]
+        super().__init__(option_strings + negatives, dest, nargs="?", choices=["auto"], metavar="auto", **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        on = not option_string.startswith("--no-")
+        if value is not None and not on:
+            parser.error(f"{option_string} takes no value")
+        setattr(namespace, self.dest, "auto" if value == "auto" else on)
+
+
+def int_or_auto(text):
+    return text if text == "auto" else int(text)
 
 
 @dataclass
@@ -101,7 +121,9 @@ class TrainConfig:
     vocab_size: int = setting(50304, "vocabulary size; 50304 pads GPT-2's 50257 to a multiple of 128 for speed")
     init_from: str = setting("scratch", "'scratch', or a Hugging Face GPT-2 name or local directory to fine-tune")
     # batch: total_batch_size tokens per optimizer step = batch_size * seq_len * world size * accumulation
-    batch_size: int = setting(64, "micro batch size B per device")
+    batch_size: int | str = setting("auto", "micro batch size B per device; auto: the largest power of two up to 64 "
+                                            "that divides the step and fits in memory (a trial step on CUDA, an "
+                                            "estimate on CPU and MPS)", type=int_or_auto)
     seq_len: int = setting(1024, "sequence length T")
     total_batch_size: int = setting(524288, "tokens per optimizer step, over all devices and micro steps")
     # optimization
@@ -137,9 +159,14 @@ class TrainConfig:
                                        "(pip install tensorboard)")
     # system
     device: str = setting("auto", "'auto' (cuda, else mps, else cpu), or e.g. cpu, cuda, mps")
-    dtype: str = setting("bfloat16", "autocast dtype of the forward pass", choices=["float32", "bfloat16"])
-    compile: bool = setting(True, "torch.compile the model (training, val loss and HellaSwag)")
-    peak_flops: float = setting(None, "device peak FLOP/s for MFU (default: a table of bf16 peaks)", type=float)
+    dtype: str = setting("auto", "autocast dtype of the forward pass; auto: bfloat16 on CUDA GPUs from Ampere on, "
+                                 "float16 with a gradient scaler on older ones, float32 on MPS and CPU",
+                         choices=["auto", "float32", "bfloat16", "float16"])
+    compile: bool | str = setting("auto", "torch.compile the model (training, val loss and HellaSwag); auto: on for "
+                                          "CUDA where Triton works, off on MPS, Windows and CPU; --compile and "
+                                          "--no-compile force it", action=OnOffOrAuto)
+    peak_flops: float = setting(None, "device peak FLOP/s for MFU (default: a table of dense peaks by GPU and "
+                                      "dtype)", type=float)
     seed: int = setting(1337, "seed of the initial weights and the data shuffle")
     resume: str = setting("auto", "'auto' (latest checkpoint in the log dir, if any), 'never' (a new run), "
                                   "or a checkpoint path (e.g. an earlier one, to roll back)")
@@ -220,7 +247,7 @@ def config_file_flags(path):
     flags = []
     for key, value in settings.items():
         flag = "--" + key.replace("_", "-")
-        if names[key].type is not bool:
+        if not isinstance(value, bool):
             flags += [flag, str(value)]
         elif value or names[key].metadata.get("action") != "store_true":  # store_true flags have no --no- form
             flags.append(flag if value else "--no-" + flag[2:])
@@ -248,10 +275,14 @@ def config_problems(config, world_size):
     floats = [f.name for f in fields(config) if f.type is float and getattr(config, f.name) is not None]
     not_finite = [k for k in floats if not math.isfinite(getattr(config, k))]  # nan and inf pass every comparison below
     found += [f"{k}={getattr(config, k)} must be a finite number" for k in not_finite]
-    positive = ["batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "adam_eps", "keep_checkpoints",
+    # An 'auto' batch size is a power of two that divides the rows of a step: 1 when any does.
+    batch_size = 1 if config.batch_size == "auto" else config.batch_size
+    positive = ["seq_len", "total_batch_size", "max_steps", "max_lr", "adam_eps", "keep_checkpoints",
                 "num_samples", "sample_tokens", "max_skipped_steps", "dist_timeout", "peak_flops"]
     found += [f"{k}={getattr(config, k)} must be positive" for k in positive
               if k not in not_finite and getattr(config, k) is not None and getattr(config, k) <= 0]
+    if batch_size <= 0:
+        found.append(f"batch_size={batch_size} must be positive")
     non_negative = ["warmup_steps", "min_lr", "weight_decay", "grad_clip", "eval_interval", "val_tokens",
                     "hellaswag_interval", "sample_interval", "checkpoint_interval", "stop_at_step", "time_limit", "seed"]
     found += [f"{k}={getattr(config, k)} must not be negative" for k in non_negative
@@ -279,10 +310,10 @@ def config_problems(config, world_size):
         found.append(f"min_lr={config.min_lr} is over max_lr={config.max_lr}")
     if config.eval_interval and 0 <= config.val_tokens < config.seq_len:
         found.append(f"val_tokens={config.val_tokens} is less than one sequence of seq_len={config.seq_len}")
-    tokens_per_micro_step = config.batch_size * config.seq_len * world_size
+    tokens_per_micro_step = batch_size * config.seq_len * world_size
     if tokens_per_micro_step > 0 and config.total_batch_size % tokens_per_micro_step:
         found.append(f"total_batch_size={config.total_batch_size} is not divisible by batch_size * seq_len * "
-                     f"world_size = {config.batch_size} * {config.seq_len} * {world_size} = {tokens_per_micro_step}")
+                     f"world_size = {batch_size} * {config.seq_len} * {world_size} = {tokens_per_micro_step}")
     return found
 
 
@@ -395,6 +426,159 @@ def all_reduce_sum(tensor):
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+# -----------------------------------------------------------------------------
+# Precision, compile and batch size: what `auto` picks
+#
+#                    --dtype                 --compile  --batch-size (micro batch per device)
+#   CUDA, Ampere on  bfloat16 autocast       on         the largest of 64, 32, ..., 1 that fits a trial step
+#   CUDA, older      float16 + grad scaler   on         the same
+#   MPS              float32                 off        estimated from the free memory
+#   CPU              float32                 off        estimated from the free memory
+# compile needs Triton, which works on CUDA GPUs from Volta on, and not on Windows. --demo keeps
+# float32, no compile and 8 rows. The resolved values go into log.txt and the checkpoints.
+
+
+def resolve_auto(config, device, world_size):
+    """The config with each 'auto' replaced by what this machine runs, said in one printed line."""
+    how = {k: " (auto)" for k in ("dtype", "compile", "batch_size") if getattr(config, k) == "auto"}
+    config = replace(config, dtype=resolve_dtype(config.dtype, device),
+                     compile=compile_by_default(device) if config.compile == "auto" else config.compile)
+    if config.batch_size == "auto":
+        batch_size, how["batch_size"] = auto_batch_size(config, device, world_size)
+        config = replace(config, batch_size=batch_size)
+    print0(f"dtype {config.dtype}{how.get('dtype', '')}, compile {'on' if config.compile else 'off'}"
+           f"{how.get('compile', '')}, batch size {config.batch_size}{how.get('batch_size', '')}")
+    return config
+
+
+def compile_by_default(device):
+    """torch.compile's GPU kernels are Triton's: on for CUDA where Triton runs (the package is
+    there and the GPU is Volta or newer: has_triton checks both); off on MPS (unreliable there),
+    on Windows (no official Triton) and on CPU (see DEMO_DEFAULTS: compiling costs more than it saves)."""
+    from torch.utils._triton import has_triton  # private, but what inductor itself asks
+    return device.type == "cuda" and platform.system() != "Windows" and has_triton()
+
+
+def autocast_and_scaler(dtype, device):
+    """The forward pass's autocast context and, for float16, the gradient scaler: float16 ends at
+    65504 and below 6e-8, so small gradients would round to zero; the scaler multiplies the loss up
+    before backward and the gradients back down before the step. bfloat16 has float32's range and
+    needs none."""
+    dtype = autocast_dtype_for(dtype, device)
+    if dtype is None:
+        return nullcontext(), None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return torch.autocast(device.type, dtype=dtype), scaler
+
+
+def batch_size_candidates(config, world_size):
+    """Powers of two up to 64 that divide the rows each rank reads per optimizer step, largest first."""
+    rows = config.total_batch_size // (config.seq_len * world_size)
+    return [b for b in (64, 32, 16, 8, 4, 2, 1) if rows % b == 0]
+
+
+def auto_batch_size(config, device, world_size):
+    """-> (batch size, how it was chosen). Under torchrun every rank takes the smallest that fit
+    on any rank, so that all ranks run the same number of micro steps."""
+    candidates = batch_size_candidates(config, world_size)
+    if device.type == "cuda":
+        batch_size, _ = first_that_fits(candidates, lambda b: trial_step(config, device, b), device)
+        free_memory(device)  # the trial model and its compiled graphs
+        how = " (auto: the largest that fit a trial step)"
+    else:
+        model = build_model(config, torch.device("meta"))  # its shape only: no memory, no weights
+        per_row = activation_bytes(model.config, config.seq_len)
+        budget = memory_budget(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        fitting = [b for b in candidates if budget and 16 * model.num_parameters() + b * per_row <= budget]
+        batch_size = (fitting or candidates[-1:])[0]  # none: the smallest, 1
+        how = (f" (auto: {per_row / 1e9:.2f} GB per row, within {budget / 1e9:.1f} GB: half the free memory)"
+               if budget else " (auto: the free memory is unknown here)")
+    if dist.is_initialized():  # 0: none fit on some rank
+        smallest = torch.tensor([batch_size or 0], device=device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        batch_size = int(smallest.item())
+    if not batch_size:
+        raise TrainError(f"out of {device.type} memory at --batch-size 1 (one row of --seq-len {config.seq_len}); "
+                         f"use a shorter --seq-len or a smaller model")
+    return batch_size, how
+
+
+def first_that_fits(batch_sizes, try_step, device):
+    """(B, try_step(B)) for the first B of batch_sizes (largest first) that runs without
+    torch.OutOfMemoryError, or (None, None). A failed try's memory is given back before the next."""
+    for batch_size in batch_sizes:
+        try:
+            return batch_size, try_step(batch_size)
+        except torch.OutOfMemoryError:
+            pass  # leaving the except block drops the traceback, and with it the failed try's tensors
+        free_memory(device)
+    return None, None
+
+
+def trial_step(config, device, batch_size):
+    """One training step of a throwaway model at this micro batch, as the run will take it (dtype,
+    compile, fused AdamW) but without train_step's all-reduces: ranks whose tries differ must not
+    meet in a collective. Raises torch.OutOfMemoryError where it does not fit. The run's own model
+    is built afterwards, from the same seed, so the trial changes nothing the run computes."""
+    raw_model = build_model(config, device)
+    optimizer, _ = raw_model.configure_optimizers(config.weight_decay, config.max_lr, device_type=device.type)
+    model = torch.compile(raw_model) if config.compile else raw_model
+    autocast, scaler = autocast_and_scaler(config.dtype, device)
+    tokens = torch.zeros(batch_size, config.seq_len, dtype=torch.long, device=device)
+    with autocast:
+        _, loss = model(tokens, tokens)
+    (scaler.scale(loss) if scaler else loss).backward()
+    optimizer.step()  # allocates AdamW's two moments
+
+
+def free_memory(device):
+    """Forget compiled graphs (they hold their model) and hand cached GPU memory back."""
+    torch._dynamo.reset()  # also: the next model or batch size compiles afresh, not as a dynamic shape
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def activation_bytes(model_config, seq_len):
+    """Estimated bytes a training step holds per row of seq_len tokens, in float32 (4 bytes a value):
+    per token, about 17 * n_embd values per layer kept for backward (Korthikanti et al. 2022,
+    "Reducing Activation Recomputation in Large Transformer Models": 34 * h bytes in 16 bits, without
+    dropout), plus 4 * vocab_size for the logits, their log-softmax and the gradients of both:
+        4 * T * (17 * n_layer * n_embd + 4 * vocab_size)
+    Add 16 bytes per parameter (weights, gradients, AdamW's two moments) for a whole step. On CPU
+    the sum came within 10% of the measured peak memory of a step (GPT-2 124M and the demo GPT)."""
+    return 4 * seq_len * (17 * model_config.n_layer * model_config.n_embd + 4 * model_config.vocab_size)
+
+
+def memory_budget(processes):
+    """Half the memory this machine has free, shared by `processes`; the other half is room for the
+    OS, the page cache of the shards and the estimate's error. Free means Linux's MemAvailable, or a
+    container's own limit (cgroup v2) when lower; elsewhere (macOS, where MPS shares the RAM) half
+    the RAM, the only figure there without psutil; None where neither can be read (Windows)."""
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        if not hasattr(os, "sysconf"):
+            return None
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit, used = f.read().strip(), int(g.read())
+        if limit != "max":
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit
+    return free // 2 // processes
+
+
+def out_of_memory(config, device, step):
+    """The one line for an out-of-memory error in the middle of training."""
+    fix = (f"relaunch with --batch-size {config.batch_size // 2} (same total batch, more micro steps; it resumes "
+           f"from the last checkpoint)" if config.batch_size > 1 else "use a shorter --seq-len or a smaller model")
+    return f"out of {device.type} memory at step {step} with --batch-size {config.batch_size}; {fix}"
 
 
 # -----------------------------------------------------------------------------
@@ -560,12 +744,13 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(config, step, raw_model, optimizer, loader):
+def save_checkpoint(config, step, raw_model, optimizer, loader, scaler=None):
     """Write log_dir/checkpoints/step_<step>.pt whole (atomic_write), then prune old ones."""
     path = os.path.join(config.log_dir, "checkpoints", f"step_{step:08d}.pt")
     checkpoint = {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
                   "optimizer": optimizer.state_dict(), "step": step, "config": asdict(config),
-                  "loader": loader.state_dict(), "rng": rng_state()}
+                  "loader": loader.state_dict(), "rng": rng_state(),
+                  "scaler": scaler.state_dict() if scaler else None}  # float16's loss scale: resume continues it
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write(path, lambda f: torch.save(checkpoint, f))
@@ -709,26 +894,37 @@ def run_header(config, device, world_size):
     ])
 
 
-# Dense bf16 peak FLOP/s, matched against torch.cuda.get_device_name. The first match wins, so a
-# longer name comes before a shorter one it contains ("L40S", "L40", then "L4").
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-                   ("H800 PCIe", 756e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
-                   ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12)]
+# Dense peak FLOP/s by GPU and by the dtype the matmuls run in, matched against
+# torch.cuda.get_device_name: float32 (as TF32 on tensor cores where the GPU has them, as training
+# sets it; plain FP32 on V100 and T4), float16 and bfloat16 (None: no bf16 compute before Ampere).
+# From NVIDIA's datasheets (H100, H200, H800, A100, A800, L40S, L40, L4, V100, T4); where a sheet
+# quotes "with sparsity" figures, the dense peak is half of them. The first match wins, so a longer
+# name comes before a shorter one it contains ("L40S", "L40", then "L4").
+PEAK_FLOPS = {  # name: (float32, float16, bfloat16)
+    "H100 PCIe": (378e12, 756e12, 756e12), "H100 NVL": (417.5e12, 835e12, 835e12),
+    "H100": (494.5e12, 989e12, 989e12), "H200 NVL": (417.5e12, 835e12, 835e12), "H200": (494.5e12, 989e12, 989e12),
+    "H800 PCIe": (378e12, 756e12, 756e12), "H800": (494.5e12, 989e12, 989e12),
+    "A100": (156e12, 312e12, 312e12), "A800": (156e12, 312e12, 312e12),
+    "L40S": (183e12, 362e12, 362e12), "L40": (90.5e12, 181e12, 181e12), "L4": (60e12, 121e12, 121e12),
+    "V100S": (16.4e12, 130e12, None), "V100-PCIE": (14e12, 112e12, None), "V100": (15.7e12, 125e12, None),
+    "Tesla T4": (8.1e12, 65e12, None),
+}
 
 
-def peak_flops_of(device_name):
-    """The table's figure for a GPU name, or None: unknown GPUs, and MIG slices (a fraction of the
-    GPU whose name still says H100) get no MFU rather than a wrong one."""
+def peak_flops_of(device_name, dtype):
+    """The table's figure for a GPU name and dtype, or None: unknown GPUs, and MIG slices (a
+    fraction of the GPU whose name still says H100) get no MFU rather than a wrong one."""
     if "MIG" in device_name:
         return None
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in device_name), None)
+    column = ("float32", "float16", "bfloat16").index(dtype)
+    return next((peaks[column] for key, peaks in PEAK_FLOPS.items() if key in device_name), None)
 
 
 def device_peak_flops(config, device):
     if config.peak_flops:
         return config.peak_flops
     if device.type == "cuda":
-        return peak_flops_of(torch.cuda.get_device_name(device))
+        return peak_flops_of(torch.cuda.get_device_name(device), config.dtype)
     return None  # cpu, mps: no reliable number, so MFU is left out
 
 
@@ -762,7 +958,7 @@ def evaluate_val(model, val_loader, num_rows, rank, world_size, device, autocast
 
 def evaluate_hellaswag(model, examples, rank, world_size, device, config):
     """acc_norm over all examples, split over ranks by hellaswag.py and reduced here."""
-    autocast_dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
+    autocast_dtype = autocast_dtype_for(config.dtype, device)
     # batch_size // 4 examples = batch_size rows (4 endings each), no longer than training rows.
     result = hellaswag.evaluate(model, examples, device, batch_size=max(1, config.batch_size // 4), rank=rank,
                                 world_size=world_size, autocast_dtype=autocast_dtype)
@@ -785,13 +981,14 @@ def sample(raw_model, config, device, autocast):
 # The training loop
 
 
-def train_step(model, optimizer, loader, accum, lr, config, device, autocast, stop=False):
+def train_step(model, optimizer, loader, accum, lr, config, device, autocast, scaler=None, stop=False):
     """One optimizer step over accum micro batches -> (loss, grad norm, skipped, stop).
 
     Gradients are all-reduced only on the last micro step. One more small all-reduce tells every
     rank what the others saw: a loss or gradient norm that is not finite on any rank skips the
     update on every rank (parameters and optimizer untouched), and a rank that wants to stop
-    (`stop`: a signal, a time limit) stops them all after this same step.
+    (`stop`: a signal, a time limit) stops them all after this same step. float16's gradient
+    scaler (`scaler`) handles its own overflows (below).
     """
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
@@ -807,10 +1004,16 @@ def train_step(model, optimizer, loader, accum, lr, config, device, autocast, st
             _, loss = model(x, y)
         # Each micro batch holds B*T targets, so the mean over the whole step is the mean of the
         # micro-batch means: divide each by accum before backward (the gradients add up).
-        (loss / accum).backward()
+        (scaler.scale(loss / accum) if scaler else loss / accum).backward()
         loss_sum += loss.detach()
+    if scaler:
+        scaler.unscale_(optimizer)  # the true gradients, for their norm and the clipping
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-    flags = torch.stack([loss_sum, (~torch.isfinite(norm)).float(), torch.tensor(float(stop), device=device)])
+    # With a scaler, an inf/nan gradient norm under a finite loss is float16 overflowing at the
+    # current scale: scaler.step skips that update and scaler.update lowers the scale, as designed
+    # (not a skipped step). Otherwise a non-finite norm skips the step like a non-finite loss.
+    bad_norm = torch.zeros((), device=device) if scaler else (~torch.isfinite(norm)).float()
+    flags = torch.stack([loss_sum, bad_norm, torch.tensor(float(stop), device=device)])
     loss_sum, bad_norm, stop = all_reduce_sum(flags).tolist()
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     loss = loss_sum / (accum * world_size)  # logged: the mean over micro steps and ranks
@@ -818,7 +1021,9 @@ def train_step(model, optimizer, loader, accum, lr, config, device, autocast, st
     if not skipped:
         for group in optimizer.param_groups:
             group["lr"] = lr
-        optimizer.step()
+        scaler.step(optimizer) if scaler else optimizer.step()
+    if scaler:
+        scaler.update()  # also after a skipped step: unscale_ above must be matched
     return loss, norm.item(), skipped, stop > 0
 
 
@@ -892,13 +1097,13 @@ def train(config, launch):
         problems = config_problems(config, world_size)
         if problems:
             raise TrainError("invalid settings: " + "; ".join(problems), exit_code=2)
-        if master:
-            launch.hold(claim_log_dir(config))  # one run per log directory, one launch at a time
         if config.demo or config.sample_interval or config.hellaswag_interval:
             try:  # the demo data, samples and HellaSwag need GPT-2's vocabulary: fail now, not mid-run
                 get_tokenizer()
             except OSError as e:
                 raise TrainError(str(e))
+        if master:
+            launch.hold(claim_log_dir(config))  # one run per log directory, one launch at a time
         if config.demo and master:
             prepare_demo_data(config.data_dir)
     if device.type == "cpu":
@@ -906,7 +1111,10 @@ def train(config, launch):
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.dtype == "bfloat16" else nullcontext())
+    with AllRanks():  # data first: a missing data dir fails in seconds, before a trial step of minutes
+        find_shards(config.data_dir, "train")
+    config = resolve_auto(config, device, world_size)  # dtype, compile and batch size for this machine
+    autocast, scaler = autocast_and_scaler(config.dtype, device)
     accum = config.total_batch_size // (config.batch_size * config.seq_len * world_size)
 
     with AllRanks() as choice:
@@ -946,6 +1154,8 @@ def train(config, launch):
             optimizer.load_state_dict(checkpoint["optimizer"])
             train_loader.load_state_dict(checkpoint["loader"])
             set_rng_state(checkpoint["rng"])
+            if scaler:
+                scaler.load_state_dict(checkpoint["scaler"])
             start.value = checkpoint["step"]
             del checkpoint  # the optimizer state is large; let it go
     if len(set(start.values)) > 1:
@@ -1012,8 +1222,11 @@ def train(config, launch):
                        + checkpoint_seconds > config.time_limit)
         synchronize(device)
         t0 = clock()
-        loss, norm, skipped, stop = train_step(train_model, optimizer, train_loader, accum, lr, config, device,
-                                               autocast, stop=launch.signal is not None or out_of_time)
+        try:
+            loss, norm, skipped, stop = train_step(train_model, optimizer, train_loader, accum, lr, config, device,
+                                                   autocast, scaler, stop=launch.signal is not None or out_of_time)
+        except torch.OutOfMemoryError:
+            raise TrainError(out_of_memory(config, device, step), every_rank=False) from None
         synchronize(device)
         dt = clock() - t0
         slowest_step = max(slowest_step, dt)
@@ -1033,7 +1246,7 @@ def train(config, launch):
         path = None
         if master and (due(config.checkpoint_interval, step, False) or step == config.max_steps or stop):
             t0 = clock()
-            path = save_checkpoint(config, step, raw_model, optimizer, train_loader)
+            path = save_checkpoint(config, step, raw_model, optimizer, train_loader, scaler)
             checkpoint_seconds = clock() - t0
             log.text(f"step {step} checkpoint {path}")
         if too_many_skipped:

@@ -30,6 +30,16 @@ import torch  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "multiprocess: starts several processes (torchrun, killed runs)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tests/test_gpu.py; skipped without one)")
+
+
+def pytest_ignore_collect(collection_path, config):
+    """`-m gpu` collects tests/test_gpu.py alone: a GPU machine with only the training stack (no
+    datasets, no Jupyter) must not fail on the imports of modules that hold no GPU test."""
+    name = collection_path.name
+    if config.option.markexpr == "gpu" and name.startswith("test_") and name != "test_gpu.py":
+        return True
+    return None
 
 
 @pytest.fixture(scope="session")

@@ -133,12 +133,12 @@ def test_compiled_step_does_not_recompile():
 
 
 def test_bad_flags_exit_2_with_one_line():
-    proc = run_bench("--preset", "test", "--dtypes", "float16", "--seq-len", "128", "--sections", "train,nope")
+    proc = run_bench("--preset", "test", "--dtypes", "float64", "--seq-len", "128", "--sections", "train,nope")
     assert proc.returncode == 2 and proc.stdout == ""
     (line,) = proc.stderr.strip().splitlines()[-1:]
     assert "Traceback" not in proc.stderr
     # Every offending value in the one line, each with what would work.
-    assert "--dtypes float16 must be one of float32, bfloat16" in line
+    assert "--dtypes float64 must be one of float32, bfloat16, float16" in line
     assert "--sections nope must be one of" in line
     assert "--seq-len 128 is over --block-size 64" in line
 
@@ -146,3 +146,19 @@ def test_bad_flags_exit_2_with_one_line():
 def test_missing_hellaswag_file_is_a_usage_error(tmp_path):
     proc = run_bench("--preset", "test", "--sections", "hellaswag", "--hellaswag-file", str(tmp_path / "none.jsonl"))
     assert proc.returncode == 2 and "--hellaswag-file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_float16_steps_with_the_gradient_scaler_and_mfu_uses_the_given_peak():
+    proc = run_bench("--preset", "test", "--sections", "matmul,train", "--modes", "eager", "--dtypes", "float16,float32",
+                     "--peak-flops", "1e12", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert [r["dtype"] for r in result["matmul"]] == ["float16", "float32"]
+    float16, float32 = result["train"]
+    assert (float16["dtype"], float32["dtype"]) == ("float16", "float32")
+    assert float16["grad_scale"] == 2.0 ** 16 and float32["grad_scale"] is None  # the scaler ran, as in training
+    # The same fresh weights and batch in both: the first step's loss agrees, near ln(vocab) (uniform guesses).
+    assert float16["first_loss"] == pytest.approx(float32["first_loss"], abs=0.01)
+    assert float32["first_loss"] == pytest.approx(math.log(50304), rel=0.02)
+    for r in result["train"]:
+        assert r["peak_flops"] == 1e12 and r["mfu"] == pytest.approx(r["achieved_flops"] / 1e12)

@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ import fineweb
 import hellaswag
 import train_gpt2
 from model import GPT
-from train_gpt2 import ShardLoader, get_lr, main, parse_args
+from train_gpt2 import ShardLoader, TrainError, get_lr, main, parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
@@ -167,7 +168,7 @@ def test_lr_schedule_warmup_peak_decay_and_floor():
     ("NVIDIA GeForce RTX 4090", None),  # unknown: no MFU rather than a wrong one (--peak-flops gives one)
 ])
 def test_peak_flops_by_gpu_name(name, flops):
-    assert train_gpt2.peak_flops_of(name) == flops
+    assert train_gpt2.peak_flops_of(name, "bfloat16") == flops
 
 
 # -----------------------------------------------------------------------------
@@ -1005,3 +1006,240 @@ def test_demo_builds_its_data_and_trains_end_to_end(tmp_path, capsys):
     assert sorted(series(log, "train_loss")) == [0, 1, 2, 3] and sorted(series(log, "val_loss")) == [0, 4]
     config = checkpoint(log, 4)["config"]
     assert (config["n_layer"], config["n_embd"], config["seq_len"], config["demo"]) == (4, 128, 128, True)
+
+
+# -----------------------------------------------------------------------------
+# What `auto` picks (dtype, compile, batch size), float16's scaler, out of memory, per-dtype peaks
+
+
+@pytest.mark.parametrize("kind, capability, triton, system, dtype, compiled", [
+    ("cuda", (9, 0), True, "Linux", "bfloat16", True),  # H100
+    ("cuda", (8, 0), True, "Linux", "bfloat16", True),  # A100: the first with bf16
+    ("cuda", (7, 5), True, "Linux", "float16", True),  # T4: no bf16, so float16 (and a scaler)
+    ("cuda", (8, 6), True, "Windows", "bfloat16", False),  # no official Triton on Windows
+    ("cuda", (9, 0), False, "Linux", "bfloat16", False),  # Triton missing (or a GPU older than Volta)
+    ("mps", None, True, "Darwin", "float32", False),
+    ("cpu", None, True, "Linux", "float32", False),
+])
+def test_auto_dtype_and_compile_for_each_device(kind, capability, triton, system, dtype, compiled, monkeypatch,
+                                                 capsys):
+    import platform
+
+    import torch.utils._triton
+    from common import autocast_dtype_for
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: triton)
+    monkeypatch.setattr(platform, "system", lambda: system)
+    device = torch.device(kind)
+    config = train_gpt2.resolve_auto(parse_args(["--batch-size", "8"]), device, 1)
+    assert (config.dtype, config.compile, config.batch_size) == (dtype, compiled, 8)
+    printed = f"dtype {dtype} (auto), compile {'on' if compiled else 'off'} (auto), batch size 8\n"
+    assert capsys.readouterr().out == printed
+    # hellaswag.py and bench.py autocast to the same dtype; explicit flags are kept as given
+    assert autocast_dtype_for("auto", device) == (None if dtype == "float32" else getattr(torch, dtype))
+    forced = train_gpt2.resolve_auto(parse_args(["--batch-size", "8", "--dtype", "float16", "--no-compile"]), device, 1)
+    assert (forced.dtype, forced.compile) == ("float16", False)
+
+
+def test_compile_flag_takes_auto_on_and_off():
+    assert parse_args([]).compile == "auto" and parse_args(["--compile", "auto"]).compile == "auto"
+    assert parse_args(["--compile"]).compile is True and parse_args(["--no-compile"]).compile is False
+    assert parse_args(["--compile", "--seed", "3"]).compile is True  # no value swallowed from the next flag
+    with pytest.raises(TrainError, match="--no-compile takes no value"):
+        parse_args(["--no-compile", "auto"])
+
+
+@pytest.mark.parametrize("total, seq_len, world_size, candidates", [
+    (524288, 1024, 1, [64, 32, 16, 8, 4, 2, 1]),  # 512 rows a step: every power of two up to 64
+    (524288, 1024, 16, [32, 16, 8, 4, 2, 1]),  # 32 rows per rank
+    (48 * 1024, 1024, 1, [16, 8, 4, 2, 1]),  # 48 rows: 32 and 64 do not divide it
+    (3 * 1024, 1024, 1, [1]),
+])
+def test_batch_size_candidates_divide_the_rows_of_a_step(total, seq_len, world_size, candidates):
+    config = parse_args(["--total-batch-size", str(total), "--seq-len", str(seq_len)])
+    assert train_gpt2.batch_size_candidates(config, world_size) == candidates
+
+
+def test_batch_size_search_on_a_fake_memory_limit(monkeypatch):
+    events = []
+    monkeypatch.setattr(train_gpt2, "free_memory", lambda device: events.append("free"))
+
+    def step(batch_size):  # 12 rows of memory: more raise as CUDA does
+        events.append(batch_size)
+        if batch_size > 12:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {batch_size} rows")
+        return f"ran {batch_size}"
+
+    assert train_gpt2.first_that_fits([64, 32, 16, 8, 4], step, torch.device("cpu")) == (8, "ran 8")
+    assert events == [64, "free", 32, "free", 16, "free", 8]  # each failed try's memory freed before the next
+    assert train_gpt2.first_that_fits([64, 32, 16], step, torch.device("cpu")) == (None, None)
+
+
+def test_auto_batch_size_on_cuda_is_the_largest_trial_step_that_fits(monkeypatch):
+    tried = []
+
+    def trial_step(config, device, batch_size):
+        tried.append(batch_size)
+        if batch_size * config.seq_len > 20 * 1024:  # a GPU that holds 20 rows of 1024
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(train_gpt2, "trial_step", trial_step)
+    monkeypatch.setattr(train_gpt2, "free_memory", lambda device: None)
+    config = parse_args(["--dtype", "bfloat16", "--compile"])
+    batch_size, how = train_gpt2.auto_batch_size(config, torch.device("cuda"), 1)
+    assert (batch_size, how) == (16, " (auto: the largest that fit a trial step)")
+    assert tried == [64, 32, 16]
+    tried.clear()
+    with pytest.raises(TrainError, match="out of cuda memory at --batch-size 1 .* use a shorter --seq-len"):
+        train_gpt2.auto_batch_size(replace(config, seq_len=32768, block_size=32768), torch.device("cuda"), 1)
+    assert tried == [16, 8, 4, 2, 1]  # 16 rows of 32768 per step: candidates from 16 down
+
+
+@pytest.mark.multiprocess
+def test_under_torchrun_every_rank_takes_the_smallest_batch_size_that_fit(tmp_path):
+    script = tmp_path / "agree.py"
+    script.write_text("""if True:
+        import os, sys, torch, train_gpt2
+        config = train_gpt2.parse_args(sys.argv[1:])
+        model = train_gpt2.build_model(config, torch.device("meta"))
+        per_row, fixed = train_gpt2.activation_bytes(model.config, config.seq_len), 16 * model.num_parameters()
+        rows = 64 if os.environ["RANK"] == "0" else 4.5  # the memory of rank 0 holds 64 rows, rank 1's 4
+        train_gpt2.memory_budget = lambda processes: fixed + rows * per_row
+        train_gpt2.start_distributed(timeout=600)
+        rank, device = os.environ["RANK"], train_gpt2.pick_device("cpu")
+        print(f"rank {rank}: batch size {train_gpt2.auto_batch_size(config, device, 2)[0]}")
+        train_gpt2.cleanup()""")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "256", "--total-batch-size", "32768"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Both ranks print to one pipe, and a line's text and its newline may be written apart: find the pairs.
+    assert sorted(re.findall(r"rank (\d): batch size (\d+)", result.stdout)) == [("0", "4"), ("1", "4")]
+
+
+def test_the_trial_step_changes_nothing_the_run_computes(straight, data_dir, tmp_path, monkeypatch):
+    # The CUDA search on CPU: real trial steps (8 rows "out of memory", then 4) before the run.
+    def search(config, device, world_size):
+        def trial(batch_size):
+            if batch_size > 4:
+                raise torch.OutOfMemoryError("fake")
+            train_gpt2.trial_step(config, device, batch_size)
+        return train_gpt2.first_that_fits([8, 4, 2, 1], trial, device)[0], " (trial)"
+
+    monkeypatch.setattr(train_gpt2, "auto_batch_size", search)
+    assert main(args(data_dir, tmp_path, "--batch-size", "auto", "--stop-at-step", "4")) == 0
+    assert checkpoint(tmp_path, 4)["config"]["batch_size"] == 4  # what ran, not "auto"
+    straight_losses = series(straight, "train_loss")
+    assert series(tmp_path, "train_loss") == {s: straight_losses[s] for s in range(4)}  # bitwise
+
+
+@pytest.mark.parametrize("budget_rows, expected", [(100, 8), (5.5, 4), (2.5, 2), (0.5, 1), (None, 1)])
+def test_cpu_batch_size_from_the_free_memory(budget_rows, expected, monkeypatch):
+    config = parse_args(args("d", "l", "--batch-size", "auto"))  # 256 tokens a step: 8 rows of 32
+    model = train_gpt2.build_model(config, torch.device("meta"))
+    per_row, fixed = train_gpt2.activation_bytes(model.config, 32), 16 * model.num_parameters()
+    budget = None if budget_rows is None else fixed + budget_rows * per_row
+    monkeypatch.setattr(train_gpt2, "memory_budget", lambda processes: budget)
+    batch_size, how = train_gpt2.auto_batch_size(config, torch.device("cpu"), 1)
+    assert batch_size == expected
+    assert ("free memory is unknown" in how) == (budget is None)
+
+
+def test_memory_estimate_is_near_a_measured_training_step():
+    # Peak resident memory of one real training step of the demo GPT (8 x 128 tokens), measured in
+    # a fresh process, against 16 bytes per parameter + activation_bytes per row.
+    code = """if True:
+        import torch, train_gpt2
+        from types import SimpleNamespace
+        def status(key):
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+        config, device = train_gpt2.parse_args(["--demo"]), torch.device("cpu")
+        train_gpt2.keep_freed_memory()
+        before = status("VmRSS")
+        model = train_gpt2.build_model(config, device)
+        optimizer, _ = model.configure_optimizers(0.1, 1e-3, device_type="cpu")
+        tokens = torch.randint(0, 50257, (config.batch_size, config.seq_len))
+        loader = SimpleNamespace(next_batch=lambda: (tokens, tokens))
+        train_gpt2.train_step(model, optimizer, loader, 1, 1e-3, config, device, torch.autocast("cpu", enabled=False))
+        per_row = train_gpt2.activation_bytes(model.config, config.seq_len)
+        estimate = 16 * model.num_parameters() + config.batch_size * per_row
+        print(estimate / (status("VmHWM") - before))"""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("peak memory is read from Linux's /proc")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr
+    assert 0.8 < float(result.stdout) < 1.25
+
+
+def test_auto_settings_are_resolved_in_the_checkpoint_and_resume(straight, data_dir, tmp_path, capsys):
+    auto = ("--dtype", "auto", "--compile", "auto", "--batch-size", "auto")
+    assert main(args(data_dir, tmp_path, *auto, "--stop-at-step", "4")) == 0
+    assert "dtype float32 (auto), compile off (auto), batch size 8 (auto: " in capsys.readouterr().out
+    config = checkpoint(tmp_path, 4)["config"]
+    assert (config["dtype"], config["compile"], config["batch_size"]) == ("float32", False, 8)  # 8 rows = 1 micro step
+    assert main(args(data_dir, tmp_path, *auto)) == 0  # the resume check compares resolved settings
+    assert_close_runs(tmp_path, straight, atol=1e-5)  # 1 x 8 rows instead of 2 x 4: the same tokens
+
+
+def test_out_of_memory_mid_run_is_one_line_naming_a_smaller_batch_size(data_dir, tmp_path, capsys, monkeypatch):
+    steps = []
+
+    def train_step(*a, **k):
+        steps.append(len(steps))
+        if len(steps) == 3:  # step 2
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_train_step(*a, **k)
+
+    real_train_step = train_gpt2.train_step
+    monkeypatch.setattr(train_gpt2, "train_step", train_step)
+    err = error_of(capsys, args(data_dir, tmp_path), 1)
+    assert err == ("error: out of cpu memory at step 2 with --batch-size 4; relaunch with --batch-size 2 (same total "
+                   "batch, more micro steps; it resumes from the last checkpoint)\n")
+    assert sorted(series(tmp_path, "train_loss")) == [0, 1]
+    assert "--seq-len" in train_gpt2.out_of_memory(replace(parse_args([]), batch_size=1), torch.device("cuda"), 5)
+
+
+def test_float16_overflow_is_the_scalers_to_handle_not_an_error(data_dir):
+    config = parse_args(args(data_dir, "unused", "--dtype", "float16"))
+    device = torch.device("cpu")
+    model = train_gpt2.build_model(config, device)
+    optimizer, _ = model.configure_optimizers(0.1, 1e-3, device_type="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    autocast, _ = train_gpt2.autocast_and_scaler("float16", device)
+    # A scale of 2^40 overflows float16 gradients (max 65504): the norm is inf, the loss finite.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    loader = ShardLoader(data_dir, "train", 4, 32)
+    loss, norm, skipped, _ = train_gpt2.train_step(model, optimizer, loader, 2, 1e-3, config, device, autocast, scaler)
+    assert math.isfinite(loss) and not math.isfinite(norm) and not skipped  # the scaler's, not a skipped step
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the step was skipped
+    assert scaler.get_scale() == 2.0 ** 39  # and the scale halved
+    # A non-finite loss is a skipped step, scaler or not.
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
+    loss, _, skipped, _ = train_gpt2.train_step(model, optimizer, loader, 2, 1e-3, config, device, autocast, scaler)
+    assert skipped and not math.isfinite(loss)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if "c_fc.weight" not in k)
+
+
+@pytest.mark.parametrize("name, dtype, flops", [
+    ("NVIDIA H100 80GB HBM3", "float32", 494.5e12), ("NVIDIA H100 80GB HBM3", "float16", 989e12),
+    ("NVIDIA H100 PCIe", "float32", 378e12), ("NVIDIA H200", "bfloat16", 989e12),
+    ("NVIDIA H200 NVL", "bfloat16", 835e12),
+    ("NVIDIA A100-SXM4-40GB", "float32", 156e12), ("NVIDIA L4", "float32", 60e12), ("NVIDIA L40S", "float16", 362e12),
+    ("Tesla V100-SXM2-16GB", "float16", 125e12), ("Tesla V100-PCIE-32GB", "float16", 112e12),
+    ("Tesla V100S-PCIE-32GB", "float16", 130e12), ("Tesla V100-SXM2-16GB", "float32", 15.7e12),
+    ("Tesla V100-SXM2-16GB", "bfloat16", None),  # no bf16 compute before Ampere: no MFU
+    ("Tesla T4", "float16", 65e12), ("Tesla T4", "float32", 8.1e12),
+])
+def test_peak_flops_by_gpu_name_and_dtype(name, dtype, flops):
+    assert train_gpt2.peak_flops_of(name, dtype) == flops
+
+
+def test_mfu_divides_by_the_peak_of_the_run_dtype(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    for dtype, peak in (("float32", 156e12), ("bfloat16", 312e12), ("float16", 312e12)):
+        assert train_gpt2.device_peak_flops(parse_args(["--dtype", dtype]), torch.device("cuda")) == peak
+    assert train_gpt2.device_peak_flops(parse_args(["--peak-flops", "1e15"]), torch.device("cuda")) == 1e15

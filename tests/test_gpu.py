@@ -1,0 +1,255 @@
+"""What a machine with a CUDA GPU runs first: the checks that the CPU tests cannot make.
+
+    GPT2_TIKTOKEN_FILE=$PWD/gpt2.tiktoken python -m pytest -q -m gpu tests
+
+Each check is one helper taking a device. The test marked `gpu` runs it on "cuda" with what a GPU
+gets by default (`--dtype auto`: bf16 autocast from Ampere on; `--compile auto`: on) and is
+skipped where CUDA is absent; its CPU twin runs the same helper on "cpu" with CPU settings, so the
+checking code itself runs in every test run, not only on the rare machine with a GPU. Offline,
+GPT-2's vocabulary comes from GPT2_TIKTOKEN_FILE (tokenizer.py); nothing here needs `datasets`.
+"""
+
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import replace
+
+import pytest
+import torch
+
+import bench
+import train_gpt2
+from common import resolve_dtype
+from test_train import HELLASWAG, SCRIPT, args, checkpoint, data_dir, series  # noqa: F401 (data_dir: a fixture)
+from train_gpt2 import main
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from nothing, as a new process would: earlier tests' graphs do not count
+    against torch.compile's per-function limit of recompiles."""
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def hellaswag_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hellaswag") / "hellaswag_val.jsonl"
+    path.write_text("".join(json.dumps({"ctx": c, "endings": e, "label": label}) + "\n" for c, e, label in HELLASWAG))
+    return str(path)
+
+
+# -----------------------------------------------------------------------------
+# The demo with the auto defaults: loss falls; val loss, HellaSwag and samples; no recompiles
+
+
+def check_demo_with_auto_defaults(device, tmp_path, hellaswag_file, monkeypatch, capsys, steps):
+    counters = torch._dynamo.utils.counters
+    before = counters["stats"]["unique_graphs"]  # the count runs over the whole process
+    graphs = []  # graphs compiled by this run, after each training step (and the evaluations before it)
+
+    def counting_train_step(*a, **k):
+        result = train_step(*a, **k)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+        return result
+
+    train_step = train_gpt2.train_step
+    monkeypatch.setattr(train_gpt2, "train_step", counting_train_step)
+    log, half = tmp_path / "log", steps // 2
+    assert main(["--demo", "--device", device, "--dtype", "auto", "--compile", "auto", "--data-dir",
+                 str(tmp_path / "demo_data"), "--log-dir", str(log), "--hellaswag-file", hellaswag_file,
+                 "--max-steps", str(steps), "--warmup-steps", str(steps // 5), "--eval-interval", str(half),
+                 "--hellaswag-interval", str(half), "--sample-interval", str(half), "--sample-tokens", "16"]) == 0
+    dtype, compiled = resolve_dtype("auto", torch.device(device)), train_gpt2.compile_by_default(torch.device(device))
+    printed = f"dtype {dtype} (auto), compile {'on' if compiled else 'off'} (auto), batch size 8\n"
+    assert printed in capsys.readouterr().out
+    config = checkpoint(log, steps)["config"]
+    assert (config["dtype"], config["compile"]) == (dtype, compiled)  # what ran, not "auto"
+    losses = series(log, "train_loss")
+    assert sorted(losses) == list(range(steps)) and all(math.isfinite(v) for v in losses.values())
+    assert losses[steps - 1] < losses[0] - 1.0
+    val = series(log, "val_loss")
+    assert sorted(val) == [0, half, steps] and val[steps] < val[0] - 1.0
+    accuracy = series(log, "hellaswag_acc")  # through the compiled model where compile is on
+    assert sorted(accuracy) == [0, half, steps] and all(0 <= a <= 1 for a in accuracy.values())
+    samples = series(log, "samples")
+    assert sorted(samples) == [0, half, steps]
+    assert all(len(s) == 4 and all(t.startswith("Hello, I'm a language model,") for t in s) for s in samples.values())
+    # Train, val and HellaSwag (two row lengths) all compiled before step 0's update, never again.
+    assert graphs == [graphs[0]] * steps and (graphs[0] > 0) == compiled
+    return dtype, compiled
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_demo_on_cuda_with_bf16_and_compile(tmp_path, hellaswag_file, monkeypatch, capsys):
+    dtype, compiled = check_demo_with_auto_defaults("cuda", tmp_path, hellaswag_file, monkeypatch, capsys, steps=150)
+    if torch.cuda.get_device_capability() >= (8, 0):
+        assert dtype == "bfloat16"
+    assert compiled  # Triton works on this GPU: torch.compile is on
+
+
+def test_demo_on_cpu_with_the_auto_defaults(tmp_path, hellaswag_file, monkeypatch, capsys):
+    assert check_demo_with_auto_defaults("cpu", tmp_path, hellaswag_file, monkeypatch, capsys, steps=8) == (
+        "float32", False)
+
+
+# -----------------------------------------------------------------------------
+# The attention kernel that training runs
+
+
+def attention_ops(device, compiled):
+    """The SDPA ops (and, on a GPU, kernels) of one training step of the demo GPT, as train runs it."""
+    device = torch.device(device)
+    config = train_gpt2.parse_args(["--demo", "--device", device.type])
+    config = replace(config, dtype=resolve_dtype("auto", device), compile=compiled)
+    raw_model = train_gpt2.build_model(config, device)
+    optimizer, _ = raw_model.configure_optimizers(0.1, 1e-3, device_type=device.type)
+    model = torch.compile(raw_model) if compiled else raw_model
+    autocast, scaler = train_gpt2.autocast_and_scaler(config.dtype, device)
+    tokens = torch.randint(0, 50257, (config.batch_size * config.seq_len + 1,))
+    loader = bench.RepeatedBatch(tokens, config.batch_size, config.seq_len)
+
+    def step():
+        train_gpt2.train_step(model, optimizer, loader, 1, 1e-3, config, device, autocast, scaler)
+
+    step()  # compiles, when compiled
+    return set(bench.attention_kernels(step, device))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_attention_runs_a_fused_sdpa_kernel_on_cuda():
+    fused = {"aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+             "aten::_scaled_dot_product_cudnn_attention"}  # cuDNN's is a flash-style kernel too (H100)
+    for compiled in (True, False):  # the default on a GPU, and --no-compile
+        ops = attention_ops("cuda", compiled)
+        assert ops & fused and "aten::_scaled_dot_product_attention_math" not in ops, (compiled, ops)
+
+
+def test_attention_runs_the_fused_sdpa_kernel_on_cpu():
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in attention_ops("cpu", compiled=False)
+
+
+# -----------------------------------------------------------------------------
+# Stop and resume; float16 with its gradient scaler
+
+
+def check_stop_and_resume(device, data_dir, tmp_path, tolerance, *flags):
+    """A run stopped at step 4 and relaunched against one straight run of 8 steps (tiny GPT)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for log_dir, stop in ((straight, ()), (resumed, ("--stop-at-step", "4")), (resumed, ())):
+        torch._dynamo.reset()  # each launch compiles afresh, as a new process does
+        assert main(args(data_dir, log_dir, "--device", device, *flags, *stop)) == 0
+    for key in ("train_loss", "grad_norm", "val_loss"):
+        got, want = series(resumed, key), series(straight, key)
+        assert got.keys() == want.keys()
+        for step in want:
+            assert got[step] == pytest.approx(want[step], rel=tolerance, abs=0), (key, step)
+    losses = series(straight, "train_loss")
+    assert all(math.isfinite(v) for v in losses.values()) and losses[7] < losses[0] - 0.5
+    # float16's loss scale and its count of good steps continue across the relaunch
+    assert checkpoint(resumed, 8)["scaler"] == checkpoint(straight, 8)["scaler"]
+    return checkpoint(straight, 8)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_stop_and_resume_on_cuda_continues_within_a_small_tolerance(data_dir, tmp_path):
+    # bf16 on a GPU is not bitwise from run to run (atomic adds in some backward kernels): within 2%
+    final = check_stop_and_resume("cuda", data_dir, tmp_path, 2e-2, "--dtype", "auto", "--compile", "auto")
+    assert final["config"]["dtype"] == resolve_dtype("auto", torch.device("cuda")) and final["config"]["compile"]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_float16_with_the_scaler_trains_and_resumes_on_cuda(data_dir, tmp_path):
+    final = check_stop_and_resume("cuda", data_dir, tmp_path, 2e-2, "--dtype", "float16", "--compile", "auto")
+    assert final["config"]["dtype"] == "float16" and final["scaler"]["scale"] > 0
+
+
+def test_stop_and_resume_on_cpu_with_the_auto_defaults_is_bitwise(data_dir, tmp_path):
+    final = check_stop_and_resume("cpu", data_dir, tmp_path, 0, "--dtype", "auto", "--compile", "auto")
+    assert final["config"]["dtype"] == "float32" and final["scaler"] is None
+
+
+def test_float16_with_the_scaler_trains_and_resumes_bitwise_on_cpu(data_dir, tmp_path):
+    final = check_stop_and_resume("cpu", data_dir, tmp_path, 0, "--dtype", "float16")
+    # 8 good steps in a row: the resumed run counted on from the checkpoint's 4, not from 0
+    assert final["scaler"]["scale"] == 2.0 ** 16 and final["scaler"]["_growth_tracker"] == 8
+
+
+# -----------------------------------------------------------------------------
+# torchrun with one process per GPU (NCCL)
+
+
+def check_torchrun_one_process(device, data_dir, tmp_path, *flags):
+    env = dict(os.environ, OMP_NUM_THREADS="1", NCCL_DEBUG="INFO")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", SCRIPT,
+               *args(data_dir, tmp_path, "--device", device, *flags, "--stop-at-step", "4")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 devices x 2 micro steps" in result.stdout
+    losses = series(tmp_path, "train_loss")
+    assert sorted(losses) == [0, 1, 2, 3] and losses[3] < losses[0]
+    final = checkpoint(tmp_path, 4)
+    assert final["step"] == 4 and all(not k.startswith(("module.", "_orig_mod.")) for k in final["model"])
+    return result.stdout + result.stderr
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_torchrun_with_nccl_trains_and_checkpoints(data_dir, tmp_path):
+    output = check_torchrun_one_process("cuda", data_dir, tmp_path, "--dtype", "auto", "--compile", "auto")
+    assert "NCCL INFO" in output  # the process group is NCCL's (setup_distributed picks it for cuda)
+
+
+@pytest.mark.multiprocess
+def test_torchrun_with_gloo_trains_and_checkpoints_on_cpu(data_dir, tmp_path):
+    check_torchrun_one_process("cpu", data_dir, tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# --batch-size auto against real GPU memory, and a run that does not fit (GPU only: a real OOM)
+
+
+@contextmanager
+def gpu_memory_cap(gib):
+    """This process may allocate at most `gib` GiB of the GPU: past it, torch.OutOfMemoryError."""
+    torch.cuda.set_per_process_memory_fraction(gib * 2 ** 30 / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_auto_batch_size_under_a_memory_cap_and_the_out_of_memory_line(data_dir, tmp_path, capsys, monkeypatch):
+    tried = []
+
+    def recording_trial_step(config, device, batch_size):
+        tried.append(batch_size)
+        trial_step(config, device, batch_size)
+
+    trial_step = train_gpt2.trial_step
+    monkeypatch.setattr(train_gpt2, "trial_step", recording_trial_step)
+    gpt2 = ["--data-dir", data_dir, "--device", "cuda", "--dtype", "auto", "--no-compile", "--total-batch-size",
+            "65536", "--max-steps", "1", "--warmup-steps", "0", "--eval-interval", "0", "--hellaswag-interval", "0",
+            "--sample-interval", "0"]  # GPT-2 124M, T = 1024: 64 rows a step
+    with gpu_memory_cap(12):
+        assert main([*gpt2, "--log-dir", str(tmp_path / "auto"), "--batch-size", "auto"]) == 0
+        batch_size = checkpoint(tmp_path / "auto", 1)["config"]["batch_size"]
+        assert batch_size < 64 and tried == [64, 32, 16, 8, 4, 2, 1][:len(tried)] and tried[-1] == batch_size
+        assert f"batch size {batch_size} (auto: the largest that fit a trial step)" in capsys.readouterr().out
+        assert main([*gpt2, "--log-dir", str(tmp_path / "64"), "--batch-size", "64"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: out of cuda memory at step 0 with --batch-size 64; relaunch with --batch-size 32 (same "
+                      "total batch, more micro steps; it resumes from the last checkpoint)"]
