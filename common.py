@@ -78,7 +78,7 @@ def parse_settings(config_class, argv=None, description=None, defaults=None):
     config = config_class(**{**(defaults(given) if defaults else {}), **given})
     problems = config.problems()
     if problems:
-        raise UserError("; ".join(problems), exit_code=2)
+        raise UserError("invalid settings: " + "; ".join(problems), exit_code=2)
     return config
 
 
