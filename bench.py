@@ -34,7 +34,6 @@ HellaSwag run under the autocast dtype that train_gpt2.py's --dtype auto picks. 
 torch.cuda.max_memory_allocated on CUDA and the process's peak resident set size (RSS) elsewhere.
 """
 
-import argparse
 import datetime
 import itertools
 import json
@@ -54,7 +53,7 @@ import torch
 import fineweb
 import hellaswag
 import train_gpt2
-from common import autocast_dtype_for
+from common import UserError, autocast_dtype_for, keep_freed_memory, parse_settings, pick_device, setting
 from model import GPT, GPT2_SIZES, sample_next_token
 from tokenizer import get_tokenizer
 
@@ -65,9 +64,6 @@ PROMPT = "Hello, I'm a language model,"  # the prompt train_gpt2.py samples from
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass, one kebab-case flag per field; a preset changes defaults only
-
-
-setting = train_gpt2.setting  # a config field whose metadata becomes its command-line flag
 
 
 @dataclass
@@ -141,8 +137,8 @@ class BenchConfig:
             found.append(f"--hellaswag-file {self.hellaswag_file} is not a file; give a HellaSwag .jsonl "
                          f"or leave the flag out to use examples built from the Python docs")
         try:
-            train_gpt2.pick_device(self.device)  # the same devices as training, the same messages
-        except train_gpt2.TrainError as e:
+            pick_device(self.device)  # the same devices as training, the same messages
+        except UserError as e:
             found.append(str(e))
         return found
 
@@ -168,19 +164,8 @@ def model_config(config):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Measure GPT-2 training, sampling, HellaSwag and tokenizing speed.",
-                                     argument_default=argparse.SUPPRESS)
-    train_gpt2.add_flags(parser, BenchConfig)
-    given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
-    config = BenchConfig(**{**PRESETS.get(given.get("preset"), {}), **given})
-    problems = config.problems()
-    if problems:
-        parser.exit(2, f"{parser.prog}: error: {'; '.join(problems)}\n")
-    return config
-
-
-class BenchError(Exception):
-    """A problem the user can fix: printed as one line, no traceback."""
+    return parse_settings(BenchConfig, argv, "Measure GPT-2 training, sampling, HellaSwag and tokenizing speed.",
+                          lambda given: PRESETS.get(given.get("preset"), {}))  # a preset: defaults only
 
 
 def log(message):
@@ -330,7 +315,7 @@ def bench_train(config, device, dtype_name, mode, tokens):
     batch_size, row = train_gpt2.first_that_fits(
         sizes, lambda b: bench_train_at(config, device, dtype_name, mode, tokens, b), device)
     if row is None:
-        raise BenchError(f"out of {device.type} memory at batch size {sizes[-1]} ({dtype_name}, {mode}); "
+        raise UserError(f"out of {device.type} memory at batch size {sizes[-1]} ({dtype_name}, {mode}); "
                          f"pass a smaller --batch-size or --seq-len")
     if batch_size != sizes[0]:
         log(f"  batch size {batch_size * 2} does not fit; measured at {batch_size}")
@@ -461,7 +446,7 @@ def bench_hellaswag(config, device, model):
         try:
             examples = hellaswag.load_examples(config.hellaswag_file)[:config.hellaswag_examples]
         except hellaswag.DataError as e:
-            raise BenchError(f"{e}; fix the file or leave --hellaswag-file out") from None
+            raise UserError(f"{e}; fix the file or leave --hellaswag-file out") from None
         source = config.hellaswag_file
     else:
         examples, source = examples_from_text(config.hellaswag_examples), "built from the Python docs' sentences"
@@ -534,10 +519,10 @@ def bench_fineweb(config, repeats=3):
             runs.append(_time_write_shards(documents, num_proc))
             ceiling_runs.append(_time_ceiling(documents, num_proc))
     except (fineweb.UsageError, fineweb.DataError) as e:
-        raise BenchError(f"fineweb benchmark failed: {e}") from None
+        raise UserError(f"fineweb benchmark failed: {e}") from None
     (seconds, tokens), (ceiling_seconds, ceiling_tokens) = min(runs), min(ceiling_runs)
     if ceiling_tokens != tokens:
-        raise BenchError(f"fineweb wrote {tokens} tokens where tiktoken alone counts {ceiling_tokens}")
+        raise UserError(f"fineweb wrote {tokens} tokens where tiktoken alone counts {ceiling_tokens}")
     return dict(source="Python docs", documents=len(documents), tokens=tokens, num_proc=num_proc, seconds=seconds,
                 tokens_per_sec=tokens / seconds, ceiling_seconds=ceiling_seconds,
                 ceiling_tokens_per_sec=tokens / ceiling_seconds, ratio=ceiling_seconds / seconds)
@@ -622,7 +607,7 @@ def device_name(device):
 
 
 def run(config):
-    device = train_gpt2.pick_device(config.device)
+    device = pick_device(config.device)
     gpu = device.type == "cuda"
     # Device-dependent defaults, filled in once so the output says what ran.
     defaults = dict(steps=20 if gpu else 3, warmup_steps=5 if gpu else 1, matmul_size=8192 if gpu else 3072,
@@ -633,7 +618,7 @@ def run(config):
     if gpu:
         torch.set_float32_matmul_precision("high")  # TF32, as train_gpt2.py runs float32 matmuls
     if device.type == "cpu":
-        train_gpt2.keep_freed_memory()  # as train_gpt2.py does on CPU
+        keep_freed_memory()  # as train_gpt2.py does on CPU
     sections, dtypes, modes = split(config.sections), split(config.dtypes), split(config.modes)
 
     result = {"meta": dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -678,12 +663,12 @@ def run(config):
 
 
 def main(argv=None):
-    config = parse_args(argv)  # argparse prints usage errors itself and exits with 2
     try:
+        config = parse_args(argv)
         result = run(config)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+    except UserError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     if config.json:
         print(json.dumps(result, indent=1))
     else:

@@ -1108,7 +1108,7 @@ def test_under_torchrun_every_rank_takes_the_smallest_batch_size_that_fit(tmp_pa
         train_gpt2.start_distributed(timeout=600)
         rank, device = os.environ["RANK"], train_gpt2.pick_device("cpu")
         print(f"rank {rank}: batch size {train_gpt2.auto_batch_size(config, device, 2)[0]}")
-        train_gpt2.cleanup()""")
+        torch.distributed.destroy_process_group()""")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
                "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "256", "--total-batch-size", "32768"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
