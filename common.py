@@ -25,11 +25,12 @@ from dataclasses import field, fields
 
 class UserError(Exception):
     """A problem the user can fix. Scripts print it as one line (no traceback) and exit with
-    exit_code: 2 for settings that cannot work, 1 for what went wrong at run time."""
+    exit_code: 2 for settings that cannot work, 1 for what went wrong at run time. Under torchrun,
+    every_rank=False says only this rank met it (so this rank prints it); reported, that it is printed."""
 
-    def __init__(self, message, exit_code=1):
+    def __init__(self, message, exit_code=1, every_rank=True, reported=False):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code, self.every_rank, self.reported = exit_code, every_rank, reported
 
 
 # -----------------------------------------------------------------------------
@@ -273,3 +274,50 @@ def keep_freed_memory():
         libc.mallopt(-1, 2**31 - 1)  # ...and M_TRIM_THRESHOLD: not trimmed back after each step (a C int)
     except (OSError, AttributeError):
         pass  # not glibc
+
+
+class AllRanks:
+    """A block of set-up that every rank runs, after which they agree on how it went.
+
+        with AllRanks() as block:     # a UserError in here, on any rank, ends every rank
+            block.value = ...         # optional: this rank's contribution
+        block.values                  # every rank's value, in rank order
+
+    A rank that fails skips the rest of its block, straight to the agreement: no rank is ever left
+    waiting in a collective that another rank will not reach.
+    """
+
+    def __init__(self, prefix="error: "):
+        self.prefix, self.value = prefix, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is None or isinstance(error, UserError):
+            self.values = agree(error, self.value, self.prefix)  # raises on every rank if any rank failed
+
+
+def agree(error=None, value=None, prefix="error: "):
+    """Every rank says whether it failed and shares a value -> the values in rank order. If any rank
+    failed, rank 0 prints each message once (with the ranks that met it, unless all did), the ranks
+    wait for that print, and each raises a UserError already reported."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        if error is not None:
+            raise error
+        return [value]
+    outcomes = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, (None if error is None else (str(error), error.exit_code), value))
+    failures = {}  # message -> the ranks that met it
+    for rank, (failure, _) in enumerate(outcomes):
+        if failure is not None:
+            failures.setdefault(failure, []).append(rank)
+    if not failures:
+        return [value for _, value in outcomes]
+    if dist.get_rank() == 0:
+        for (message, _), ranks in failures.items():
+            who = "" if len(ranks) == len(outcomes) else f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}: "
+            print(f"{prefix}{who}{message}", file=sys.stderr, flush=True)
+    dist.barrier()  # gloo: no rank exits (and has torchrun stop the others) before the print
+    raise UserError("reported", exit_code=next(iter(failures))[1], reported=True)

@@ -10,10 +10,9 @@
 
 The defaults are the GPT-3 small recipe on 10B tokens: 524,288 tokens per step, AdamW (0.9, 0.95),
 weight decay 0.1, lr 6e-4 warmed up over 715 steps then cosine-decayed to 6e-5 at step 19,073,
-gradients clipped at 1.0, vocab padded to 50304. The dtype, torch.compile and the micro batch are
-`auto`: what suits the machine. Relaunching the same command continues the run from its latest
-checkpoint; one log directory holds one run. Each step prints a line and appends it to
-<log dir>/metrics.jsonl (play.ipynb plots it), with val loss, HellaSwag and samples every 250 steps.
+gradients clipped at 1.0, vocab padded to 50304; dtype, compile and micro batch are `auto`, what
+suits the machine. Relaunching the same command continues the run; a log directory holds one run.
+Each step prints a line and appends it to <log dir>/metrics.jsonl, which play.ipynb plots.
 """
 
 import argparse
@@ -40,10 +39,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from common import (DirectoryLock, UserError, atomic_write, autocast_dtype_for, keep_freed_memory, parse_settings,
-                    pick_device, resolve_dtype, setting, start_distributed, write_settings)
+from common import (AllRanks, DirectoryLock, UserError, agree, atomic_write, autocast_dtype_for, keep_freed_memory,
+                    parse_settings, pick_device, resolve_dtype, setting, start_distributed, write_settings)
 from model import GPT, GPT2_SIZES, GPTConfig, read_checkpoint
 from tokenizer import get_tokenizer
+
+TrainError = UserError  # this script's one error type (exit_code 2: settings, 1: at run time)
 
 # -----------------------------------------------------------------------------
 # Settings: one dataclass, one flag per field (`python train_gpt2.py --help`)
@@ -55,10 +56,6 @@ def duration(text):
     if not text.strip() or not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 3h50m, 90m or 600")
     return sum(int(n or 0) * s for n, s in zip(match.groups(), (3600, 60, 1)))
-
-
-def int_or_auto(text):
-    return text if text == "auto" else int(text)
 
 
 class OnOffOrAuto(argparse.Action):
@@ -79,8 +76,8 @@ class TrainConfig:
     # data and output
     data_dir: str = setting("edu_fineweb10B", "directory of uint16 token shards made by fineweb.py")
     log_dir: str = setting("log", "the run's directory: metrics.jsonl, log.txt, config.toml, checkpoints/")
-    overwrite: bool = setting(False, "start a new run in a --log-dir that holds one, deleting what train_gpt2.py "
-                              "wrote there", action="store_true")
+    overwrite: bool = setting(False, "start a new run in a used --log-dir, deleting what train_gpt2.py wrote there "
+                              "(RUN_FILES)", action="store_true")
     shuffle: bool = setting(True, "shuffle train shard order and window order each epoch")
     # model
     model: str = setting("gpt2", "GPT-2 size to train from scratch", choices=list(GPT2_SIZES))
@@ -90,9 +87,9 @@ class TrainConfig:
     block_size: int = setting(1024, "longest sequence the model can see (learned positions)")
     vocab_size: int = setting(50304, "vocabulary size; 50304 pads GPT-2's 50257 to a multiple of 128 for speed")
     init_from: str = setting("scratch", "'scratch', or a Hugging Face GPT-2 name or local directory to fine-tune")
-    # batch: total_batch_size tokens per step = batch_size * seq_len * world size * accumulation
-    batch_size: int | str = setting("auto", "micro batch size per device; auto: the largest power of two up to 64 "
-                                    "that divides the step and fits in memory", type=int_or_auto)
+    # batch: total_batch_size tokens per step = batch_size * seq_len * devices * micro steps
+    batch_size: int | str = setting("auto", "micro batch per device; auto: the largest power of two up to 64 that "
+                                    "fits", type=lambda text: text if text == "auto" else int(text))
     seq_len: int = setting(1024, "sequence length T")
     total_batch_size: int = setting(524288, "tokens per optimizer step, over all devices and micro steps")
     # optimization
@@ -105,8 +102,8 @@ class TrainConfig:
     beta2: float = setting(0.95, "AdamW beta2")
     adam_eps: float = setting(1e-8, "AdamW epsilon")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0: no clipping)")
-    max_skipped_steps: int = setting(5, "a step whose loss or gradient is not finite is skipped; stop after this "
-                                     "many in a row")
+    max_skipped_steps: int = setting(5, "steps with a non-finite loss or gradient are skipped; stop after this many "
+                                     "in a row")
     # evaluation, sampling and checkpoints (an interval of 0 turns that event off)
     eval_interval: int = setting(250, "steps between validation losses")
     val_tokens: int = setting(10485760, "validation tokens per evaluation, whatever the number of devices")
@@ -119,67 +116,58 @@ class TrainConfig:
     checkpoint_interval: int = setting(1000, "steps between checkpoints (the last step always writes one)")
     keep_checkpoints: int = setting(3, "how many of the latest checkpoints to keep")
     # launches
-    resume: str = setting("auto", "'auto' (the log dir's latest checkpoint, if any), 'never' (a new run), or a "
-                          "checkpoint path (e.g. an earlier one, to roll back)")
+    resume: str = setting("auto", "'auto' (the log dir's latest checkpoint), 'never' (a new run), or a checkpoint "
+                          "path (an earlier one rolls back)")
     stop_at_step: int = setting(0, "end this launch with a checkpoint after this step (0: go on to max_steps)")
     time_limit: int = setting(0, "end this launch cleanly before this wall-clock time, e.g. 3h50m (0: none)",
                               type=duration)
-    dist_timeout: int = setting(600, "under torchrun, how long a rank waits for the others before the job ends, "
-                                "e.g. 10m", type=duration)
+    dist_timeout: int = setting(600, "under torchrun, how long a rank waits for the others, e.g. 10m", type=duration)
     wandb: str = setting(None, "also log to this Weights & Biases project (pip install wandb)")
     tensorboard: bool = setting(False, "also write TensorBoard events to <log dir>/tensorboard")
     # system
     device: str = setting("auto", "'auto' (cuda, else mps, else cpu), or e.g. cpu, cuda, mps")
     dtype: str = setting("auto", "autocast dtype; auto: bfloat16 on GPUs from Ampere on, float16 with a gradient "
-                         "scaler on older ones, float32 on MPS and CPU", choices=["auto", "float32", "bfloat16",
-                                                                                 "float16"])
+                         "scaler before, float32 on MPS and CPU", choices=["auto", "float32", "bfloat16", "float16"])
     compile: bool | str = setting("auto", "torch.compile the model; auto: on for CUDA where Triton works",
                                   action=OnOffOrAuto)
     peak_flops: float = setting(None, "device peak FLOP/s for MFU (default: a table of GPUs)")
     seed: int = setting(1337, "seed of the initial weights and the data shuffle")
-    demo: bool = setting(False, "defaults for a small CPU run on Python's docs (see DEMO_DEFAULTS)",
-                         action="store_true")
+    demo: bool = setting(False, "a small CPU run on Python's docs: DEMO_DEFAULTS", action="store_true")
 
     def problems(self):
         return config_problems(self, int(os.environ.get("WORLD_SIZE", 1)))
 
 
 # --demo changes defaults only: a 4-layer, 128-wide GPT (7.3M parameters, 6.4M of them the embedding)
-# on Python's reference manual (139k tokens, so ~2 epochs), 150 steps of 2,048 tokens: a few minutes
-# on 2 cores. float32 without compile: compiling costs more than it saves on 150 small steps, and
-# bf16 is slower than float32 on CPUs without bf16 instructions.
-DEMO_DEFAULTS = dict(
-    data_dir="demo_data", log_dir="log_demo", n_layer=4, n_head=4, n_embd=128, block_size=256,
-    batch_size=8, seq_len=128, total_batch_size=2048, max_steps=150, warmup_steps=15, max_lr=2e-3,
-    min_lr=2e-4, eval_interval=25, val_tokens=8192, hellaswag_interval=0, sample_interval=50,
-    checkpoint_interval=50, compile=False, dtype="float32",
-)
+# on Python's reference manual (139k tokens, ~2 epochs), 150 steps of 2,048 tokens: minutes on 2
+# cores; float32 without compile, which cost more than they save there.
+DEMO_DEFAULTS = dict(data_dir="demo_data", log_dir="log_demo", n_layer=4, n_head=4, n_embd=128, block_size=256,
+                     batch_size=8, seq_len=128, total_batch_size=2048, max_steps=150, warmup_steps=15, max_lr=2e-3,
+                     min_lr=2e-4, eval_interval=25, val_tokens=8192, hellaswag_interval=0, sample_interval=50,
+                     checkpoint_interval=50, compile=False, dtype="float32")
 # What may change when a run resumes: where and how it runs and reports, not what it learns. The
-# micro batch and the number of devices may change too (the loader state counts rows).
-RESUMABLE = {"data_dir", "log_dir", "overwrite", "batch_size", "eval_interval", "val_tokens", "hellaswag_interval",
+# micro batch and the number of devices may change too (the loader state counts rows), and the lr
+# schedule (RETUNABLE: a rollback after a loss spike may lower it; the change is printed).
+RETUNABLE = {"max_lr", "min_lr", "warmup_steps", "grad_clip"}
+RESUMABLE = RETUNABLE | {"data_dir", "log_dir", "overwrite", "batch_size", "eval_interval", "val_tokens", "hellaswag_interval",
              "hellaswag_file", "sample_interval", "sample_prompt", "num_samples", "sample_tokens",
              "checkpoint_interval", "keep_checkpoints", "stop_at_step", "time_limit", "max_skipped_steps", "wandb",
              "tensorboard", "device", "compile", "peak_flops", "resume", "dist_timeout", "demo"}
-
-
-class TrainError(UserError):
-    """A problem the user can fix: one line, no traceback. every_rank=False: only this rank met it."""
-
-    def __init__(self, message, exit_code=1, every_rank=True, reported=False):
-        super().__init__(message, exit_code)
-        self.every_rank, self.reported = every_rank, reported
+CHECKS = [  # (settings, what each must be, the test)
+    ("seq_len total_batch_size max_steps max_lr adam_eps keep_checkpoints num_samples sample_tokens "
+     "max_skipped_steps dist_timeout peak_flops", "be positive", lambda v: v > 0),
+    ("warmup_steps min_lr weight_decay grad_clip eval_interval val_tokens hellaswag_interval sample_interval "
+     "checkpoint_interval stop_at_step time_limit seed", "not be negative", lambda v: v >= 0),
+    ("beta1 beta2", "be in [0, 1)", lambda v: 0 <= v < 1),
+]
 
 
 def parse_args(argv=None):
     """The settings: the defaults (or --demo's), then a --config file's, then the flags given."""
-    def demo_defaults(given):
-        if not given.get("demo"):
-            return {}
-        return {**DEMO_DEFAULTS, "hellaswag_interval": DEMO_DEFAULTS["eval_interval"] if given.get("hellaswag_file") else 0}
-    try:
-        return parse_settings(TrainConfig, argv, "Train GPT-2 on token shards.", demo_defaults)
-    except UserError as e:
-        raise TrainError(str(e), e.exit_code) from None
+    def demo_defaults(given):  # --demo with a --hellaswag-file evaluates it too
+        hellaswag_interval = DEMO_DEFAULTS["eval_interval"] if given.get("hellaswag_file") else 0
+        return {**DEMO_DEFAULTS, "hellaswag_interval": hellaswag_interval} if given.get("demo") else {}
+    return parse_settings(TrainConfig, argv, "Train GPT-2 on token shards.", demo_defaults)
 
 
 def model_config(config):
@@ -188,51 +176,33 @@ def model_config(config):
     return GPTConfig.from_name(config.model, block_size=config.block_size, vocab_size=config.vocab_size, **sizes)
 
 
-def config_problems(config, world_size):
+def config_problems(c, world_size):
     """Every setting that cannot work, as readable strings."""
-    value = lambda k: getattr(config, k)  # noqa: E731
-    found = list(model_config(config).problems())
-    not_finite = [f.name for f in fields(config) if f.type is float and value(f.name) is not None
-                  and not math.isfinite(value(f.name))]  # nan and inf pass every comparison below
-    found += [f"{k}={value(k)} must be a finite number" for k in not_finite]
-    batch_size = 1 if config.batch_size == "auto" else config.batch_size  # auto divides the step
-    positive = ["seq_len", "total_batch_size", "max_steps", "max_lr", "adam_eps", "keep_checkpoints", "num_samples",
-                "sample_tokens", "max_skipped_steps", "dist_timeout", "peak_flops"]
-    found += [f"{k}={value(k)} must be positive" for k in positive
-              if k not in not_finite and value(k) is not None and value(k) <= 0]
-    found += [f"batch_size={batch_size} must be positive"] if batch_size <= 0 else []
-    non_negative = ["warmup_steps", "min_lr", "weight_decay", "grad_clip", "eval_interval", "val_tokens",
-                    "hellaswag_interval", "sample_interval", "checkpoint_interval", "stop_at_step", "time_limit", "seed"]
-    found += [f"{k}={value(k)} must not be negative" for k in non_negative if k not in not_finite and value(k) < 0]
-    found += [f"{k}={value(k)} must be in [0, 1)" for k in ("beta1", "beta2")
-              if k not in not_finite and not 0 <= value(k) < 1]
+    values = {f.name: getattr(c, f.name) for f in fields(c)}
+    bad = [f"{k}={v} must be a finite number" for k, v in values.items() if type(v) is float and not math.isfinite(v)]
+    batch_size = 1 if c.batch_size == "auto" else c.batch_size  # auto divides the step
+    bad += [f"{k}={values[k]} must {what}" for names, what, test in CHECKS for k in names.split()
+            if values[k] is not None and math.isfinite(values[k]) and not test(values[k])]
+    per_micro_step = batch_size * c.seq_len * world_size
     checks = [
-        (config.sample_interval and not config.sample_prompt,
-         "sample_prompt is empty; give a prompt, or turn samples off with --sample-interval 0"),
-        (os.path.exists(config.log_dir) and not os.path.isdir(config.log_dir),
-         f"log_dir={config.log_dir} is a file, not a directory"),
-        (os.path.isfile(config.init_from),
-         f"init_from={config.init_from} is a file, not a Hugging Face GPT-2: continue a train_gpt2.py checkpoint "
-         f"with --resume {config.init_from}, or fine-tune from one after `python export.py {config.init_from} DIR` "
-         f"with --init-from DIR"),
-        (config.init_from.startswith(("/", "./", "../", "~")) and not os.path.exists(config.init_from),
-         f"init_from={config.init_from} does not exist (give a local Hugging Face directory or a hub name such "
-         f"as gpt2)"),
-        (config.overwrite and config.resume not in ("auto", "never"),
-         f"--overwrite starts a new run, so it cannot resume from {config.resume}"),
-        (config.init_from == "scratch" and config.seq_len > config.block_size,
-         f"seq_len={config.seq_len} is over block_size={config.block_size}"),
-        (config.warmup_steps > config.max_steps, f"warmup_steps={config.warmup_steps} is over max_steps={config.max_steps}"),
-        (not not_finite and config.min_lr > config.max_lr, f"min_lr={config.min_lr} is over max_lr={config.max_lr}"),
-        (config.eval_interval and 0 <= config.val_tokens < config.seq_len,
-         f"val_tokens={config.val_tokens} is less than one sequence of seq_len={config.seq_len}"),
+        (batch_size <= 0, f"batch_size={batch_size} must be positive"),
+        (c.sample_interval and not c.sample_prompt, "sample_prompt is empty; give one, or --sample-interval 0"),
+        (os.path.exists(c.log_dir) and not os.path.isdir(c.log_dir), f"log_dir={c.log_dir} is a file, not a directory"),
+        (os.path.isfile(c.init_from), f"init_from={c.init_from} is a file, not a Hugging Face GPT-2: continue a "
+         f"train_gpt2.py checkpoint with --resume {c.init_from}, or fine-tune from one after `python export.py "
+         f"{c.init_from} DIR` with --init-from DIR"),
+        (c.init_from.startswith(("/", "./", "../", "~")) and not os.path.exists(c.init_from),
+         f"init_from={c.init_from} does not exist (give a local Hugging Face directory or a hub name such as gpt2)"),
+        (c.overwrite and c.resume not in ("auto", "never"), f"--overwrite starts a new run: no --resume {c.resume}"),
+        (c.init_from == "scratch" and c.seq_len > c.block_size, f"seq_len={c.seq_len} is over block_size={c.block_size}"),
+        (c.warmup_steps > c.max_steps, f"warmup_steps={c.warmup_steps} is over max_steps={c.max_steps}"),
+        (c.min_lr > c.max_lr, f"min_lr={c.min_lr} is over max_lr={c.max_lr}"),
+        (c.eval_interval and 0 <= c.val_tokens < c.seq_len,
+         f"val_tokens={c.val_tokens} is less than one sequence of seq_len={c.seq_len}"),
+        (per_micro_step > 0 and c.total_batch_size % per_micro_step, f"total_batch_size={c.total_batch_size} is not "
+         f"divisible by batch_size * seq_len * world_size = {batch_size} * {c.seq_len} * {world_size} = {per_micro_step}"),
     ]
-    found += [message for failed, message in checks if failed]
-    per_micro_step = batch_size * config.seq_len * world_size
-    if per_micro_step > 0 and config.total_batch_size % per_micro_step:
-        found.append(f"total_batch_size={config.total_batch_size} is not divisible by batch_size * seq_len * "
-                     f"world_size = {batch_size} * {config.seq_len} * {world_size} = {per_micro_step}")
-    return found
+    return list(model_config(c).problems()) + bad + [message for failed, message in checks if failed]
 
 
 # -----------------------------------------------------------------------------
@@ -240,11 +210,11 @@ def config_problems(config, world_size):
 #
 # A split's shards, in this epoch's order, form one token stream; row i is the window
 # stream[i*T : i*T + T + 1] (x its first T tokens, y its last T), which may span two shards. Rows
-# are counted from the start of training and run on into the next epoch, which has its own shard
-# and row order (seeded by (seed, epoch), the same on every rank). At step s, micro step k, rank r
-# of W reads micro batch g = (s * accum + k) * W + r, rows [g*B, (g+1)*B): the ranks read disjoint
-# rows whose union is what one process reads with W times the accumulation, and the state (the
-# next row) is the same on every rank and holds for any B and W.
+# are counted from the start of training and run on into the next epoch, with its own shard and
+# row order (seeded by (seed, epoch), the same on every rank). At step s, micro step k, rank r of W
+# reads micro batch g = (s * accum + k) * W + r, rows [g*B, (g+1)*B): the ranks read disjoint rows
+# whose union is what one process reads with W times the accumulation, and the state (the next row)
+# is the same on every rank and holds for any B and W.
 
 
 def find_shards(data_dir, split):
@@ -285,8 +255,7 @@ class ShardLoader:
             raise TrainError(f"the {split} split of {data_dir} holds {self.num_tokens} tokens, fewer than one batch "
                              f"of {min_rows} windows of {seq_len}+1 tokens; use more data or a smaller "
                              f"--batch-size/--seq-len")
-        self.row = 0  # the next row to read, counted over epochs; the same on every rank
-        self._epoch = None  # the epoch whose order is cached below
+        self.row, self._epoch = 0, None  # the next row to read (counted over epochs), the cached epoch
 
     def _order(self, epoch):
         """This epoch's shard order, each shard's start in the stream, and row order (or None)."""
@@ -369,12 +338,9 @@ def train_step(model, optimizer, loader, accum, lr, config, device, autocast, sc
     every rank, and a rank that wants to stop (a signal, the time limit) stops all after this step.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=device)
+    loss_sum, pin = torch.zeros((), device=device), device.type == "cuda"
     for micro_step in range(accum):
-        x, y = loader.next_batch()
-        pin = device.type == "cuda"
-        x, y = (t.pin_memory() if pin else t for t in (x, y))
-        x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
+        x, y = (t.pin_memory().to(device, non_blocking=True) if pin else t.to(device) for t in loader.next_batch())
         if isinstance(model, DDP):
             model.require_backward_grad_sync = micro_step == accum - 1
         with autocast:
@@ -416,7 +382,9 @@ def train(config, launch):
         if master:
             launch.hold(claim_log_dir(config))  # one run per log directory, one launch at a time
             if config.demo:
-                prepare_demo_data(config.data_dir)
+                import fineweb  # only the demo needs it: Python's reference manual, tokenized once
+                fineweb.write_shards(fineweb.python_docs_documents(), config.data_dir, "pydocs", shard_size=16384,
+                                     num_proc=1, progress=False, source="python-docs")
     with AllRanks():  # data first: a missing data dir fails in seconds, before a trial step of minutes
         find_shards(config.data_dir, "train")
     if device.type == "cpu":
@@ -424,7 +392,7 @@ def train(config, launch):
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
-    config = resolve_auto(config, device, world_size)  # dtype, compile and batch size for this machine
+    settings, config = config, resolve_auto(config, device, world_size)  # dtype, compile, batch size for here
     autocast, scaler = autocast_and_scaler(config.dtype, device)
     accum = config.total_batch_size // (config.batch_size * config.seq_len * world_size)
 
@@ -482,7 +450,7 @@ def train(config, launch):
         log = launch.hold(RunLog(config, step, enabled=master))
         if master:
             set_aside_later_checkpoints(config, step)
-            write_settings(config, os.path.join(config.log_dir, "config.toml"), leave_out=("overwrite", "resume"))
+            write_settings(settings, os.path.join(config.log_dir, "config.toml"), leave_out=("overwrite", "resume"))
 
     # One compiled module serves training (inside DDP), the val loss and HellaSwag; sampling runs the
     # plain module's KV-cache loop, whose shapes change every token. Same weights throughout.
@@ -497,8 +465,8 @@ def train(config, launch):
     flops_per_token, peak = raw_model.flops_per_token(config.seq_len), device_peak_flops(config, device)
     # For --time-limit: the slowest step and evaluation so far, and a checkpoint's time (until one is
     # timed: the weights and AdamW's two moments at 100 MB/s).
-    slowest_step = slowest_eval = 0.0
-    checkpoint_seconds, skipped_in_a_row = 12 * raw_model.num_parameters() / 100e6, 0
+    slowest_step, slowest_eval, checkpoint_seconds = 0.0, 0.0, 12 * raw_model.num_parameters() / 100e6
+    skipped_in_a_row = 0
     while True:
         last, eval_start = step == config.max_steps, clock()
         if due(config.eval_interval, step, last):
@@ -584,16 +552,6 @@ def build_model(config, device):
     return model.to(device)
 
 
-def prepare_demo_data(data_dir):
-    """Tokenize Python's reference manual into data_dir (the first time; later calls find it done)."""
-    import fineweb  # only the demo needs it
-    try:
-        fineweb.write_shards(fineweb.python_docs_documents(), data_dir, "pydocs", shard_size=16384, num_proc=1,
-                             progress=False, source="python-docs")
-    except UserError as e:
-        raise TrainError(f"cannot build the demo data in {data_dir} ({e}); pass another --data-dir")
-
-
 clock = time.perf_counter  # steps, evaluations and --time-limit are timed with it (a test may replace it)
 
 
@@ -615,9 +573,7 @@ def evaluate_val(model, val_loader, num_rows, rank, world_size, device, autocast
             _, loss = model(x.to(device), y.to(device))
         n = (y != -1).sum().item()
         totals += torch.tensor([loss.item() * n, n], dtype=torch.float64)
-    if dist.is_initialized():
-        totals = all_reduce_sum(totals.to(device)).cpu()  # float64: fine on CPU and CUDA, not on MPS
-    return (totals[0] / totals[1]).item()
+    return mean_over_ranks(totals, device)
 
 
 def evaluate_hellaswag(model, examples, rank, world_size, device, config):
@@ -625,20 +581,23 @@ def evaluate_hellaswag(model, examples, rank, world_size, device, config):
     # batch_size // 4 examples = batch_size rows (4 endings each), no longer than training rows
     result = hellaswag.evaluate(model, examples, device, batch_size=max(1, config.batch_size // 4), rank=rank,
                                 world_size=world_size, autocast_dtype=autocast_dtype_for(config.dtype, device))
-    counts = torch.tensor([result["correct_norm"], result["total"]], dtype=torch.float64)
+    return mean_over_ranks(torch.tensor([result["correct_norm"], result["total"]], dtype=torch.float64), device)
+
+
+def mean_over_ranks(totals, device):
+    """totals[0] / totals[1], each summed over ranks (float64: CPU and CUDA have it, MPS runs alone)."""
     if dist.is_initialized():
-        counts = all_reduce_sum(counts.to(device)).cpu()  # float64: fine on CPU and CUDA, not on MPS
-    return (counts[0] / counts[1]).item()
+        totals = all_reduce_sum(totals.to(device)).cpu()
+    return (totals[0] / totals[1]).item()
 
 
 def sample(raw_model, config, device, autocast):
     """Continuations of the prompt, with a fixed seed so samples of different steps compare."""
     enc = get_tokenizer()
     prompt = torch.tensor(enc.encode_ordinary(config.sample_prompt), dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(42)
     with autocast:
         out = raw_model.generate(prompt.repeat(config.num_samples, 1), config.sample_tokens, top_k=50,
-                                 generator=generator)  # (num_samples, prompt + sample_tokens)
+                                 generator=torch.Generator(device=device).manual_seed(42))
     return [enc.decode(row.tolist()) for row in out]
 
 
@@ -659,8 +618,7 @@ def save_checkpoint(config, step, raw_model, optimizer, loader, scaler=None):
     path = os.path.join(config.log_dir, "checkpoints", f"step_{step:08d}.pt")
     checkpoint = {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
                   "optimizer": optimizer.state_dict(), "step": step, "config": asdict(config),
-                  "loader": loader.state_dict(), "rng": rng_state(),
-                  "scaler": scaler.state_dict() if scaler else None}  # float16's loss scale goes on too
+                  "loader": loader.state_dict(), "rng": rng_state(), "scaler": scaler and scaler.state_dict()}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write(path, lambda f: torch.save(checkpoint, f))
@@ -728,6 +686,10 @@ def check_resumable(saved, config):
     """Refuse to continue a run with settings that change what it learns, listing them all."""
     differ = [f"{k}={saved.get(k)!r} in the checkpoint but {v!r} now" for k, v in asdict(config).items()
               if k not in RESUMABLE and saved.get(k) != v]
+    retuned = [f"{k}={saved.get(k)!r} in the checkpoint, {getattr(config, k)!r} now" for k in sorted(RETUNABLE)
+               if saved.get(k) != getattr(config, k)]
+    if retuned and not differ:
+        print0(f"note: {'; '.join(retuned)}: the lr schedule goes on with the new values")
     if differ:
         raise TrainError(f"the checkpoint's settings differ from the flags: {'; '.join(differ)}; relaunch with the "
                          f"checkpoint's settings, or another --log-dir / --overwrite for a new run", exit_code=2)
@@ -753,20 +715,38 @@ def set_rng_state(state):
 
 class RunLog:
     """The run's history, written by rank 0: metrics.jsonl (one JSON object per event), log.txt (the
-    same as text, a header per launch) and the dashboards asked for (W&B, TensorBoard). A launch
-    that starts at step S first keeps only the events of steps before S (the file rewritten whole),
-    so a resumed or rolled-back run lists each step once. Non-finite values are written as null."""
+    same as text, a header per launch), and W&B and TensorBoard when asked for. A launch that starts
+    at step S first keeps only the events of steps before S (the file rewritten whole), so a resumed
+    or rolled-back run lists each step once. Non-finite values are written as null.
+
+    W&B continues one run over every launch (its id kept in <log dir>/wandb_run_id) but cannot drop
+    what a rolled-back run logs again: its charts then show both branches. TensorBoard purges them."""
 
     def __init__(self, config, start_step, enabled):
-        self.enabled, self.dashboards = enabled, []
+        self.enabled, self.tensorboard, self.wandb = enabled, None, None
         self.metrics_path, self.text_path = (os.path.join(config.log_dir, n) for n in ("metrics.jsonl", "log.txt"))
-        if enabled and os.path.exists(self.metrics_path):
+        if not enabled:
+            return
+        if os.path.exists(self.metrics_path):
             with open(self.metrics_path, "rb") as f:
                 kept = [line.rstrip(b"\n") + b"\n" for line in f if event_step(line) < start_step]
             atomic_write(self.metrics_path, lambda f: f.writelines(kept))
-        if enabled:
-            self.dashboards = ([TensorBoard(config, start_step)] if config.tensorboard else []) + \
-                ([WandB(config)] if config.wandb else [])
+        try:
+            if config.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tensorboard = SummaryWriter(os.path.join(config.log_dir, "tensorboard"), purge_step=start_step)
+            if config.wandb:
+                import wandb
+                id_path = os.path.join(config.log_dir, "wandb_run_id")
+                self.wandb = wandb.init(project=config.wandb, dir=config.log_dir, resume="allow",
+                                        id=open(id_path).read().strip() if os.path.exists(id_path) else None,
+                                        config=asdict(config), allow_val_change=True)  # RESUMABLE ones may change
+                atomic_write(id_path, lambda f: f.write(self.wandb.id.encode()))
+                self.wandb.define_metric("step")
+                self.wandb.define_metric("*", step_metric="step")  # charted against our step, not W&B's count
+        except ImportError as e:
+            raise TrainError(f"--tensorboard and --wandb need their packages: pip install -r requirements-tracking.txt "
+                             f"({e})", exit_code=2)
 
     def text(self, line):
         if self.enabled:
@@ -774,20 +754,31 @@ class RunLog:
                 f.write(line + "\n")
 
     def event(self, record, line=None):
-        """Append one event (a dict with a "step") to metrics.jsonl and the dashboards."""
+        """Append one event (a dict with a "step") to metrics.jsonl, log.txt and the dashboards."""
         if not self.enabled:
             return
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
-        for dashboard in self.dashboards:
-            dashboard.log(record)
+        step, numbers = record["step"], {k: v for k, v in record.items() if k != "step" and type(v) in (int, float)}
+        if self.tensorboard:
+            for key, value in numbers.items():
+                self.tensorboard.add_scalar(key, value, step)
+            if "samples" in record:
+                self.tensorboard.add_text("samples", "\n\n".join(record["samples"]), step)
+            self.tensorboard.flush()
+        if self.wandb:
+            import wandb
+            if "samples" in record:
+                numbers["samples"] = wandb.Table(columns=["step", "sample"], data=[[step, t] for t in record["samples"]])
+            self.wandb.log({"step": step, **numbers})
         if line is not None:
             self.text(line)
 
     def close(self):
-        for dashboard in self.dashboards:
-            dashboard.close()
+        for dashboard in (self.tensorboard, self.wandb):
+            if dashboard:
+                dashboard.close() if dashboard is self.tensorboard else dashboard.finish()
 
 
 def event_step(line):
@@ -795,62 +786,6 @@ def event_step(line):
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf  # a line cut short by a crash: dropped
-
-
-class TensorBoard:
-    """Every metrics.jsonl number as a scalar and samples as text, in <log dir>/tensorboard."""
-
-    def __init__(self, config, start_step):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard", exit_code=2)
-        # purge_step: what an earlier launch wrote from start_step on is dropped, as in metrics.jsonl
-        self.writer = SummaryWriter(os.path.join(config.log_dir, "tensorboard"), purge_step=start_step)
-
-    def log(self, record):
-        for key, value in numbers(record).items():
-            self.writer.add_scalar(key, value, record["step"])
-        if "samples" in record:
-            self.writer.add_text("samples", "\n\n".join(record["samples"]), record["step"])
-        self.writer.flush()
-
-    def close(self):
-        self.writer.close()
-
-
-class WandB:
-    """The same events in a Weights & Biases run, continued by every launch (its id is kept in
-    <log dir>/wandb_run_id). W&B cannot drop what a rolled-back run logs again: its charts then
-    show both branches, where metrics.jsonl and TensorBoard keep one history."""
-
-    def __init__(self, config):
-        try:
-            import wandb
-        except ImportError:
-            raise TrainError("--wandb needs the wandb package: pip install wandb", exit_code=2)
-        self.wandb, id_path = wandb, os.path.join(config.log_dir, "wandb_run_id")
-        run_id = open(id_path).read().strip() if os.path.exists(id_path) else None
-        self.run = wandb.init(project=config.wandb, id=run_id, resume="allow", dir=config.log_dir,
-                              config=asdict(config), allow_val_change=True)  # a resume may change RESUMABLE ones
-        atomic_write(id_path, lambda f: f.write(self.run.id.encode()))
-        self.run.define_metric("step")
-        self.run.define_metric("*", step_metric="step")  # charts against our step, whatever W&B counts
-
-    def log(self, record):
-        data = {"step": record["step"], **numbers(record)}
-        if "samples" in record:
-            data["samples"] = self.wandb.Table(columns=["step", "sample"],
-                                               data=[[record["step"], text] for text in record["samples"]])
-        self.run.log(data)
-
-    def close(self):
-        self.run.finish()
-
-
-def numbers(record):
-    """The numeric values of an event, step left out (None, bools and text left out too)."""
-    return {k: v for k, v in record.items() if k != "step" and type(v) in (int, float)}
 
 
 def run_header(config, device, world_size):
@@ -938,8 +873,8 @@ def auto_batch_size(config, device, world_size):
 
 
 def first_that_fits(batch_sizes, try_step, device):
-    """(B, try_step(B)) for the first B (largest first) that runs without running out of memory, or
-    (None, None). A failed try's memory is given back before the next."""
+    """(B, try_step(B)) for the first B that runs without running out of memory, or (None, None);
+    a failed try's memory is given back before the next."""
     for batch_size in batch_sizes:
         try:
             return batch_size, try_step(batch_size)
@@ -974,15 +909,15 @@ def free_memory(device):
 def activation_bytes(model_config, seq_len):
     """Bytes a training step holds per row of seq_len tokens in float32: per token about 17 * n_embd
     values per layer kept for backward (Korthikanti et al. 2022, without dropout), plus 4 * vocab for
-    the logits, their log-softmax and both gradients. Add 16 bytes per parameter (weights, gradients,
-    AdamW's moments) for a step: on CPU that came within 10% of the measured peak memory."""
+    the logits, their log-softmax and both gradients. With 16 bytes per parameter (weights, gradients,
+    AdamW's moments) it came within 10% of a step's measured peak memory on CPU."""
     return 4 * seq_len * (17 * model_config.n_layer * model_config.n_embd + 4 * model_config.vocab_size)
 
 
 def memory_budget(processes):
     """Half the memory free here (Linux's MemAvailable, or a cgroup v2 limit when lower; else half the
-    RAM), shared by `processes`: the other half is room for the OS, the page cache and the
-    estimate's error. None where it cannot be read."""
+    RAM), shared by `processes`: the other half is room for the OS, the page cache and the estimate's
+    error. None where it cannot be read."""
     try:
         with open("/proc/meminfo") as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
@@ -1043,7 +978,7 @@ def synchronize(device):
 
 
 # -----------------------------------------------------------------------------
-# Ranks, signals, errors: the plumbing of a launch
+# The launch: ranks, signals, errors
 
 
 def print0(*args, **kwargs):
@@ -1056,50 +991,6 @@ def all_reduce_sum(tensor):
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
-
-class AllRanks:
-    """A block of the set-up that every rank runs, after which they agree on how it went.
-
-        with AllRanks() as block:     # a UserError in here, on any rank, ends every rank
-            block.value = ...         # optional: this rank's contribution
-        block.values                  # every rank's value, in rank order
-
-    A rank that fails skips the rest of its block, straight to the agreement: no rank is ever left
-    waiting in a collective that another rank will not reach.
-    """
-
-    def __enter__(self):
-        self.value = None
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if error is None or isinstance(error, UserError):
-            self.values = agree(error, self.value)  # raises on every rank if any rank failed
-
-
-def agree(error=None, value=None):
-    """Every rank says whether it failed and shares a value -> the values in rank order. If any rank
-    failed, rank 0 prints each message once (with the ranks that met it, unless all did), the ranks
-    wait for that print, and each raises an already reported TrainError."""
-    if not dist.is_initialized():
-        if error is not None:
-            raise error
-        return [value]
-    outcomes = [None] * dist.get_world_size()
-    dist.all_gather_object(outcomes, (None if error is None else (str(error), error.exit_code), value))
-    failures = [(rank, failure) for rank, (failure, _) in enumerate(outcomes) if failure is not None]
-    if not failures:
-        return [value for _, value in outcomes]
-    if dist.get_rank() == 0:
-        ranks_by_message = {}
-        for rank, (message, _) in failures:
-            ranks_by_message.setdefault(message, []).append(rank)
-        for message, ranks in ranks_by_message.items():
-            who = "" if len(ranks) == len(outcomes) else f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}: "
-            print(f"error: {who}{message}", file=sys.stderr, flush=True)
-    dist.barrier()  # gloo: no rank exits (and has torchrun stop the others) before the print
-    raise TrainError("reported", exit_code=failures[0][1][1], reported=True)
 
 
 class Launch:
@@ -1137,33 +1028,26 @@ class Launch:
             (getattr(resource, "release", None) or resource.close)()
 
 
-def report(error):
-    """Print a UserError as one line -> its exit code. An error every rank met is printed by rank 0
-    alone, and the ranks wait for it; one rank's own error is printed by that rank, which then exits
-    (torchrun stops the others)."""
-    rank, every_rank = int(os.environ.get("RANK", 0)), getattr(error, "every_rank", True)
-    if not getattr(error, "reported", False):
-        if rank == 0 or not every_rank:
-            print(f"error: {'' if rank == 0 else f'rank {rank}: '}{error}", file=sys.stderr, flush=True)
-        if every_rank and dist.is_initialized():
-            dist.barrier()
-    return error.exit_code
-
-
 def main(argv=None):
     """Run training -> the exit code: 0, 1 for a run-time problem, 2 for bad settings, 130 after Ctrl-C."""
     with Launch() as launch:
-        config = None
+        config, rank = None, int(os.environ.get("RANK", 0))
         try:
             try:
                 config, error = parse_args(argv), None
-            except TrainError as e:  # every rank has the same flags: agree() prints it once
+            except UserError as e:  # every rank has the same flags: agree() prints it once
                 error = e
             start_distributed(config.dist_timeout if config else TrainConfig.dist_timeout)
             agree(error)
             return train(config, launch)
         except UserError as e:
-            return report(e)
+            # An error every rank met is printed by rank 0 alone, and the ranks wait for it; one rank's
+            # own error is printed by that rank, which then exits (torchrun stops the others).
+            if not e.reported and (rank == 0 or not e.every_rank):
+                print(f"error: {f'rank {rank}: ' if rank else ''}{e}", file=sys.stderr, flush=True)
+            if not e.reported and e.every_rank and dist.is_initialized():
+                dist.barrier()
+            return e.exit_code
         except KeyboardInterrupt:
             saved = list_checkpoints(config.log_dir) if config else []
             print0(f"interrupted; {'the last checkpoint is ' + saved[-1] if saved else 'no checkpoint was saved'}; "
@@ -1172,9 +1056,8 @@ def main(argv=None):
         except RuntimeError as e:
             if not (dist.is_initialized() and re.search(r"timed out|closed by peer|connection reset|NCCL", str(e), re.I)):
                 raise  # a bug, not a lost rank
-            print(f"error: rank {dist.get_rank()}: lost contact with another rank ({str(e).strip().splitlines()[0]}); "
-                  f"its own message, if any, is above; relaunch to resume from the last checkpoint", file=sys.stderr,
-                  flush=True)
+            print(f"error: rank {rank}: lost contact with another rank ({str(e).strip().splitlines()[0]}); its own "
+                  f"message, if any, is above; relaunch to resume from the last checkpoint", file=sys.stderr, flush=True)
             return 1
         finally:
             if dist.is_initialized():

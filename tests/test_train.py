@@ -473,6 +473,20 @@ def test_rolling_back_to_a_perturbed_checkpoint_keeps_one_history(straight, data
     assert torch.equal(checkpoint(log_dir, 8)["model"]["lm_head.weight"], checkpoint(reference, 8)["model"]["lm_head.weight"])
 
 
+def test_a_rollback_may_lower_the_learning_rate(straight, data_dir, tmp_path, capsys):
+    log_dir = tmp_path / "run"
+    shutil.copytree(straight, log_dir)
+    capsys.readouterr()
+    assert main(args(data_dir, log_dir, "--resume", str(log_dir / "checkpoints" / "step_00000004.pt"),
+                     "--max-lr", "5e-3", "--warmup-steps", "1")) == 0
+    assert "note: max_lr=0.01 in the checkpoint, 0.005 now; warmup_steps=2 in the checkpoint, 1 now" \
+        in capsys.readouterr().out
+    old, new = parse_args(args(data_dir, log_dir)), parse_args(args(data_dir, log_dir, "--max-lr", "5e-3",
+                                                                      "--warmup-steps", "1"))
+    assert series(log_dir, "lr") == {s: pytest.approx(get_lr(s, old if s < 4 else new)) for s in range(STEPS)}
+    assert series(log_dir, "train_loss")[4] == series(straight, "train_loss")[4]  # same weights, same batch
+
+
 def test_sigterm_mid_run_checkpoints_exits_0_and_the_relaunch_continues_exactly(straight, data_dir, tmp_path):
     argv = args(data_dir, tmp_path)
     result = hooked(["0:3:SIGTERM"], argv)  # arrives while step 3 is about to train
@@ -910,8 +924,8 @@ def test_a_checkpoint_whose_settings_differ_from_the_flags(straight, data_dir, t
     log_dir = tmp_path / "run"
     shutil.copytree(straight, log_dir)
     before = snapshot(log_dir)
-    err = error_of(capsys, args(data_dir, log_dir, "--max-lr", "1e-3", "--seed", "7"), 2)
-    assert "max_lr=0.01 in the checkpoint but 0.001 now" in err and "seed=1337 in the checkpoint but 7 now" in err
+    err = error_of(capsys, args(data_dir, log_dir, "--weight-decay", "0.5", "--seed", "7"), 2)
+    assert "weight_decay=0.1 in the checkpoint but 0.5 now" in err and "seed=1337 in the checkpoint but 7 now" in err
     after = snapshot(log_dir)
     del before[".lock"], after[".lock"]  # the lock file names the launch that last held it
     assert after == before  # nothing else written, nothing removed
