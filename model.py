@@ -272,7 +272,7 @@ class KVCache:
         if self.kv[layer] is None:
             self.kv[layer] = k.new_empty(2, *k.shape[:2], self.capacity, k.size(3))
         end = self.length + k.size(2)
-        self.kv[layer][:, :, :, self.length:end] = torch.stack([k, v])
+        self.kv[layer][0, :, :, self.length:end], self.kv[layer][1, :, :, self.length:end] = k, v
         return self.kv[layer][0, :, :, :end], self.kv[layer][1, :, :, :end]
 
 
