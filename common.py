@@ -120,7 +120,7 @@ def pick_device(name="auto"):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown --device {name}; use auto, cpu, cuda, cuda:N or mps", exit_code=2) from None
+        raise UserError(f"--device {name} is not a device; use auto, cpu, cuda, cuda:N or mps", exit_code=2) from None
     if device.type == "cuda" and not torch.cuda.is_available() or \
             device.type == "mps" and not torch.backends.mps.is_available() or device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {name}: no such device on this machine; use --device auto", exit_code=2)
