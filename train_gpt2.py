@@ -149,10 +149,11 @@ DEMO_DEFAULTS = dict(data_dir="demo_data", log_dir="log_demo", n_layer=4, n_head
 # micro batch and the number of devices may change too (the loader state counts rows), and the lr
 # schedule (RETUNABLE: a rollback after a loss spike may lower it; the change is printed).
 RETUNABLE = {"max_lr", "min_lr", "warmup_steps", "grad_clip"}
-RESUMABLE = RETUNABLE | {"data_dir", "log_dir", "overwrite", "batch_size", "eval_interval", "val_tokens", "hellaswag_interval",
-             "hellaswag_file", "sample_interval", "sample_prompt", "num_samples", "sample_tokens",
-             "checkpoint_interval", "keep_checkpoints", "stop_at_step", "time_limit", "max_skipped_steps", "wandb",
-             "tensorboard", "device", "compile", "peak_flops", "resume", "dist_timeout", "demo"}
+RESUMABLE = RETUNABLE | {
+    "data_dir", "log_dir", "overwrite", "batch_size", "eval_interval", "val_tokens", "hellaswag_interval",
+    "hellaswag_file", "sample_interval", "sample_prompt", "num_samples", "sample_tokens", "checkpoint_interval",
+    "keep_checkpoints", "stop_at_step", "time_limit", "max_skipped_steps", "wandb", "tensorboard", "device",
+    "compile", "peak_flops", "resume", "dist_timeout", "demo"}
 CHECKS = [  # (settings, what each must be, the test)
     ("seq_len total_batch_size max_steps max_lr adam_eps keep_checkpoints num_samples sample_tokens "
      "max_skipped_steps dist_timeout peak_flops", "be positive", lambda v: v > 0),
@@ -194,13 +195,15 @@ def config_problems(c, world_size):
         (c.init_from.startswith(("/", "./", "../", "~")) and not os.path.exists(c.init_from),
          f"init_from={c.init_from} does not exist (give a local Hugging Face directory or a hub name such as gpt2)"),
         (c.overwrite and c.resume not in ("auto", "never"), f"--overwrite starts a new run: no --resume {c.resume}"),
-        (c.init_from == "scratch" and c.seq_len > c.block_size, f"seq_len={c.seq_len} is over block_size={c.block_size}"),
+        (c.init_from == "scratch" and c.seq_len > c.block_size,
+         f"seq_len={c.seq_len} is over block_size={c.block_size}"),
         (c.warmup_steps > c.max_steps, f"warmup_steps={c.warmup_steps} is over max_steps={c.max_steps}"),
         (c.min_lr > c.max_lr, f"min_lr={c.min_lr} is over max_lr={c.max_lr}"),
         (c.eval_interval and 0 <= c.val_tokens < c.seq_len,
          f"val_tokens={c.val_tokens} is less than one sequence of seq_len={c.seq_len}"),
-        (per_micro_step > 0 and c.total_batch_size % per_micro_step, f"total_batch_size={c.total_batch_size} is not "
-         f"divisible by batch_size * seq_len * world_size = {batch_size} * {c.seq_len} * {world_size} = {per_micro_step}"),
+        (per_micro_step > 0 and c.total_batch_size % per_micro_step,
+         f"total_batch_size={c.total_batch_size} is not divisible by batch_size * seq_len * world_size = "
+         f"{batch_size} * {c.seq_len} * {world_size} = {per_micro_step}"),
     ]
     return list(model_config(c).problems()) + bad + [message for failed, message in checks if failed]
 
@@ -516,7 +519,8 @@ def train(config, launch):
         stop = (stop or too_many_skipped or step == config.stop_at_step) and step < config.max_steps
         if master and (due(config.checkpoint_interval, step, False) or step == config.max_steps or stop):
             t0 = clock()
-            log.text(f"step {step} checkpoint {save_checkpoint(config, step, raw_model, optimizer, train_loader, scaler)}")
+            path = save_checkpoint(config, step, raw_model, optimizer, train_loader, scaler)
+            log.text(f"step {step} checkpoint {path}")
             checkpoint_seconds = clock() - t0
         if too_many_skipped:
             raise TrainError(f"{skipped_in_a_row} steps in a row (to step {step - 1}) had a non-finite loss or "
@@ -770,7 +774,8 @@ class RunLog:
         if self.wandb:
             import wandb
             if "samples" in record:
-                numbers["samples"] = wandb.Table(columns=["step", "sample"], data=[[step, t] for t in record["samples"]])
+                numbers["samples"] = wandb.Table(columns=["step", "sample"],
+                                                 data=[[step, text] for text in record["samples"]])
             self.wandb.log({"step": step, **numbers})
         if line is not None:
             self.text(line)
@@ -837,7 +842,8 @@ def autocast_and_scaler(dtype, device):
     dtype = autocast_dtype_for(dtype, device)
     if dtype is None:
         return nullcontext(), None
-    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return torch.autocast(device.type, dtype=dtype), scaler
 
 
 def batch_size_candidates(config, world_size):
@@ -1054,10 +1060,12 @@ def main(argv=None):
                    f"relaunch the same command to resume", file=sys.stderr)
             return 130
         except RuntimeError as e:
-            if not (dist.is_initialized() and re.search(r"timed out|closed by peer|connection reset|NCCL", str(e), re.I)):
+            lost = re.search(r"timed out|closed by peer|connection reset|NCCL", str(e), re.IGNORECASE)
+            if not (dist.is_initialized() and lost):
                 raise  # a bug, not a lost rank
             print(f"error: rank {rank}: lost contact with another rank ({str(e).strip().splitlines()[0]}); its own "
-                  f"message, if any, is above; relaunch to resume from the last checkpoint", file=sys.stderr, flush=True)
+                  f"message, if any, is above; relaunch to resume from the last checkpoint", file=sys.stderr,
+                  flush=True)
             return 1
         finally:
             if dist.is_initialized():
