@@ -62,10 +62,12 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs) each
                    for t in self.c_attn(x).split(self.n_embd, dim=2))
+        # Causal, except for a new token after cached ones: it sees them all. (A Python bool, not a
+        # comparison of sizes, which torch.compile would turn into a guard on each new length.)
+        is_causal = kv_cache is None or kv_cache.length == 0
         if kv_cache is not None:  # sampling: the keys and values of the positions before these too
             k, v = kv_cache.update(layer, k, v)  # (B, nh, cached + T, hs)
-        # Causal, except for a new token after cached ones: it sees them all. A flash kernel on GPUs.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=k.size(2) == T)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # (B, nh, T, hs); flash on GPUs
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))  # the heads side by side again
 
 
