@@ -1081,7 +1081,7 @@ def prepare_demo_data(data_dir):
     try:
         fineweb.write_shards(fineweb.python_docs_documents(), data_dir, "pydocs", shard_size=16384, num_proc=1,
                              progress=False, source="python-docs")
-    except (fineweb.UsageError, fineweb.DataError) as e:
+    except UserError as e:
         raise TrainError(f"cannot build the demo data in {data_dir} ({e}); pass another --data-dir")
 
 
@@ -1132,7 +1132,7 @@ def train(config, launch):
         if config.hellaswag_interval:
             try:  # without --hellaswag-file, hellaswag.py downloads the val set once into its cache
                 examples = hellaswag.load_examples(config.hellaswag_file or hellaswag.download())
-            except hellaswag.DataError as e:
+            except UserError as e:
                 raise TrainError(f"{e}; pass --hellaswag-file FILE, or turn HellaSwag off with --hellaswag-interval 0")
         raw_model = build_model(config, device)
         optimizer, info = raw_model.configure_optimizers(config.weight_decay, config.max_lr,
