@@ -59,7 +59,8 @@ class FinewebConfig:
                  ("shard_size", "num_proc", "max_tokens") if (value := getattr(self, name)) is not None and value < 1]
         if not self.prefix or self.prefix[0] == "." or self.prefix.strip() != self.prefix or set("/\\*?[]") & set(
                 self.prefix):
-            found.append(f"--prefix {self.prefix!r} must be a plain file-name start, e.g. edufineweb")
+            found.append(f"--prefix {self.prefix!r} must be a plain file-name start (no path separators, wildcards, "
+                         f"leading dot or surrounding spaces), e.g. edufineweb")
         parent = nearest_existing(self.output_dir)
         if not self.output_dir or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
             found.append(f"--output-dir {self.output_dir!r} must be a directory you can write in")
@@ -183,7 +184,7 @@ def _json_text(line, path, number):
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} line {number}: malformed JSON ({e.msg}, column {e.colno}); fix that line") from None
+        raise UserError(f"{path} line {number}: malformed JSON ({e.msg}, column {e.colno}); fix or remove it") from None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise UserError(f"{path} line {number}: no \"text\" string; each line must be an object with a \"text\" field")
     return record["text"]

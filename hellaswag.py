@@ -39,7 +39,6 @@ DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hella
 DATA_FILE = "hellaswag_val.jsonl"
 # The file as Hugging Face's `hellaswag` dataset script pinned it (its dataset_infos.json, download_checksums).
 DATA_BYTES, DATA_SHA256 = 12_246_618, "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
-PAD_MULTIPLE = 32  # a batch's row length is a multiple of this (friendlier kernels, few shapes)
 
 
 def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False):
@@ -57,14 +56,14 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
                 for e in examples]  # an ending is a continuation: it starts with a space
     longest_row = [max(len(ctx) + len(ending) for ending in endings) for ctx, endings in rendered]
     indices = sorted(range(rank, len(examples), world_size), key=lambda i: (-longest_row[i], i))
-    result = {"correct": 0, "correct_norm": 0, "total": 0, "predictions": []}
+    predictions = []
     was_training = model.training
     model.eval()
     try:  # no_grad, not inference_mode: inference tensors would break a compiled model that trains next
         with torch.no_grad(), tqdm(total=len(indices), unit="ex", desc="hellaswag", disable=not progress) as bar:
             for start in range(0, len(indices), batch_size):
                 batch = indices[start:start + batch_size]
-                seq_len = min(-(-max(longest_row[i] for i in batch) // PAD_MULTIPLE) * PAD_MULTIPLE, block_size)
+                seq_len = min(-(-max(longest_row[i] for i in batch) // 32) * 32, block_size)  # friendlier kernels
                 tensors = build_batch([rendered[i] for i in batch], batch_size, seq_len)
                 tokens, positions, targets, rows = (t.to(device) for t in tensors)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -74,20 +73,15 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
                 losses = F.cross_entropy(logits[:, :GPT2_VOCAB_SIZE].float(), targets, reduction="none")  # (n,)
                 sums = torch.zeros(len(tokens), device=device).index_add_(0, rows, losses).view(-1, 4)
                 means = sums / torch.bincount(rows, minlength=len(tokens)).clamp(min=1).view(-1, 4)
-                for index, pred, pred_norm, mean in zip(batch, sums.argmin(1).tolist(), means.argmin(1).tolist(),
-                                                        means.tolist()):  # the first minimum, as min() picks
-                    label = examples[index]["label"]
-                    result["correct"] += pred == label
-                    result["correct_norm"] += pred_norm == label
-                    result["predictions"].append(dict(index=index, label=label, pred=pred, pred_norm=pred_norm,
-                                                      losses=mean))
-                result["total"] += len(batch)
+                picks = zip(batch, sums.argmin(1).tolist(), means.argmin(1).tolist(), means.tolist())  # no dummies
+                predictions += [dict(index=i, label=examples[i]["label"], pred=pred, pred_norm=pred_norm, losses=mean)
+                                for i, pred, pred_norm, mean in picks]
                 bar.update(len(batch))
-                bar.set_postfix(acc_norm=f"{result['correct_norm'] / result['total']:.4f}")
     finally:
         model.train(was_training)
-    result["predictions"].sort(key=lambda p: p["index"])
-    return result
+    predictions.sort(key=lambda p: p["index"])
+    return {"correct": sum(p["pred"] == p["label"] for p in predictions), "total": len(predictions),
+            "correct_norm": sum(p["pred_norm"] == p["label"] for p in predictions), "predictions": predictions}
 
 
 def build_batch(rendered, batch_size, seq_len):
@@ -145,7 +139,6 @@ def download(url=DATA_URL, directory=None, size=DATA_BYTES, sha256=DATA_SHA256, 
 
 
 def _failed_check(data, size, sha256):
-    """What is wrong with the file's bytes, or None when they are the pinned ones."""
     if size is not None and len(data) != size:
         return f"the file has {len(data):,} bytes, not the pinned {size:,}"
     if sha256 is not None and (digest := hashlib.sha256(data).hexdigest()) != sha256:
@@ -189,7 +182,8 @@ def _parse_line(line, where):
 
 @dataclass
 class HellaSwagConfig:
-    model: str = setting("gpt2", "Hugging Face name or directory, or train_gpt2.py checkpoint .pt", flags=("-m", "--model"))
+    model: str = setting("gpt2", "a Hugging Face name (gpt2, gpt2-xl, ...) or directory, or a train_gpt2.py "
+                         "checkpoint .pt", flags=("-m", "--model"))
     data: str = setting(None, "local HellaSwag .jsonl (default: download the validation set once)")
     device: str = setting("auto", "cpu, cuda, cuda:N, mps, or auto for cuda > mps > cpu")
     batch_size: int = setting(16, "examples per forward pass, 4 rows each")
@@ -202,7 +196,8 @@ class HellaSwagConfig:
         if self.data is not None and not os.path.isfile(self.data):
             found.append(f"--data {self.data} is not a file; give a HellaSwag .jsonl, or leave --data out to download")
         if not os.path.exists(self.model) and (self.model.endswith(".pt") or self.model.startswith((".", "/", "~"))):
-            found.append(f"--model {self.model} does not exist; give a checkpoint (.pt), a model directory or a hub name")
+            found.append(f"--model {self.model} does not exist; give a train_gpt2.py checkpoint (.pt), a Hugging "
+                         f"Face directory, or a hub name such as gpt2")
         directory = os.path.dirname(os.path.abspath(self.predictions or "."))  # checked now, not after the scoring
         if self.predictions and os.path.isdir(self.predictions):
             found.append(f"--predictions {self.predictions} is a directory; give the path of a file to write")
