@@ -42,12 +42,12 @@ DATA_BYTES, DATA_SHA256 = 12_246_618, "0aa3b88843990f3f10a97b9575c94d7b71fb22052
 
 
 def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False):
-    """Score examples[rank::world_size] -> {"correct", "correct_norm", "total", "predictions"} for this rank
-    (the caller all-reduces the counts); a prediction is {"index", "label", "pred", "pred_norm", "losses" (the 4
-    mean losses)}. model: our GPT or transformers' GPT-2, maybe compiled, on `device`; under DDP the module inside
-    (ranks score different numbers of batches, so no forward may wait for the others). Longest first, rows padded
-    to the batch's longest rounded up to 32, the last batch filled with dummy rows: little padding, few shapes to
-    compile. Our GPT computes logits only where an ending token is predicted (logit_positions): less memory."""
+    """Score examples[rank::world_size] -> {"correct", "correct_norm", "total", "predictions"} for this rank (the
+    caller all-reduces the counts); a prediction is {"index", "label", "pred", "pred_norm", "losses" (4 means)}.
+    model: our GPT or transformers' GPT-2, maybe compiled, on `device`; under DDP the module inside (ranks score
+    different numbers of batches). Longest examples first, rows padded to the batch's longest and the last batch
+    filled with dummy rows: little padding, few shapes to compile. Our GPT computes logits only where an ending
+    token is predicted (logit_positions), a fraction of the (rows, T, vocab) logits."""
     inner = getattr(model, "module", model)  # inside DDP...
     inner = getattr(inner, "_orig_mod", inner)  # ...and torch.compile
     block_size = getattr(inner.config, "block_size", None) or inner.config.n_positions
@@ -85,9 +85,9 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
 
 
 def build_batch(rendered, batch_size, seq_len):
-    """Rows ctx + ending for up to batch_size examples -> tokens (4 * batch_size, seq_len), right-padded,
-    and, per scored ending token, positions (the flat index r * seq_len + t of the position that predicts
-    it), targets (the token) and rows (r). A row longer than seq_len keeps its last seq_len tokens."""
+    """Rows ctx + ending for up to batch_size examples -> tokens (4 * batch_size, seq_len), right-padded and cut to
+    their last seq_len tokens, and per scored token: positions (flat index r * seq_len + t of the position that
+    predicts it), targets (the token) and rows (r)."""
     tokens = torch.zeros(4 * batch_size, seq_len, dtype=torch.long)  # padding: token 0, never scored
     positions, rows = [], []
     for i, (ctx, endings) in enumerate(rendered):
@@ -146,8 +146,7 @@ def _failed_check(data, size, sha256):
 
 
 def load_examples(path):
-    """The examples of a HellaSwag .jsonl file as dicts with "ctx", "endings" (4) and "label" (0-3), other keys
-    dropped; the first bad line raises UserError naming the file and line number."""
+    """A HellaSwag .jsonl file's examples: {"ctx", "endings" (4), "label" (0-3)}; a bad line raises UserError."""
     try:
         with open(path, encoding="utf-8") as f:
             examples = [_parse_line(line, f"{path} line {n}") for n, line in enumerate(f, start=1) if line.strip()]
