@@ -30,8 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, atomic_write, autocast_dtype_for, parse_settings, pick_device, setting, \
-    start_distributed
+from common import UserError, atomic_write, autocast_dtype_for, parse_settings, pick_device, setting, start_distributed
 from model import GPT, GPT2_VOCAB_SIZE  # scored over GPT-2's real tokens only; more rows are padding
 from tokenizer import get_tokenizer
 
