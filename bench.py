@@ -445,7 +445,7 @@ def bench_hellaswag(config, device, model):
     if config.hellaswag_file:
         try:
             examples = hellaswag.load_examples(config.hellaswag_file)[:config.hellaswag_examples]
-        except hellaswag.DataError as e:
+        except UserError as e:
             raise UserError(f"{e}; fix the file or leave --hellaswag-file out") from None
         source = config.hellaswag_file
     else:
@@ -518,7 +518,7 @@ def bench_fineweb(config, repeats=3):
         for _ in range(repeats):
             runs.append(_time_write_shards(documents, num_proc))
             ceiling_runs.append(_time_ceiling(documents, num_proc))
-    except (fineweb.UsageError, fineweb.DataError) as e:
+    except UserError as e:
         raise UserError(f"fineweb benchmark failed: {e}") from None
     (seconds, tokens), (ceiling_seconds, ceiling_tokens) = min(runs), min(ceiling_runs)
     if ceiling_tokens != tokens:

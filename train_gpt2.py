@@ -413,7 +413,7 @@ def train(config, launch):
         if config.hellaswag_interval:
             try:  # without --hellaswag-file, hellaswag.py downloads the val set once into its cache
                 examples = hellaswag.load_examples(config.hellaswag_file or hellaswag.download())
-            except (UserError, hellaswag.DataError) as e:
+            except UserError as e:
                 raise TrainError(f"{e}; pass --hellaswag-file FILE, or turn HellaSwag off with --hellaswag-interval 0")
         raw_model = build_model(config, device)
         optimizer, info = raw_model.configure_optimizers(config.weight_decay, config.max_lr,

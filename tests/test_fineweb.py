@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fineweb
+from common import UserError
 from tokenizer import EOT
 
 FINEWEB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fineweb.py")
@@ -240,12 +241,12 @@ def test_max_tokens_stops_the_stream_and_reads_lazily(corpus_documents, referenc
 def failing_after(documents, count):
     """The documents, until the connection 'drops' after `count` of them, the way a stream fails."""
     yield from documents[:count]
-    raise fineweb.DataError("connection lost")
+    raise UserError("connection lost")
 
 
 def test_resume_after_a_failure_mid_stream_is_byte_identical(corpus_documents, straight_run, tmp_path):
     out = str(tmp_path)
-    with pytest.raises(fineweb.DataError, match="connection lost"):
+    with pytest.raises(UserError, match="connection lost"):
         fineweb.write_shards(failing_after(corpus_documents, 40), out, "pydocs", SHARD, num_proc=2, progress=False)
     shards, complete = progress(tmp_path / "pydocs_progress.jsonl")
     finished = [shard["file"] for shard in shards]
@@ -279,7 +280,7 @@ def test_a_hub_stream_resumes_from_its_own_position(corpus_documents, reference,
     monkeypatch.setattr(datasets.IterableDataset, "iter", counted)
 
     out = str(tmp_path / "out")
-    with pytest.raises(fineweb.DataError, match="ConnectionError: connection lost"):
+    with pytest.raises(UserError, match="ConnectionError: connection lost"):
         fineweb.write_shards(fineweb.HubDocuments(repo), out, "pydocs", SHARD, num_proc=1, progress=False)
     shards, _ = progress(os.path.join(out, "pydocs_progress.jsonl"))
     last = shards[-1]
@@ -579,9 +580,10 @@ def test_shards_without_a_progress_file_are_not_overwritten(tmp_path):
 
 
 def test_write_shards_refuses_sizes_below_one(corpus_documents, tmp_path):
-    with pytest.raises(fineweb.UsageError, match="shard_size=0 .*num_proc=-1 .*max_tokens=0"):
+    with pytest.raises(UserError, match="shard_size=0 .*num_proc=-1 .*max_tokens=0") as error:
         fineweb.write_shards(corpus_documents, str(tmp_path / "out"), "pydocs", 0, num_proc=-1, max_tokens=0,
                              progress=False)
+    assert error.value.exit_code == 2  # a usage error
     assert not os.path.exists(tmp_path / "out")
 
 

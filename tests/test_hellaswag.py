@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import hellaswag
+from common import UserError
 from model import GPT
 from tokenizer import get_tokenizer
 
@@ -211,7 +212,7 @@ def test_download_copies_the_file_once_and_atomically(data_file, tmp_path):
     # Cached: a second call does not fetch again, even from a URL that would fail.
     assert hellaswag.download(f"file://{tmp_path}/missing.jsonl", str(cache), **pins(data_file)) == path
 
-    with pytest.raises(hellaswag.DataError, match="--data FILE") as error:
+    with pytest.raises(UserError, match="--data FILE") as error:
         hellaswag.download(f"file://{tmp_path}/missing.jsonl", str(tmp_path / "other"), tries=2, wait=0)
     assert "missing.jsonl" in str(error.value)
     assert os.listdir(tmp_path / "other") == []  # no partial file left behind
@@ -265,7 +266,7 @@ def test_download_retries_with_a_growing_wait(data_file, tmp_path, capsys):
 def test_a_download_that_fails_its_check_is_never_kept(damage, data_file, tmp_path):
     body = open(data_file, "rb").read()
     bad = body[:100] + bytes([body[100] ^ 1]) + body[101:] if damage == "one byte changed" else body[:-10]
-    with FlakyServer(bad) as server, pytest.raises(hellaswag.DataError) as error:
+    with FlakyServer(bad) as server, pytest.raises(UserError) as error:
         hellaswag.download(server.url, str(tmp_path / "cache"), **pins(data_file), tries=3, wait=0)
     assert server.requests == 3  # each try fetched it again
     message = str(error.value)
