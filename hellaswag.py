@@ -30,8 +30,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, atomic_write, autocast_dtype_for, parse_settings, pick_device, setting, start_distributed
-from model import GPT, GPT2_VOCAB_SIZE  # scored over GPT-2's real tokens only; more rows are padding
+from common import (AllRanks, UserError, agree, atomic_write, autocast_dtype_for, parse_settings, pick_device, setting,
+                    start_distributed)
+from model import GPT, GPT2_VOCAB_SIZE, load_model  # scored over GPT-2's real tokens only; more rows are padding
 from tokenizer import get_tokenizer
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -207,17 +208,19 @@ class HellaSwagConfig:
 def main(argv=None):
     rank = int(os.environ.get("RANK", 0))  # under torchrun, rank 0 alone prints
     try:
-        config = parse_settings(HellaSwagConfig, argv, "Score a GPT-2 on HellaSwag (completion style).")
-        device = pick_device(config.device)
-        rank, world_size = start_distributed()
-        examples = load_examples(config.data or download())[:config.limit]
         try:
-            model = (GPT.from_checkpoint if os.path.isfile(config.model) else GPT.from_pretrained)(config.model)
-        except Exception as e:  # torch.load, safetensors and the hub each raise their own kinds
-            raise UserError(f"cannot load model {config.model}: {(str(e).strip() or type(e).__name__).splitlines()[0]}")
-        if model.config.vocab_size < GPT2_VOCAB_SIZE:
-            raise UserError(f"model {config.model} has vocab_size {model.config.vocab_size}; HellaSwag text needs "
-                            f"GPT-2's {GPT2_VOCAB_SIZE} tokens")
+            config, error = parse_settings(HellaSwagConfig, argv, "Score a GPT-2 on HellaSwag, completion style."), None
+        except UserError as e:  # --data missing on one node, say: agree() prints it once, with the rank
+            error = e
+        rank, world_size = start_distributed()
+        agree(error, prefix="hellaswag.py: error: ")
+        device = pick_device(config.device)
+        with AllRanks(prefix="hellaswag.py: error: "):  # a file missing on one node ends every rank, printed once
+            examples = load_examples(config.data or download())[:config.limit]
+            try:
+                model = load_model(config.model)
+            except ValueError as e:
+                raise UserError(str(e)) from None
         if rank == 0:
             print(f"{config.model}: {model.num_parameters():,} parameters on {device}, {len(examples)} examples over "
                   f"{world_size} process(es)")
@@ -236,7 +239,7 @@ def main(argv=None):
                 atomic_write(config.predictions, lambda f: f.write(lines.encode("utf-8")))
             print(f"acc: {correct / total:.4f} acc_norm: {correct_norm / total:.4f} n: {total}")
     except (UserError, OSError) as e:
-        if rank == 0:
+        if rank == 0 and not getattr(e, "reported", False):
             print(f"hellaswag.py: error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 1))
     finally:

@@ -415,3 +415,20 @@ def test_torchrun_splits_examples_and_reduces(hf_gpt2_dir, data_file, reference,
     written = read_predictions(predictions)
     assert [p["index"] for p in written] == list(range(n))
     assert [(p["pred"], p["pred_norm"]) for p in written] == [(r["pred"], r["pred_norm"]) for r in reference]
+
+
+
+@pytest.mark.multiprocess
+def test_under_torchrun_a_file_missing_on_rank_1_ends_both_ranks_with_its_message(hf_gpt2_dir, data_file, tmp_path):
+    # As when one node lacks the file: rank 1 is handed a path that does not exist, rank 0 the real one.
+    missing = str(tmp_path / "not-on-this-node.jsonl")
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport hellaswag\n"
+                       f"data = {missing!r} if os.environ['RANK'] == '1' else {data_file!r}\n"
+                       f"hellaswag.main(['-m', {hf_gpt2_dir!r}, '--device', 'cpu', '--data', data])\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(wrapper)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hellaswag.py: error: ")]
+    assert len(errors) == 1 and errors[0].startswith("hellaswag.py: error: rank 1: ") and missing in errors[0], \
+        proc.stderr[-3000:]
