@@ -250,9 +250,13 @@ class HubDocuments:
 
 def main(argv=None):
     started, config = time.time(), None
-    previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM stops the run as Ctrl-C does
     try:
         config = parse_settings(FinewebConfig, argv, "Tokenize FineWeb-Edu (or local text) into GPT-2 token shards.")
+        # Ctrl-C and SIGTERM end the run at once: every finished shard is on disk already (fsync'd, then
+        # recorded), so there is nothing to clean up, and unwinding through the worker pool could hang in it.
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, lambda number, frame: fail(128 + number, f"stopped by "
+                                                             f"{signal.Signals(number).name}", config, at_once=True))
         local, demo = config.input, config.dataset == "python-docs"
         documents = local_documents(local) if local else python_docs_documents() if demo else \
             HubDocuments(config.dataset, config.subset)
@@ -270,14 +274,10 @@ def main(argv=None):
                             f"--output-dir or a smaller --max-tokens, or pass --no-disk-check")
         paths = write_shards(documents, config.output_dir, config.prefix, config.shard_size, config.num_proc,
                              config.max_tokens, config.progress, source, expected)
-    except KeyboardInterrupt as e:
-        fail(128 + (e.args[0] if e.args else signal.SIGINT), f"stopped by {'SIGTERM' if e.args else 'SIGINT'}", config)
     except BrokenProcessPool:
         fail(1, "a tokenizing process died (killed, or out of memory: try a smaller --num-proc)", config)
     except (UserError, OSError) as e:
         fail(getattr(e, "exit_code", 1), e, config)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     tokens = sum(np.load(path, mmap_mode="r").size for path in paths)
     print(f"{config.output_dir}: {len(paths)} shards (1 val, {len(paths) - 1} train), {tokens:,} tokens "
           f"({time.time() - started:.0f} s)")
@@ -286,19 +286,18 @@ def main(argv=None):
               f"into a new --output-dir with a smaller --shard-size, e.g. {max(tokens // 10, 1)}", file=sys.stderr)
 
 
-def fail(exit_code, message, config):
-    """One line on stderr, then exit; after a run-time failure, the line says that a rerun resumes."""
+def fail(exit_code, message, config, at_once=False):
+    """One line on stderr, then exit; after a run-time failure, the line says that a rerun resumes. at_once:
+    from a signal handler, which must not print (it could land inside another print) nor wait for threads."""
     progress = config and os.path.join(config.output_dir, f"{config.prefix}_progress.jsonl")
     kept = exit_code != 2 and progress and os.path.exists(progress)
-    print(f"fineweb.py: error: {' '.join(str(message).split())}" + (
-        f"; finished shards in {config.output_dir} are kept: rerun the same command to resume" if kept else ""),
-        file=sys.stderr)
+    line = f"fineweb.py: error: {' '.join(str(message).split())}" + (
+        f"; finished shards in {config.output_dir} are kept: rerun the same command to resume" if kept else "")
+    if at_once:
+        os.write(sys.stderr.fileno(), (line + "\n").encode())
+        os._exit(exit_code)
+    print(line, file=sys.stderr)
     sys.exit(exit_code)
-
-
-def _terminate(signal_number, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the process at once
-    raise KeyboardInterrupt(signal_number)
 
 
 def nearest_existing(path):
