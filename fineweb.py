@@ -250,11 +250,12 @@ class HubDocuments:
 
 def main(argv=None):
     started, config = time.time(), None
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         config = parse_settings(FinewebConfig, argv, "Tokenize FineWeb-Edu (or local text) into GPT-2 token shards.")
         # Ctrl-C and SIGTERM end the run at once: every finished shard is on disk already (fsync'd, then
         # recorded), so there is nothing to clean up, and unwinding through the worker pool could hang in it.
-        for number in (signal.SIGINT, signal.SIGTERM):
+        for number in previous:
             signal.signal(number, lambda number, frame: fail(128 + number, f"stopped by "
                                                              f"{signal.Signals(number).name}", config, at_once=True))
         local, demo = config.input, config.dataset == "python-docs"
@@ -278,6 +279,9 @@ def main(argv=None):
         fail(1, "a tokenizing process died (killed, or out of memory: try a smaller --num-proc)", config)
     except (UserError, OSError) as e:
         fail(getattr(e, "exit_code", 1), e, config)
+    finally:
+        for number, handler in previous.items():  # main() may run inside another program (the tests)
+            signal.signal(number, handler)
     tokens = sum(np.load(path, mmap_mode="r").size for path in paths)
     print(f"{config.output_dir}: {len(paths)} shards (1 val, {len(paths) - 1} train), {tokens:,} tokens "
           f"({time.time() - started:.0f} s)")
