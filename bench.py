@@ -115,7 +115,7 @@ class BenchConfig:
         found += [f"--{name.replace('_', '-')} must name at least one value" for name in ("dtypes", "modes", "sections")
                   if not split(getattr(self, name))]
         found += [f"{problem} (--n-layer/--n-head/--n-embd/--block-size/--vocab-size)"
-                  for problem in model_config(self).problems()]
+                  for problem in train_gpt2.model_config(self).problems()]
         positive = ["seq_len", "max_new_tokens"]
         optional_positive = ["steps", "matmul_size", "hellaswag_examples", "hellaswag_batch_size", "num_proc",
                              "peak_flops"]
@@ -157,10 +157,6 @@ PRESETS = {
 
 def split(values):
     return [v.strip() for v in values.split(",") if v.strip()]
-
-
-def model_config(config):
-    return train_gpt2.model_config(config)  # the named size with the overrides, as training builds it
 
 
 def parse_args(argv=None):
@@ -625,9 +621,9 @@ def run(config):
                            device=str(device), device_name=device_name(device), torch=torch.__version__,
                            python=platform.python_version(), threads=torch.get_num_threads(), cores=os.cpu_count(),
                            load_average=[round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None, model=config.model,
-                           model_config=asdict(model_config(config)), config=asdict(config))}
+                           model_config=asdict(train_gpt2.model_config(config)), config=asdict(config))}
     with torch.device("meta"):  # shapes only: counting parameters allocates nothing
-        result["meta"]["parameters"] = GPT(model_config(config)).num_parameters()
+        result["meta"]["parameters"] = GPT(train_gpt2.model_config(config)).num_parameters()
 
     if "matmul" in sections:
         result["matmul"] = []
@@ -647,7 +643,7 @@ def run(config):
                 train_gpt2.free_memory(device)  # the next row starts from an empty device
     if "sample" in sections or "hellaswag" in sections:
         torch.manual_seed(0)
-        model = GPT(model_config(config)).to(device).eval()  # built after training: not in its peak memory
+        model = GPT(train_gpt2.model_config(config)).to(device).eval()  # built after training: not in its peak memory
     if "sample" in sections:
         log(f"sample {config.max_new_tokens} tokens with and without the KV cache ...")
         result["sample"] = [bench_sample(config, device, model)]
