@@ -53,7 +53,8 @@ import torch
 import fineweb
 import hellaswag
 import train_gpt2
-from common import UserError, autocast_dtype_for, keep_freed_memory, parse_settings, pick_device, setting
+from common import (UserError, autocast_and_scaler, autocast_dtype_for, free_memory, keep_freed_memory, parse_settings,
+                    pick_device, setting, synchronize)
 from model import GPT, GPT2_SIZES, sample_next_token
 from tokenizer import get_tokenizer
 
@@ -174,10 +175,10 @@ def log(message):
 
 def timed(fn, device):
     """Seconds fn() takes, the device's queued work included (GPU kernels run asynchronously)."""
-    train_gpt2.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    train_gpt2.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -324,7 +325,7 @@ def bench_train_at(config, device, dtype_name, mode, tokens, batch_size):
     optimizer, _ = raw_model.configure_optimizers(tc.weight_decay, tc.max_lr, (tc.beta1, tc.beta2), tc.adam_eps,
                                                   device.type)
     model = torch.compile(raw_model) if tc.compile else raw_model
-    autocast, scaler = train_gpt2.autocast_and_scaler(dtype_name, device)
+    autocast, scaler = autocast_and_scaler(dtype_name, device)
     loader = RepeatedBatch(tokens, batch_size, config.seq_len)
     matmul = Matmul(config.matmul_size, DTYPES[dtype_name], device)
     losses = []
@@ -371,7 +372,7 @@ def attention_kernels(step, device):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profiler:
         step()
-        train_gpt2.synchronize(device)
+        synchronize(device)
     pattern = re.compile(r"^aten::_scaled_dot_product|flash|fmha", re.IGNORECASE)
     return sorted({event.key for event in profiler.key_averages()
                    if pattern.search(event.key) and not event.key.startswith("autograd::")
@@ -640,7 +641,7 @@ def run(config):
                 log(f"  {row['ms_per_step']:.1f} ms/step, {row['tokens_per_sec']:,.0f} tokens/s, "
                     f"{percent(row['ceiling_ratio'])} of the matmul ceiling, MFU {percent(row['mfu'])}")
                 result["train"].append(row)
-                train_gpt2.free_memory(device)  # the next row starts from an empty device
+                free_memory(device)  # the next row starts from an empty device
     if "sample" in sections or "hellaswag" in sections:
         torch.manual_seed(0)
         model = GPT(train_gpt2.model_config(config)).to(device).eval()  # built after training: not in its peak memory

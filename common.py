@@ -15,11 +15,17 @@ one directory.
 import argparse
 import ctypes
 import datetime
+import gc
 import json
 import os
+import platform
+import re
+import signal
 import socket
 import sys
+import threading
 import tomllib
+from contextlib import nullcontext
 from dataclasses import field, fields
 
 
@@ -109,6 +115,27 @@ def write_settings(config, path, leave_out=()):
     lines = [f"{f.name} = {json.dumps(getattr(config, f.name))}" for f in fields(config)  # JSON values are TOML
              if getattr(config, f.name) is not None and f.name not in leave_out]
     atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+
+
+def duration(text):
+    """Seconds from '3h50m', '90m', '45s' or a number of seconds."""
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?", text.strip())
+    if not text.strip() or not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 3h50m, 90m or 600")
+    return sum(int(n or 0) * s for n, s in zip(match.groups(), (3600, 60, 1)))
+
+
+class OnOffOrAuto(argparse.Action):
+    """--compile / --no-compile force it on or off; --compile auto leaves it to the machine."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        option_strings += ["--no-" + option[2:] for option in option_strings]
+        super().__init__(option_strings, dest, nargs="?", choices=["auto"], metavar="auto", **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value is not None and option_string.startswith("--no-"):
+            parser.error(f"{option_string} takes no value")
+        setattr(namespace, self.dest, value or not option_string.startswith("--no-"))
 
 
 def pick_device(name="auto"):
@@ -243,6 +270,84 @@ def autocast_dtype_for(dtype, device):
     return None if name == "float32" else getattr(torch, name)
 
 
+def compile_by_default(device):
+    """Whether --compile auto turns torch.compile on: it needs Triton (CUDA GPUs from Volta on, not Windows)."""
+    from torch.utils._triton import has_triton  # private, but what inductor itself asks
+    return device.type == "cuda" and platform.system() != "Windows" and has_triton()
+
+
+def autocast_and_scaler(dtype, device):
+    """The forward's autocast and, for float16, a gradient scaler: float16's range ends at 65504 and
+    6e-8, so small gradients would round to zero; the scaler scales the loss up for backward and the
+    gradients back down for the step. bfloat16 has float32's range and needs none."""
+    import torch
+    dtype = autocast_dtype_for(dtype, device)
+    if dtype is None:
+        return nullcontext(), None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return torch.autocast(device.type, dtype=dtype), scaler
+
+
+def synchronize(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def free_memory(device):
+    """Forget compiled graphs (they hold their model) and hand cached GPU memory back."""
+    import torch
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def memory_budget(processes):
+    """Half the memory free here (Linux's MemAvailable, or a cgroup v2 limit when lower; else half the
+    RAM), shared by `processes`: the other half is room for the OS, the page cache and the estimate's
+    error. None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        if not hasattr(os, "sysconf"):
+            return None
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit, used = f.read().strip(), int(g.read())
+        free = free if limit == "max" else min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit
+    return free // 2 // processes
+
+
+# Dense peak FLOP/s (float32 as TF32 where the GPU has it, float16, bfloat16; None: no bf16 before
+# Ampere) from NVIDIA's datasheets, halved where a sheet quotes sparsity. Matched against the device
+# name; the first match wins, so a longer name comes before a shorter one it contains.
+PEAK_FLOPS = {
+    "H100 PCIe": (378e12, 756e12, 756e12), "H100 NVL": (417.5e12, 835e12, 835e12),
+    "H100": (494.5e12, 989e12, 989e12), "H200 NVL": (417.5e12, 835e12, 835e12), "H200": (494.5e12, 989e12, 989e12),
+    "H800 PCIe": (378e12, 756e12, 756e12), "H800": (494.5e12, 989e12, 989e12),
+    "A100": (156e12, 312e12, 312e12), "A800": (156e12, 312e12, 312e12),
+    "L40S": (183e12, 362e12, 362e12), "L40": (90.5e12, 181e12, 181e12), "L4": (60e12, 121e12, 121e12),
+    "V100S": (16.4e12, 130e12, None), "V100-PCIE": (14e12, 112e12, None), "V100": (15.7e12, 125e12, None),
+    "Tesla T4": (8.1e12, 65e12, None),
+}
+
+
+def peak_flops_of(device_name, dtype):
+    """The table's figure, or None: unknown GPUs and MIG slices (a fraction of a GPU that still says
+    H100) get no MFU rather than a wrong one."""
+    if "MIG" in device_name:
+        return None
+    column = ("float32", "float16", "bfloat16").index(dtype)
+    return next((peaks[column] for key, peaks in PEAK_FLOPS.items() if key in device_name), None)
+
+
 # -----------------------------------------------------------------------------
 # Processes: torchrun's ranks, and memory on CPU
 
@@ -321,3 +426,52 @@ def agree(error=None, value=None, prefix="error: "):
             print(f"{prefix}{who}{message}", file=sys.stderr, flush=True)
     dist.barrier()  # gloo: no rank exits (and has torchrun stop the others) before the print
     raise UserError("reported", exit_code=next(iter(failures))[1], reported=True)
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(tensor):
+    """Sum over ranks in place (gloo has no AVG, so averages divide the sum themselves)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+class Launch:
+    """What one launch holds until it ends: the signal handlers that stop it cleanly, and the log
+    directory's lock and history, released on the way out. SIGTERM and SIGUSR1 (what SLURM and spot
+    instances send before a kill) and Ctrl-C end the run at the next step: every rank finishes it,
+    they agree, a checkpoint is written. A second Ctrl-C quits at once."""
+
+    def __enter__(self):
+        self.signal, self.held, self.handlers = None, [], {}
+        if threading.current_thread() is threading.main_thread():  # Python only lets it set handlers
+            for number in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+                if number is not None:
+                    self.handlers[number] = signal.signal(number, self._stop)
+        return self
+
+    def _stop(self, number, frame):
+        if number == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        if self.signal is None:
+            self.signal = number
+            if int(os.environ.get("RANK", 0)) == 0:  # os.write: a print here could cut into another print
+                os.write(sys.stderr.fileno(), f"{signal.Signals(number).name}: stopping after this step, with a "
+                         f"checkpoint{' (Ctrl-C again to quit at once)' if number == signal.SIGINT else ''}\n".encode())
+
+    def hold(self, resource):
+        """Release (a lock) or close (the history) `resource` when the launch ends."""
+        self.held.append(resource)
+        return resource
+
+    def __exit__(self, *exc):
+        for number, handler in self.handlers.items():
+            signal.signal(number, handler)
+        for resource in reversed(self.held):
+            (getattr(resource, "release", None) or resource.close)()
+

@@ -15,22 +15,13 @@ suits the machine. Relaunching the same command continues the run; a log directo
 Each step prints a line and appends it to <log dir>/metrics.jsonl, which play.ipynb plots.
 """
 
-import argparse
-import gc
 import glob
-import json
 import math
 import os
-import platform
-import random
 import re
-import shutil
 import signal
-import subprocess
 import sys
-import threading
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -39,8 +30,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from common import (AllRanks, DirectoryLock, UserError, agree, atomic_write, autocast_dtype_for, keep_freed_memory,
-                    parse_settings, pick_device, resolve_dtype, setting, start_distributed, write_settings)
+from common import (AllRanks, Launch, OnOffOrAuto, UserError, agree, all_reduce_sum, autocast_and_scaler,
+                    autocast_dtype_for, compile_by_default, duration, free_memory, keep_freed_memory, memory_budget,
+                    parse_settings, peak_flops_of, pick_device, print0, resolve_dtype, setting, start_distributed,
+                    synchronize, write_settings)
+from logdir import (RunLog, choose_checkpoint, claim_log_dir, list_checkpoints, run_header, save_checkpoint,
+                    set_aside_later_checkpoints, set_rng_state)
 from model import GPT, GPT2_SIZES, GPTConfig, read_checkpoint
 from tokenizer import get_tokenizer
 
@@ -48,27 +43,6 @@ TrainError = UserError  # this script's one error type (exit_code 2: settings, 1
 
 # -----------------------------------------------------------------------------
 # Settings: one dataclass, one flag per field (`python train_gpt2.py --help`)
-
-
-def duration(text):
-    """Seconds from '3h50m', '90m', '45s' or a number of seconds."""
-    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?", text.strip())
-    if not text.strip() or not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 3h50m, 90m or 600")
-    return sum(int(n or 0) * s for n, s in zip(match.groups(), (3600, 60, 1)))
-
-
-class OnOffOrAuto(argparse.Action):
-    """--compile / --no-compile force it on or off; --compile auto leaves it to the machine."""
-
-    def __init__(self, option_strings, dest, **kwargs):
-        option_strings += ["--no-" + option[2:] for option in option_strings]
-        super().__init__(option_strings, dest, nargs="?", choices=["auto"], metavar="auto", **kwargs)
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        if value is not None and option_string.startswith("--no-"):
-            parser.error(f"{option_string} takes no value")
-        setattr(namespace, self.dest, value or not option_string.startswith("--no-"))
 
 
 @dataclass
@@ -608,83 +582,6 @@ def sample(raw_model, config, device, autocast):
 # -----------------------------------------------------------------------------
 # Checkpoints and the run's history: one run per log directory, rank 0 writes, files whole or absent
 
-# What train_gpt2.py writes into a log directory: --overwrite removes these and nothing else.
-RUN_FILES = ("checkpoints", "metrics.jsonl", "log.txt", "config.toml", "abandoned", "tensorboard", "wandb_run_id")
-
-
-def list_checkpoints(log_dir):
-    """Checkpoint paths, oldest first (the zero-padded step makes name order step order)."""
-    return sorted(glob.glob(os.path.join(log_dir, "checkpoints", "step_[0-9]*.pt")))
-
-
-def save_checkpoint(config, step, raw_model, optimizer, loader, scaler=None):
-    """Write log_dir/checkpoints/step_<step>.pt whole (atomic_write), then prune old ones."""
-    path = os.path.join(config.log_dir, "checkpoints", f"step_{step:08d}.pt")
-    checkpoint = {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
-                  "optimizer": optimizer.state_dict(), "step": step, "config": asdict(config),
-                  "loader": loader.state_dict(), "rng": rng_state(), "scaler": scaler and scaler.state_dict()}
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
-    except OSError as e:  # a full disk, a vanished mount: the older checkpoints stay as they are
-        raise TrainError(f"cannot write checkpoint {path} ({e}); free some space and relaunch to resume",
-                         every_rank=False)
-    for old in list_checkpoints(config.log_dir)[:-config.keep_checkpoints]:
-        os.remove(old)
-    return path
-
-
-def claim_log_dir(config):
-    """Rank 0: this launch's lock on the log directory, which holds one run (see --overwrite)."""
-    earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(config.log_dir, name))]
-    holds_run = list_checkpoints(config.log_dir) or os.path.exists(os.path.join(config.log_dir, "metrics.jsonl"))
-    if holds_run and config.resume == "never" and not config.overwrite:  # refused before anything is touched
-        raise TrainError(f"{config.log_dir} holds a run ({', '.join(earlier)}); continue it with --resume auto, "
-                         f"start a new run there with --overwrite (deletes those), or use another --log-dir",
-                         exit_code=2)
-    try:
-        os.makedirs(config.log_dir, exist_ok=True)
-    except OSError as e:
-        raise TrainError(f"cannot create --log-dir {config.log_dir} ({e.strerror})", exit_code=2)
-    lock = DirectoryLock(config.log_dir, "train_gpt2.py run").acquire()
-    if earlier and config.overwrite:
-        for path in (os.path.join(config.log_dir, name) for name in earlier):
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        print0(f"--overwrite: removed the earlier run's {', '.join(earlier)} from {config.log_dir}")
-    for stale in glob.glob(os.path.join(config.log_dir, "checkpoints", ".*.tmp")):
-        os.remove(stale)  # a launch killed mid-write left it; the lock says no one else writes here
-    return lock
-
-
-def choose_checkpoint(config):
-    """Rank 0: (path, contents) of the checkpoint to resume from, or (None, None) for a new run.
-    With --resume auto an unreadable latest file (a crash mid-write) is skipped for the one before."""
-    if config.resume == "never" or config.overwrite:
-        return None, None
-    if config.resume != "auto":
-        try:
-            return config.resume, read_checkpoint(config.resume)
-        except ValueError as e:
-            raise TrainError(f"--resume {e}; pass a checkpoint path, or --resume auto")
-    for path in reversed(list_checkpoints(config.log_dir)):
-        try:
-            return path, read_checkpoint(path)
-        except ValueError as e:
-            print0(f"note: skipping unreadable checkpoint ({e})")
-    return None, None
-
-
-def set_aside_later_checkpoints(config, start_step):
-    """Rank 0: checkpoints past start_step belong to a branch this launch abandons (a rollback, an
-    unreadable latest one); moved aside, so --resume auto and pruning never mix them in."""
-    later = [p for p in list_checkpoints(config.log_dir) if int(os.path.basename(p)[5:-3]) > start_step]
-    if later:
-        aside = os.path.join(config.log_dir, "abandoned", time.strftime("%Y%m%d-%H%M%S"))
-        os.makedirs(aside, exist_ok=True)
-        for path in later:
-            os.replace(path, os.path.join(aside, os.path.basename(path)))
-        print0(f"resuming at step {start_step}: moved {len(later)} later checkpoint(s) to {aside}")
-
 
 def check_resumable(saved, config):
     """Refuse to continue a run with settings that change what it learns, listing them all."""
@@ -697,113 +594,6 @@ def check_resumable(saved, config):
     if differ:
         raise TrainError(f"the checkpoint's settings differ from the flags: {'; '.join(differ)}; relaunch with the "
                          f"checkpoint's settings, or another --log-dir / --overwrite for a new run", exit_code=2)
-
-
-def rng_state():
-    key, pos, has_gauss, gauss = np.random.get_state()[1:]
-    numpy_state = {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state  # only tensors and plain values: torch.load(weights_only=True) reads it
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-class RunLog:
-    """The run's history, written by rank 0: metrics.jsonl (one JSON object per event), log.txt (the
-    same as text, a header per launch), and W&B and TensorBoard when asked for. A launch that starts
-    at step S first keeps only the events of steps before S (the file rewritten whole), so a resumed
-    or rolled-back run lists each step once. Non-finite values are written as null.
-
-    W&B continues one run over every launch (its id kept in <log dir>/wandb_run_id) but cannot drop
-    what a rolled-back run logs again: its charts then show both branches. TensorBoard purges them."""
-
-    def __init__(self, config, start_step, enabled):
-        self.enabled, self.tensorboard, self.wandb = enabled, None, None
-        self.metrics_path, self.text_path = (os.path.join(config.log_dir, n) for n in ("metrics.jsonl", "log.txt"))
-        if not enabled:
-            return
-        if os.path.exists(self.metrics_path):
-            with open(self.metrics_path, "rb") as f:
-                kept = [line.rstrip(b"\n") + b"\n" for line in f if event_step(line) < start_step]
-            atomic_write(self.metrics_path, lambda f: f.writelines(kept))
-        try:
-            if config.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tensorboard = SummaryWriter(os.path.join(config.log_dir, "tensorboard"), purge_step=start_step)
-            if config.wandb:
-                import wandb
-                id_path = os.path.join(config.log_dir, "wandb_run_id")
-                self.wandb = wandb.init(project=config.wandb, dir=config.log_dir, resume="allow",
-                                        id=open(id_path).read().strip() if os.path.exists(id_path) else None,
-                                        config=asdict(config), allow_val_change=True)  # RESUMABLE ones may change
-                atomic_write(id_path, lambda f: f.write(self.wandb.id.encode()))
-                self.wandb.define_metric("step")
-                self.wandb.define_metric("*", step_metric="step")  # charted against our step, not W&B's count
-        except ImportError as e:
-            raise TrainError(f"--tensorboard and --wandb need their packages: pip install -r requirements-tracking.txt "
-                             f"({e})", exit_code=2)
-
-    def text(self, line):
-        if self.enabled:
-            with open(self.text_path, "a") as f:
-                f.write(line + "\n")
-
-    def event(self, record, line=None):
-        """Append one event (a dict with a "step") to metrics.jsonl, log.txt and the dashboards."""
-        if not self.enabled:
-            return
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
-        step, numbers = record["step"], {k: v for k, v in record.items() if k != "step" and type(v) in (int, float)}
-        if self.tensorboard:
-            for key, value in numbers.items():
-                self.tensorboard.add_scalar(key, value, step)
-            if "samples" in record:
-                self.tensorboard.add_text("samples", "\n\n".join(record["samples"]), step)
-            self.tensorboard.flush()
-        if self.wandb:
-            import wandb
-            if "samples" in record:
-                numbers["samples"] = wandb.Table(columns=["step", "sample"],
-                                                 data=[[step, text] for text in record["samples"]])
-            self.wandb.log({"step": step, **numbers})
-        if line is not None:
-            self.text(line)
-
-    def close(self):
-        for dashboard in (self.tensorboard, self.wandb):
-            if dashboard:
-                dashboard.close() if dashboard is self.tensorboard else dashboard.finish()
-
-
-def event_step(line):
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf  # a line cut short by a crash: dropped
-
-
-def run_header(config, device, world_size):
-    """The top of each launch in log.txt: enough to tell runs apart and reproduce them."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return (f"=== launch {time.strftime('%Y-%m-%d %H:%M:%S')} ===\nconfig: {json.dumps(asdict(config))}\n"
-            f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, git {commit}\n"
-            f"device: {name}, world size {world_size}")
 
 
 # -----------------------------------------------------------------------------
@@ -828,22 +618,6 @@ def resolve_auto(config, device, world_size):
     print0(f"dtype {config.dtype}{how.get('dtype', '')}, compile {'on' if config.compile else 'off'}"
            f"{how.get('compile', '')}, batch size {config.batch_size}{how.get('batch_size', '')}")
     return config
-
-
-def compile_by_default(device):
-    from torch.utils._triton import has_triton  # private, but what inductor itself asks
-    return device.type == "cuda" and platform.system() != "Windows" and has_triton()
-
-
-def autocast_and_scaler(dtype, device):
-    """The forward's autocast and, for float16, a gradient scaler: float16's range ends at 65504 and
-    6e-8, so small gradients would round to zero; the scaler scales the loss up for backward and the
-    gradients back down for the step. bfloat16 has float32's range and needs none."""
-    dtype = autocast_dtype_for(dtype, device)
-    if dtype is None:
-        return nullcontext(), None
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    return torch.autocast(device.type, dtype=dtype), scaler
 
 
 def batch_size_candidates(config, world_size):
@@ -904,40 +678,12 @@ def trial_step(config, device, batch_size):
     optimizer.step()  # allocates AdamW's two moments
 
 
-def free_memory(device):
-    """Forget compiled graphs (they hold their model) and hand cached GPU memory back."""
-    torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def activation_bytes(model_config, seq_len):
     """Bytes a training step holds per row of seq_len tokens in float32: per token about 17 * n_embd
     values per layer kept for backward (Korthikanti et al. 2022, without dropout), plus 4 * vocab for
     the logits, their log-softmax and both gradients. With 16 bytes per parameter (weights, gradients,
     AdamW's moments) it came within 10% of a step's measured peak memory on CPU."""
     return 4 * seq_len * (17 * model_config.n_layer * model_config.n_embd + 4 * model_config.vocab_size)
-
-
-def memory_budget(processes):
-    """Half the memory free here (Linux's MemAvailable, or a cgroup v2 limit when lower; else half the
-    RAM), shared by `processes`: the other half is room for the OS, the page cache and the estimate's
-    error. None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        if not hasattr(os, "sysconf"):
-            return None
-        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
-            limit, used = f.read().strip(), int(g.read())
-        free = free if limit == "max" else min(free, int(limit) - used)
-    except (OSError, ValueError):
-        pass  # no cgroup v2 limit
-    return free // 2 // processes
 
 
 def out_of_memory(config, device, step):
@@ -947,91 +693,14 @@ def out_of_memory(config, device, step):
     return f"out of {device.type} memory at step {step} with --batch-size {config.batch_size}; {fix}"
 
 
-# Dense peak FLOP/s (float32 as TF32 where the GPU has it, float16, bfloat16; None: no bf16 before
-# Ampere) from NVIDIA's datasheets, halved where a sheet quotes sparsity. Matched against the device
-# name; the first match wins, so a longer name comes before a shorter one it contains.
-PEAK_FLOPS = {
-    "H100 PCIe": (378e12, 756e12, 756e12), "H100 NVL": (417.5e12, 835e12, 835e12),
-    "H100": (494.5e12, 989e12, 989e12), "H200 NVL": (417.5e12, 835e12, 835e12), "H200": (494.5e12, 989e12, 989e12),
-    "H800 PCIe": (378e12, 756e12, 756e12), "H800": (494.5e12, 989e12, 989e12),
-    "A100": (156e12, 312e12, 312e12), "A800": (156e12, 312e12, 312e12),
-    "L40S": (183e12, 362e12, 362e12), "L40": (90.5e12, 181e12, 181e12), "L4": (60e12, 121e12, 121e12),
-    "V100S": (16.4e12, 130e12, None), "V100-PCIE": (14e12, 112e12, None), "V100": (15.7e12, 125e12, None),
-    "Tesla T4": (8.1e12, 65e12, None),
-}
-
-
-def peak_flops_of(device_name, dtype):
-    """The table's figure, or None: unknown GPUs and MIG slices (a fraction of a GPU that still says
-    H100) get no MFU rather than a wrong one."""
-    if "MIG" in device_name:
-        return None
-    column = ("float32", "float16", "bfloat16").index(dtype)
-    return next((peaks[column] for key, peaks in PEAK_FLOPS.items() if key in device_name), None)
-
-
 def device_peak_flops(config, device):
     if config.peak_flops or device.type != "cuda":
         return config.peak_flops  # none on cpu and mps: no reliable number, so no MFU
     return peak_flops_of(torch.cuda.get_device_name(device), config.dtype)
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 # -----------------------------------------------------------------------------
 # The launch: ranks, signals, errors
-
-
-def print0(*args, **kwargs):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def all_reduce_sum(tensor):
-    """Sum over ranks in place (gloo has no AVG, so averages divide the sum themselves)."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-class Launch:
-    """What one launch holds until it ends: the signal handlers that stop it cleanly, and the log
-    directory's lock and history, released on the way out. SIGTERM and SIGUSR1 (what SLURM and spot
-    instances send before a kill) and Ctrl-C end the run at the next step: every rank finishes it,
-    they agree, a checkpoint is written. A second Ctrl-C quits at once."""
-
-    def __enter__(self):
-        self.signal, self.held, self.handlers = None, [], {}
-        if threading.current_thread() is threading.main_thread():  # Python only lets it set handlers
-            for number in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
-                if number is not None:
-                    self.handlers[number] = signal.signal(number, self._stop)
-        return self
-
-    def _stop(self, number, frame):
-        if number == signal.SIGINT and self.signal == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C
-        if self.signal is None:
-            self.signal = number
-            if int(os.environ.get("RANK", 0)) == 0:  # os.write: a print here could cut into another print
-                os.write(sys.stderr.fileno(), f"{signal.Signals(number).name}: stopping after this step, with a "
-                         f"checkpoint{' (Ctrl-C again to quit at once)' if number == signal.SIGINT else ''}\n".encode())
-
-    def hold(self, resource):
-        """Release (a lock) or close (the history) `resource` when the launch ends."""
-        self.held.append(resource)
-        return resource
-
-    def __exit__(self, *exc):
-        for number, handler in self.handlers.items():
-            signal.signal(number, handler)
-        for resource in reversed(self.held):
-            (getattr(resource, "release", None) or resource.close)()
 
 
 def main(argv=None):

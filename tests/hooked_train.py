@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import logdir  # noqa: E402
 import train_gpt2  # noqa: E402
 from model import GPT  # noqa: E402
 
@@ -35,11 +36,11 @@ for step, action in mine:
     elif action == "blind":
         def read_checkpoint(path):
             raise ValueError(f"{path} does not exist")
-        train_gpt2.read_checkpoint = read_checkpoint
+        train_gpt2.read_checkpoint = logdir.read_checkpoint = read_checkpoint
 
 actions = {int(step): action for step, action in mine if step not in ("argv", "setup")}
 nan_now = False
-get_lr, forward, atomic_write = train_gpt2.get_lr, GPT.forward, train_gpt2.atomic_write
+get_lr, forward, atomic_write = train_gpt2.get_lr, GPT.forward, logdir.atomic_write
 
 
 def hooked_get_lr(step, config):  # train() calls it right before each step trains
@@ -78,6 +79,6 @@ def hooked_atomic_write(path, write):
     return atomic_write(path, write_half_then_die)
 
 
-train_gpt2.get_lr, GPT.forward, train_gpt2.atomic_write = hooked_get_lr, hooked_forward, hooked_atomic_write
+train_gpt2.get_lr, GPT.forward, logdir.atomic_write = hooked_get_lr, hooked_forward, hooked_atomic_write
 sys.argv = [train_gpt2.__file__, *argv]
 train_gpt2.cli()

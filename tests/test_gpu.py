@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import bench
+import common
 import train_gpt2
 from common import resolve_dtype
 from test_train import HELLASWAG, SCRIPT, args, checkpoint, data_dir, series  # noqa: F401 (data_dir: a fixture)
@@ -65,7 +66,7 @@ def check_demo_with_auto_defaults(device, tmp_path, hellaswag_file, monkeypatch,
                  str(tmp_path / "demo_data"), "--log-dir", str(log), "--hellaswag-file", hellaswag_file,
                  "--max-steps", str(steps), "--warmup-steps", str(steps // 5), "--eval-interval", str(half),
                  "--hellaswag-interval", str(half), "--sample-interval", str(half), "--sample-tokens", "16"]) == 0
-    dtype, compiled = resolve_dtype("auto", torch.device(device)), train_gpt2.compile_by_default(torch.device(device))
+    dtype, compiled = resolve_dtype("auto", torch.device(device)), common.compile_by_default(torch.device(device))
     printed = f"dtype {dtype} (auto), compile {'on' if compiled else 'off'} (auto), batch size 8\n"
     assert printed in capsys.readouterr().out
     config = checkpoint(log, steps)["config"]
@@ -111,7 +112,7 @@ def attention_ops(device, compiled):
     raw_model = train_gpt2.build_model(config, device)
     optimizer, _ = raw_model.configure_optimizers(0.1, 1e-3, device_type=device.type)
     model = torch.compile(raw_model) if compiled else raw_model
-    autocast, scaler = train_gpt2.autocast_and_scaler(config.dtype, device)
+    autocast, scaler = common.autocast_and_scaler(config.dtype, device)
     tokens = torch.randint(0, 50257, (config.batch_size * config.seq_len + 1,))
     loader = bench.RepeatedBatch(tokens, config.batch_size, config.seq_len)
 

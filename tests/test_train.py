@@ -29,8 +29,10 @@ import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import common
 import fineweb
 import hellaswag
+import logdir
 import train_gpt2
 from model import GPT
 from train_gpt2 import ShardLoader, TrainError, get_lr, main, parse_args
@@ -168,7 +170,7 @@ def test_lr_schedule_warmup_peak_decay_and_floor():
     ("NVIDIA GeForce RTX 4090", None),  # unknown: no MFU rather than a wrong one (--peak-flops gives one)
 ])
 def test_peak_flops_by_gpu_name(name, flops):
-    assert train_gpt2.peak_flops_of(name, "bfloat16") == flops
+    assert common.peak_flops_of(name, "bfloat16") == flops
 
 
 # -----------------------------------------------------------------------------
@@ -336,15 +338,15 @@ def draws():
 
 
 def test_set_rng_state_repeats_the_draws_of_torch_numpy_and_python(straight):
-    saved = train_gpt2.rng_state()
+    saved = logdir.rng_state()
     first = draws()
-    train_gpt2.set_rng_state(saved)
+    logdir.set_rng_state(saved)
     assert draws() == first
     # A checkpoint's states, as resume reads them (weights_only), put the generators back each time.
     restored = checkpoint(straight, STEPS)["rng"]
-    train_gpt2.set_rng_state(restored)
+    logdir.set_rng_state(restored)
     after = draws()
-    train_gpt2.set_rng_state(restored)
+    logdir.set_rng_state(restored)
     assert draws() == after
 
 
@@ -1222,7 +1224,7 @@ def test_float16_overflow_is_the_scalers_to_handle_not_an_error(data_dir):
     model = train_gpt2.build_model(config, device)
     optimizer, _ = model.configure_optimizers(0.1, 1e-3, device_type="cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    autocast, _ = train_gpt2.autocast_and_scaler("float16", device)
+    autocast, _ = common.autocast_and_scaler("float16", device)
     # A scale of 2^40 overflows float16 gradients (max 65504): the norm is inf, the loss finite.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
     loader = ShardLoader(data_dir, "train", 4, 32)
@@ -1249,7 +1251,7 @@ def test_float16_overflow_is_the_scalers_to_handle_not_an_error(data_dir):
     ("Tesla T4", "float16", 65e12), ("Tesla T4", "float32", 8.1e12),
 ])
 def test_peak_flops_by_gpu_name_and_dtype(name, dtype, flops):
-    assert train_gpt2.peak_flops_of(name, dtype) == flops
+    assert common.peak_flops_of(name, dtype) == flops
 
 
 def test_mfu_divides_by_the_peak_of_the_run_dtype(monkeypatch):
