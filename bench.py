@@ -277,7 +277,7 @@ def text_tokens(count):
 
 
 class RepeatedBatch:
-    """Stands in for train_gpt2.py's ShardLoader: the same real (x, y) batch every micro step, so
+    """Stands in for loader.py's ShardLoader: the same real (x, y) batch every micro step, so
     no disk read is in the measurement (the loader's reads are a memory map, minor at any size)."""
 
     def __init__(self, tokens, batch_size, seq_len):

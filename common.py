@@ -1,15 +1,16 @@
-"""What every script shares and no chapter is about: settings as flags, one error type, the
-device and the dtype it computes in, files written safely, and a lock that keeps two runs out of
-one directory.
+"""What every script shares and no chapter is about: settings as flags, one error type, the device
+and the dtype it computes in, files written safely, a lock that keeps two runs out of one directory,
+and torchrun's ranks: set-up errors every rank agrees on, clean stops on a signal.
 
     config = parse_settings(MyConfig, argv)                        # a dataclass of setting()s -> its flags
     device = pick_device("auto")                                   # cuda > mps > cpu
     resolve_dtype("auto", device)                                  # "bfloat16" on an A100 or H100
+    autocast_dtype_for("auto", torch.device("cpu"))                # None: float32, no autocast
     atomic_write("out/shard.npy", lambda f: np.save(f, tokens))   # whole file or none, even after a crash
     with DirectoryLock("log"):                                     # a second run on log/ stops at once
         ...
-    resolve_dtype("auto", torch.device("cuda"))                   # "bfloat16" on an A100 or H100
-    autocast_dtype_for("auto", torch.device("cpu"))                # None: float32, no autocast
+    with AllRanks():                                               # an error on any rank ends every rank
+        ...
 """
 
 import argparse
@@ -138,26 +139,6 @@ class OnOffOrAuto(argparse.Action):
         setattr(namespace, self.dest, value or not option_string.startswith("--no-"))
 
 
-def pick_device(name="auto"):
-    """A torch.device: 'auto' is cuda, else mps, else cpu. Under torchrun a GPU is this process's own,
-    cuda:LOCAL_RANK, and the process makes it current (its RNG, pinned memory and kernels)."""
-    import torch  # here: fineweb.py and its tokenizer processes do without torch
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name} is not a device; use auto, cpu, cuda, cuda:N or mps", exit_code=2) from None
-    if device.type == "cuda" and not torch.cuda.is_available() or \
-            device.type == "mps" and not torch.backends.mps.is_available() or device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {name}: no such device on this machine; use --device auto", exit_code=2)
-    if device.type == "cuda":
-        if "LOCAL_RANK" in os.environ:
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process
-        torch.cuda.set_device(device.index or 0)
-    return device
-
-
 # -----------------------------------------------------------------------------
 # Files that are whole or absent
 
@@ -246,7 +227,27 @@ class DirectoryLock:
 
 
 # -----------------------------------------------------------------------------
-# The dtype a device computes in
+# The device: which one, the dtype it computes in, compile, memory and peak FLOP/s
+
+
+def pick_device(name="auto"):
+    """A torch.device: 'auto' is cuda, else mps, else cpu. Under torchrun a GPU is this process's own,
+    cuda:LOCAL_RANK, and the process makes it current (its RNG, pinned memory and kernels)."""
+    import torch  # here: fineweb.py and its tokenizer processes do without torch
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device; use auto, cpu, cuda, cuda:N or mps", exit_code=2) from None
+    if device.type == "cuda" and not torch.cuda.is_available() or \
+            device.type == "mps" and not torch.backends.mps.is_available() or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: no such device on this machine; use --device auto", exit_code=2)
+    if device.type == "cuda":
+        if "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process
+        torch.cuda.set_device(device.index or 0)
+    return device
 
 
 def resolve_dtype(dtype, device):
@@ -348,8 +349,21 @@ def peak_flops_of(device_name, dtype):
     return next((peaks[column] for key, peaks in PEAK_FLOPS.items() if key in device_name), None)
 
 
+def keep_freed_memory():
+    """On Linux, keep freed memory inside the process instead of handing it back to the OS. glibc
+    serves every large tensor (logits and their gradients: hundreds of MB at T=1024) with a fresh
+    mmap and unmaps it when freed, so each CPU training step page-faults it in again: the 124M fp32
+    step on 2 cores took ~6.1 s instead of ~5.0 s. GPUs do not need it; macOS and musl are left as is."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks come from the heap, which is reused...
+        libc.mallopt(-1, 2**31 - 1)  # ...and M_TRIM_THRESHOLD: not trimmed back after each step (a C int)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 # -----------------------------------------------------------------------------
-# Processes: torchrun's ranks, and memory on CPU
+# Processes: torchrun's ranks, errors they agree on, and clean stops
 
 
 def start_distributed(timeout=600):
@@ -366,19 +380,6 @@ def start_distributed(timeout=600):
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
                             timeout=datetime.timedelta(seconds=timeout))
     return dist.get_rank(), dist.get_world_size()
-
-
-def keep_freed_memory():
-    """On Linux, keep freed memory inside the process instead of handing it back to the OS. glibc
-    serves every large tensor (logits and their gradients: hundreds of MB at T=1024) with a fresh
-    mmap and unmaps it when freed, so each CPU training step page-faults it in again: the 124M fp32
-    step on 2 cores took ~6.1 s instead of ~5.0 s. GPUs do not need it; macOS and musl are left as is."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks come from the heap, which is reused...
-        libc.mallopt(-1, 2**31 - 1)  # ...and M_TRIM_THRESHOLD: not trimmed back after each step (a C int)
-    except (OSError, AttributeError):
-        pass  # not glibc
 
 
 class AllRanks:

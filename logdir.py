@@ -53,6 +53,17 @@ def save_checkpoint(config, step, raw_model, optimizer, loader, scaler=None):
     return path
 
 
+def load_checkpoint(checkpoint, raw_model, optimizer, loader, scaler=None):
+    """Put back what save_checkpoint saved -> the step to go on from."""
+    raw_model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    loader.load_state_dict(checkpoint["loader"])
+    set_rng_state(checkpoint["rng"])
+    if scaler:
+        scaler.load_state_dict(checkpoint["scaler"])
+    return checkpoint["step"]
+
+
 def claim_log_dir(config):
     """Rank 0: this launch's lock on the log directory, which holds one run (see --overwrite)."""
     earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(config.log_dir, name))]

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import fineweb
-from train_gpt2 import ShardLoader, TrainError
+from loader import ShardLoader
+from train_gpt2 import TrainError
 
 B, T = 4, 48
 

@@ -35,7 +35,8 @@ import hellaswag
 import logdir
 import train_gpt2
 from model import GPT
-from train_gpt2 import ShardLoader, TrainError, get_lr, main, parse_args
+from loader import ShardLoader
+from train_gpt2 import TrainError, get_lr, main, parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
