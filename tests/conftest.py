@@ -6,6 +6,7 @@
 - `tiny_config`: a tiny GPTConfig with non-square sizes.
 - `hf_gpt2_dir`: a randomly initialised transformers GPT2LMHeadModel saved with save_pretrained,
   the offline stand-in for OpenAI's weights.
+- `data_dir`: that corpus as train_gpt2.py's shards (fineweb.write_shards, 4,096 tokens each).
 - `run_main`: a script's main(argv) run in-process, giving (exit code, stdout, stderr).
 - `trained_log`: the log directory of a real 6-step train_gpt2.py run of a tiny GPT, and
   `exported_run`: export.py's folder of its latest checkpoint (the notebook, export and sample tests).
@@ -53,6 +54,14 @@ def corpus_documents():
     from pydoc_data.topics import topics
     return [topics[name] for name in sorted(topics)]
 
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, corpus_documents):
+    import fineweb
+    path = tmp_path_factory.mktemp("data")
+    fineweb.write_shards(corpus_documents, str(path), "pydocs", shard_size=4096, num_proc=1, progress=False)
+    return str(path)
 
 @pytest.fixture
 def run_main(capsys):

@@ -25,7 +25,7 @@ import bench
 import common
 import train_gpt2
 from common import resolve_dtype
-from test_train import HELLASWAG, SCRIPT, args, checkpoint, data_dir, series  # noqa: F401 (data_dir: a fixture)
+from test_train import HELLASWAG, SCRIPT, args, checkpoint, series
 from train_gpt2 import main
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")

@@ -30,7 +30,6 @@ from numpy.lib.stride_tricks import sliding_window_view
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import common
-import fineweb
 import hellaswag
 import logdir
 import train_gpt2
@@ -51,13 +50,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, corpus_documents):
-    path = tmp_path_factory.mktemp("data")
-    fineweb.write_shards(corpus_documents, str(path), "pydocs", shard_size=4096, num_proc=1, progress=False)
-    return str(path)
 
 
 def args(data_dir, log_dir, *extra):
