@@ -206,16 +206,11 @@ class HellaSwagConfig:
 
 
 def main(argv=None):
-    rank = int(os.environ.get("RANK", 0))  # under torchrun, rank 0 alone prints
+    rank, world_size = start_distributed()  # under torchrun, rank 0 alone prints
     try:
-        try:
-            config, error = parse_settings(HellaSwagConfig, argv, "Score a GPT-2 on HellaSwag, completion style."), None
-        except UserError as e:  # --data missing on one node, say: agree() prints it once, with the rank
-            error = e
-        rank, world_size = start_distributed()
-        agree(error, prefix="hellaswag.py: error: ")
-        device = pick_device(config.device)
-        with AllRanks(prefix="hellaswag.py: error: "):  # a file missing on one node ends every rank, printed once
+        with AllRanks(prefix="hellaswag.py: error: "):  # an error on one rank ends them all, printed once
+            config = parse_settings(HellaSwagConfig, argv, "Score a GPT-2 on HellaSwag, completion style.")
+            device = pick_device(config.device)
             examples = load_examples(config.data or download())[:config.limit]
             try:
                 model = load_model(config.model)
@@ -226,15 +221,11 @@ def main(argv=None):
                   f"{world_size} process(es)")
         result = evaluate(model.to(device), examples, device, config.batch_size, rank, world_size,
                           autocast_dtype_for("auto", device), progress=rank == 0)  # the dtype training scores in
-        counts = torch.tensor([result["correct"], result["correct_norm"], result["total"]], device=device)
-        parts = [result["predictions"]] * world_size
-        if world_size > 1:  # each rank scored its share
-            dist.all_reduce(counts)
-            dist.all_gather_object(parts, result["predictions"])
-        correct, correct_norm, total = counts.tolist()
+        results = agree(value=result)  # every rank's share, in rank order
+        correct, correct_norm, total = (sum(r[key] for r in results) for key in ("correct", "correct_norm", "total"))
         if rank == 0:
             if config.predictions:
-                predictions = sorted((p for part in parts for p in part), key=lambda p: p["index"])
+                predictions = sorted((p for r in results for p in r["predictions"]), key=lambda p: p["index"])
                 lines = "".join(json.dumps(p) + "\n" for p in predictions)
                 atomic_write(config.predictions, lambda f: f.write(lines.encode("utf-8")))
             print(f"acc: {correct / total:.4f} acc_norm: {correct_norm / total:.4f} n: {total}")
