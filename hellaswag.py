@@ -42,15 +42,12 @@ DATA_BYTES, DATA_SHA256 = 12_246_618, "0aa3b88843990f3f10a97b9575c94d7b71fb22052
 
 
 def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False):
-    """Score examples[rank::world_size] -> {"correct", "correct_norm", "total", "predictions"} for this rank (the
-    caller all-reduces the counts); a prediction is {"index", "label", "pred", "pred_norm", "losses" (4 means)}.
-    model: our GPT or transformers' GPT-2, maybe compiled, on `device`; under DDP the module inside (ranks score
-    different numbers of batches). Longest examples first, rows padded to the batch's longest and the last batch
-    filled with dummy rows: little padding, few shapes to compile. Our GPT computes logits only where an ending
-    token is predicted (logit_positions), a fraction of the (rows, T, vocab) logits."""
-    inner = getattr(model, "module", model)  # inside DDP...
-    inner = getattr(inner, "_orig_mod", inner)  # ...and torch.compile
-    block_size = getattr(inner.config, "block_size", None) or inner.config.n_positions
+    """Score examples[rank::world_size] -> this rank's {"correct", "correct_norm", "total", "predictions"}, a
+    prediction being {"index", "label", "pred", "pred_norm", "losses" (4 means)}. model: our GPT or transformers'
+    GPT-2, maybe compiled, on `device`; not DDP's wrapper (ranks score different numbers of batches). Longest examples
+    first, in batches padded to their longest row, the last filled with dummy rows: little padding, few shapes."""
+    ours = isinstance(getattr(model, "_orig_mod", model), GPT)  # maybe compiled
+    block_size = model.config.block_size if ours else model.config.n_positions
     enc, device = get_tokenizer(), torch.device(device)
     rendered = [(enc.encode_ordinary(e["ctx"]), [enc.encode_ordinary(" " + ending) for ending in e["endings"]])
                 for e in examples]  # an ending is a continuation: it starts with a space
@@ -67,8 +64,8 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
                 tensors = build_batch([rendered[i] for i in batch], batch_size, seq_len)
                 tokens, positions, targets, rows = (t.to(device) for t in tensors)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits = model(tokens, logit_positions=positions)[0] if isinstance(inner, GPT) else \
-                        model(tokens).logits.flatten(0, 1)[positions]  # (n, vocab)
+                    logits = model(tokens, logit_positions=positions)[0] if ours else \
+                        model(tokens).logits.flatten(0, 1)[positions]  # (n, vocab); ours computes just these
                 # Over GPT-2's 50,257 tokens only: a checkpoint's padded vocabulary scores like its export.
                 losses = F.cross_entropy(logits[:, :GPT2_VOCAB_SIZE].float(), targets, reduction="none")  # (n,)
                 sums = torch.zeros(len(tokens), device=device).index_add_(0, rows, losses).view(-1, 4)
