@@ -145,8 +145,8 @@ class GPT(nn.Module):
         fused = device_type in ("cuda", "cpu", "mps")  # the whole update in a few kernel launches
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
-        return optimizer, dict(num_decay_tensors=len(decay), num_decay_params=sum(map(torch.numel, decay)), fused=fused,
-                               num_nodecay_tensors=len(no_decay), num_nodecay_params=sum(map(torch.numel, no_decay)))
+        return optimizer, dict(num_decay_params=sum(map(torch.numel, decay)), fused=fused,
+                               num_nodecay_params=sum(map(torch.numel, no_decay)))
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
         """idx (B, T) and max_new_tokens sampled after it; top_k=1 is greedy, None or 0 samples from all."""
