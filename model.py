@@ -254,8 +254,7 @@ def read_checkpoint(path):
 def sample_next_token(logits, temperature=1.0, top_k=50, generator=None):
     """One sampling step: logits (B, vocab_size) of the last position -> next token ids (B, 1)."""
     logits = logits.float() / temperature
-    if logits.size(-1) > GPT2_VOCAB_SIZE:
-        logits[:, GPT2_VOCAB_SIZE:] = -float("inf")  # never sample a padding token
+    logits[:, GPT2_VOCAB_SIZE:] = -float("inf")  # never sample a padding token (if the vocabulary has any)
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits[logits < kth] = -float("inf")
