@@ -42,15 +42,12 @@ DATA_BYTES, DATA_SHA256 = 12_246_618, "0aa3b88843990f3f10a97b9575c94d7b71fb22052
 
 
 def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False):
-    """Score examples[rank::world_size] -> {"correct", "correct_norm", "total", "predictions"} for this rank (the
-    caller all-reduces the counts); a prediction is {"index", "label", "pred", "pred_norm", "losses" (4 means)}.
-    model: our GPT or transformers' GPT-2, maybe compiled, on `device`; under DDP the module inside (ranks score
-    different numbers of batches). Longest examples first, rows padded to the batch's longest and the last batch
-    filled with dummy rows: little padding, few shapes to compile. Our GPT computes logits only where an ending
-    token is predicted (logit_positions), a fraction of the (rows, T, vocab) logits."""
-    inner = getattr(model, "module", model)  # inside DDP...
-    inner = getattr(inner, "_orig_mod", inner)  # ...and torch.compile
-    block_size = getattr(inner.config, "block_size", None) or inner.config.n_positions
+    """Score examples[rank::world_size] -> this rank's {"correct", "correct_norm", "total", "predictions"}, a
+    prediction being {"index", "label", "pred", "pred_norm", "losses" (4 means)}. model: our GPT or transformers'
+    GPT-2, maybe compiled, on `device`; not DDP's wrapper (ranks score different numbers of batches). Longest examples
+    first, in batches padded to their longest row, the last filled with dummy rows: little padding, few shapes."""
+    ours = isinstance(getattr(model, "_orig_mod", model), GPT)  # maybe compiled
+    block_size = model.config.block_size if ours else model.config.n_positions
     enc, device = get_tokenizer(), torch.device(device)
     rendered = [(enc.encode_ordinary(e["ctx"]), [enc.encode_ordinary(" " + ending) for ending in e["endings"]])
                 for e in examples]  # an ending is a continuation: it starts with a space
@@ -67,8 +64,8 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
                 tensors = build_batch([rendered[i] for i in batch], batch_size, seq_len)
                 tokens, positions, targets, rows = (t.to(device) for t in tensors)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits = model(tokens, logit_positions=positions)[0] if isinstance(inner, GPT) else \
-                        model(tokens).logits.flatten(0, 1)[positions]  # (n, vocab)
+                    logits = model(tokens, logit_positions=positions)[0] if ours else \
+                        model(tokens).logits.flatten(0, 1)[positions]  # (n, vocab); ours computes just these
                 # Over GPT-2's 50,257 tokens only: a checkpoint's padded vocabulary scores like its export.
                 losses = F.cross_entropy(logits[:, :GPT2_VOCAB_SIZE].float(), targets, reduction="none")  # (n,)
                 sums = torch.zeros(len(tokens), device=device).index_add_(0, rows, losses).view(-1, 4)
@@ -206,16 +203,11 @@ class HellaSwagConfig:
 
 
 def main(argv=None):
-    rank = int(os.environ.get("RANK", 0))  # under torchrun, rank 0 alone prints
+    rank, world_size = start_distributed()  # under torchrun, rank 0 alone prints
     try:
-        try:
-            config, error = parse_settings(HellaSwagConfig, argv, "Score a GPT-2 on HellaSwag, completion style."), None
-        except UserError as e:  # --data missing on one node, say: agree() prints it once, with the rank
-            error = e
-        rank, world_size = start_distributed()
-        agree(error, prefix="hellaswag.py: error: ")
-        device = pick_device(config.device)
-        with AllRanks(prefix="hellaswag.py: error: "):  # a file missing on one node ends every rank, printed once
+        with AllRanks(prefix="hellaswag.py: error: "):  # an error on one rank ends them all, printed once
+            config = parse_settings(HellaSwagConfig, argv, "Score a GPT-2 on HellaSwag, completion style.")
+            device = pick_device(config.device)
             examples = load_examples(config.data or download())[:config.limit]
             try:
                 model = load_model(config.model)
@@ -226,15 +218,11 @@ def main(argv=None):
                   f"{world_size} process(es)")
         result = evaluate(model.to(device), examples, device, config.batch_size, rank, world_size,
                           autocast_dtype_for("auto", device), progress=rank == 0)  # the dtype training scores in
-        counts = torch.tensor([result["correct"], result["correct_norm"], result["total"]], device=device)
-        parts = [result["predictions"]] * world_size
-        if world_size > 1:  # each rank scored its share
-            dist.all_reduce(counts)
-            dist.all_gather_object(parts, result["predictions"])
-        correct, correct_norm, total = counts.tolist()
+        results = agree(value=result)  # every rank's share, in rank order
+        correct, correct_norm, total = (sum(r[key] for r in results) for key in ("correct", "correct_norm", "total"))
         if rank == 0:
             if config.predictions:
-                predictions = sorted((p for part in parts for p in part), key=lambda p: p["index"])
+                predictions = sorted((p for r in results for p in r["predictions"]), key=lambda p: p["index"])
                 lines = "".join(json.dumps(p) + "\n" for p in predictions)
                 atomic_write(config.predictions, lambda f: f.write(lines.encode("utf-8")))
             print(f"acc: {correct / total:.4f} acc_norm: {correct_norm / total:.4f} n: {total}")

@@ -62,8 +62,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs) each
                    for t in self.c_attn(x).split(self.n_embd, dim=2))
-        # Causal, except for a new token after cached ones: it sees them all. (A Python bool, not a
-        # comparison of sizes, which torch.compile would turn into a guard on each new length.)
+        # Causal, but a token after cached ones sees them all. A Python bool: compile would guard on a size test.
         is_causal = kv_cache is None or kv_cache.length == 0
         if kv_cache is not None:  # sampling: the keys and values of the positions before these too
             k, v = kv_cache.update(layer, k, v)  # (B, nh, cached + T, hs)
@@ -110,9 +109,8 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None, kv_cache=None, logit_positions=None):
-        """idx (B, T) -> (logits (B, T, vocab_size), mean loss over targets != -1, or None). With a kv_cache,
-        idx holds the positions after the cached ones; logit_positions (N,) into the B * T positions
-        (b * T + t) give the logits (N, vocab_size) of those only, for targets (N,): HellaSwag's way."""
+        """idx (B, T) -> (logits (B, T, vocab_size), mean loss over targets != -1, or None). With a kv_cache, idx
+        follows the cached positions. logit_positions (N,), each b * T + t: those logits only, for targets (N,)."""
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache.length
         if start + T > self.config.block_size:
@@ -147,8 +145,8 @@ class GPT(nn.Module):
         fused = device_type in ("cuda", "cpu", "mps")  # the whole update in a few kernel launches
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
-        return optimizer, dict(num_decay_tensors=len(decay), num_decay_params=sum(map(torch.numel, decay)), fused=fused,
-                               num_nodecay_tensors=len(no_decay), num_nodecay_params=sum(map(torch.numel, no_decay)))
+        return optimizer, dict(num_decay_params=sum(map(torch.numel, decay)), fused=fused,
+                               num_nodecay_params=sum(map(torch.numel, no_decay)))
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
         """idx (B, T) and max_new_tokens sampled after it; top_k=1 is greedy, None or 0 samples from all."""
@@ -256,8 +254,7 @@ def read_checkpoint(path):
 def sample_next_token(logits, temperature=1.0, top_k=50, generator=None):
     """One sampling step: logits (B, vocab_size) of the last position -> next token ids (B, 1)."""
     logits = logits.float() / temperature
-    if logits.size(-1) > GPT2_VOCAB_SIZE:
-        logits[:, GPT2_VOCAB_SIZE:] = -float("inf")  # never sample a padding token
+    logits[:, GPT2_VOCAB_SIZE:] = -float("inf")  # never sample a padding token (if the vocabulary has any)
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits[logits < kth] = -float("inf")

@@ -37,7 +37,8 @@ class SampleConfig:
                          "else float32", choices=["auto", "float32", "bfloat16", "float16"])
 
     def problems(self):
-        lows = {"num-samples": (self.num_samples, 1), "max-new-tokens": (self.max_new_tokens, 0), "top-k": (self.top_k, 0)}
+        lows = {"num-samples": (self.num_samples, 1), "max-new-tokens": (self.max_new_tokens, 0),
+                "top-k": (self.top_k, 0)}
         found = [f"--{flag} must be at least {low}, got {value}" for flag, (value, low) in lows.items() if value < low]
         if not 0 < self.temperature < float("inf"):  # nan is not either
             found.append(f"--temperature must be a positive number, got {self.temperature}")
@@ -52,8 +53,7 @@ def sample(model, enc, prompt, config, device):
     if streaming:
         print(prompt, end="", flush=True)
     for tokens in model.stream(idx, config.max_new_tokens, config.temperature, config.top_k, generator):
-        for row, token in zip(rows, tokens[:, 0].tolist()):
-            row.append(token)
+        rows = [row + [token] for row, token in zip(rows, tokens[:, 0].tolist())]
         text = decode(enc, rows[0])
         if streaming and not text.endswith("\ufffd"):  # else wait for the rest of a multi-byte character
             print(text[len(shown):], end="", flush=True)
