@@ -208,6 +208,7 @@ def main(argv=None):
         with AllRanks(prefix="hellaswag.py: error: "):  # an error on one rank ends them all, printed once
             config = parse_settings(HellaSwagConfig, argv, "Score a GPT-2 on HellaSwag, completion style.")
             device = pick_device(config.device)
+        with AllRanks(prefix="hellaswag.py: error: "):  # settings first: no rank loads a model in vain
             examples = load_examples(config.data or download())[:config.limit]
             try:
                 model = load_model(config.model)
