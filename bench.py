@@ -313,7 +313,7 @@ def bench_train(config, device, dtype_name, mode, tokens):
         sizes, lambda b: bench_train_at(config, device, dtype_name, mode, tokens, b), device)
     if row is None:
         raise UserError(f"out of {device.type} memory at batch size {sizes[-1]} ({dtype_name}, {mode}); "
-                         f"pass a smaller --batch-size or --seq-len")
+                        f"pass a smaller --batch-size or --seq-len")
     if batch_size != sizes[0]:
         log(f"  batch size {batch_size * 2} does not fit; measured at {batch_size}")
     return row

@@ -475,4 +475,3 @@ class Launch:
             signal.signal(number, handler)
         for resource in reversed(self.held):
             (getattr(resource, "release", None) or resource.close)()
-

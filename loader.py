@@ -27,7 +27,7 @@ def find_shards(data_dir, split):
         raise UserError(f"--data-dir {data_dir} is a file; give the directory of shards that fineweb.py wrote")
     if not os.path.isdir(data_dir):
         raise UserError(f"data directory {data_dir} does not exist; make it with `python fineweb.py` "
-                         f"(or try `python train_gpt2.py --demo`, which needs no download)")
+                        f"(or try `python train_gpt2.py --demo`, which needs no download)")
     paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].npy")))
     if not paths:
         raise UserError(f"no {split} shards (*_{split}_NNNNNN.npy) in {data_dir}; make them with `python fineweb.py`")
@@ -42,7 +42,7 @@ def open_shard(path):
         raise UserError(f"{path} is not a readable token shard ({e}); delete it and rerun `python fineweb.py`")
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise UserError(f"{path} holds a {tokens.dtype} array of shape {tokens.shape}, not uint16 tokens; "
-                         f"delete it and rerun `python fineweb.py`")
+                        f"delete it and rerun `python fineweb.py`")
     return tokens
 
 
@@ -58,8 +58,8 @@ class ShardLoader:
         min_rows = batch_size * world_size if min_rows is None else min_rows  # one micro step on all ranks
         if self.rows_per_epoch < min_rows:
             raise UserError(f"the {split} split of {data_dir} holds {self.num_tokens} tokens, fewer than one batch "
-                             f"of {min_rows} windows of {seq_len}+1 tokens; use more data or a smaller "
-                             f"--batch-size/--seq-len")
+                            f"of {min_rows} windows of {seq_len}+1 tokens; use more data or a smaller "
+                            f"--batch-size/--seq-len")
         self.row, self._epoch = 0, None  # the next row to read (counted over epochs), the cached epoch
 
     def _order(self, epoch):
@@ -84,8 +84,8 @@ class ShardLoader:
             # Ids are checked on every read: a max over T+1 tokens costs nothing next to the forward.
             if self.vocab_size is not None and len(piece) and int(piece.max()) >= self.vocab_size:
                 raise UserError(f"{self.paths[shard]} holds token id {int(piece.max())}, beyond the model's "
-                                 f"vocab_size={self.vocab_size}; raise --vocab-size or re-tokenize with GPT-2's "
-                                 f"tokenizer", every_rank=False)
+                                f"vocab_size={self.vocab_size}; raise --vocab-size or re-tokenize with GPT-2's "
+                                f"tokenizer", every_rank=False)
             pieces.append(piece)
             start, need, i = start + len(piece), need - len(piece), i + 1
         return np.concatenate(pieces)
@@ -113,6 +113,6 @@ class ShardLoader:
     def load_state_dict(self, state):
         if (state["num_tokens"], state["seq_len"]) != (self.num_tokens, self.T):
             raise UserError(f"the checkpoint's loader read {state['num_tokens']} {self.split} tokens as windows of "
-                             f"{state['seq_len']}, but the data holds {self.num_tokens} tokens and --seq-len is "
-                             f"{self.T}; resume with the same data, or start a new run with --overwrite")
+                            f"{state['seq_len']}, but the data holds {self.num_tokens} tokens and --seq-len is "
+                            f"{self.T}; resume with the same data, or start a new run with --overwrite")
         self.row = state["epoch"] * self.rows_per_epoch + state["row"]

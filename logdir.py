@@ -47,7 +47,7 @@ def save_checkpoint(config, step, raw_model, optimizer, loader, scaler=None):
         atomic_write(path, lambda f: torch.save(checkpoint, f))
     except OSError as e:  # a full disk, a vanished mount: the older checkpoints stay as they are
         raise UserError(f"cannot write checkpoint {path} ({e}); free some space and relaunch to resume",
-                         every_rank=False)
+                        every_rank=False)
     for old in list_checkpoints(config.log_dir)[:-config.keep_checkpoints]:
         os.remove(old)
     return path
@@ -70,8 +70,8 @@ def claim_log_dir(config):
     holds_run = list_checkpoints(config.log_dir) or os.path.exists(os.path.join(config.log_dir, "metrics.jsonl"))
     if holds_run and config.resume == "never" and not config.overwrite:  # refused before anything is touched
         raise UserError(f"{config.log_dir} holds a run ({', '.join(earlier)}); continue it with --resume auto, "
-                         f"start a new run there with --overwrite (deletes those), or use another --log-dir",
-                         exit_code=2)
+                        f"start a new run there with --overwrite (deletes those), or use another --log-dir",
+                        exit_code=2)
     try:
         os.makedirs(config.log_dir, exist_ok=True)
     except OSError as e:
@@ -167,7 +167,7 @@ class RunLog:
                 self.wandb.define_metric("*", step_metric="step")  # charted against our step, not W&B's count
         except ImportError as e:
             raise UserError(f"--tensorboard and --wandb need their packages: pip install -r requirements-tracking.txt "
-                             f"({e})", exit_code=2)
+                            f"({e})", exit_code=2)
 
     def text(self, line):
         if self.enabled:
@@ -221,4 +221,3 @@ def run_header(config, device, world_size):
     return (f"=== launch {time.strftime('%Y-%m-%d %H:%M:%S')} ===\nconfig: {json.dumps(asdict(config))}\n"
             f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, git {commit}\n"
             f"device: {name}, world size {world_size}")
-

@@ -55,13 +55,13 @@ def corpus_documents():
     return [topics[name] for name in sorted(topics)]
 
 
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, corpus_documents):
     import fineweb
     path = tmp_path_factory.mktemp("data")
     fineweb.write_shards(corpus_documents, str(path), "pydocs", shard_size=4096, num_proc=1, progress=False)
     return str(path)
+
 
 @pytest.fixture
 def run_main(capsys):
