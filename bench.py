@@ -13,7 +13,7 @@ The sections (--sections, default all of them, in this order):
              scaler), for every --dtypes x --modes. Warm-up steps (compilation included) are left
              out; the timed steps are synchronized and their median is reported as ms/step and
              tokens/s. Achieved FLOP/s = model.flops_per_token(T) x tokens/s. MFU divides it by the
-             device's dense peak in that dtype (train_gpt2.py's table, or --peak-flops; none on CPU). The ceiling ratio divides it by
+             device's dense peak in that dtype (common.py's table, or --peak-flops; none on CPU). The ceiling ratio divides it by
              the median of matmuls in the same dtype timed between the training steps, so both
              saw the same machine at the same moment.
   sample     model.generate with its KV cache against a reference loop without one (the whole
@@ -53,8 +53,8 @@ import torch
 import fineweb
 import hellaswag
 import train_gpt2
-from common import (UserError, autocast_and_scaler, autocast_dtype_for, free_memory, keep_freed_memory, parse_settings,
-                    pick_device, setting, synchronize)
+from common import (UserError, autocast_and_scaler, autocast_dtype_for, free_memory, int_or_auto,
+                    keep_freed_memory, parse_settings, pick_device, setting, synchronize)
 from model import GPT, GPT2_SIZES, sample_next_token
 from tokenizer import get_tokenizer
 
@@ -78,8 +78,8 @@ class BenchConfig:
     n_embd: int = setting(None, "override the size's embedding width", type=int)
     block_size: int = setting(1024, "the model's longest sequence (learned positions)")
     vocab_size: int = setting(50304, "vocabulary size, padded as train_gpt2.py pads it")
-    batch_size: int = setting(0, "micro batch size B; 0: the largest power of two up to 64 that fits "
-                                 "on a GPU, 1 on CPU")
+    batch_size: int | str = setting("auto", "micro batch size B; auto: the largest power of two up to 64 that "
+                                    "fits on a GPU, 1 on CPU", type=int_or_auto)
     seq_len: int = setting(1024, "sequence length T of a training step")
     steps: int = setting(None, "timed training steps (default: 20 on a GPU, 3 on CPU)", type=int)
     warmup_steps: int = setting(None, "untimed steps first, compilation included (default: 5 on a GPU, "
@@ -119,13 +119,13 @@ class BenchConfig:
                   for problem in train_gpt2.model_config(self).problems()]
         positive = ["seq_len", "max_new_tokens"]
         optional_positive = ["steps", "matmul_size", "hellaswag_examples", "hellaswag_batch_size", "num_proc",
-                             "peak_flops"]
+                             "peak_flops"] + ["batch_size"] * (self.batch_size != "auto")
         found += [f"--{k.replace('_', '-')} {getattr(self, k)} must be positive" for k in positive
                   if getattr(self, k) <= 0]
         found += [f"--{k.replace('_', '-')} {getattr(self, k)} must be positive" for k in optional_positive
                   if getattr(self, k) is not None and getattr(self, k) <= 0]
         found += [f"--{k.replace('_', '-')} {getattr(self, k)} must not be negative"
-                  for k in ("batch_size", "fineweb_documents") if getattr(self, k) < 0]
+                  for k in ("fineweb_documents",) if getattr(self, k) < 0]
         if self.warmup_steps is not None and self.warmup_steps < 1:
             found.append(f"--warmup-steps {self.warmup_steps} must be at least 1 (the first step compiles)")
         if self.seq_len > self.block_size:
@@ -300,7 +300,7 @@ def train_config(config, batch_size, dtype_name, mode):
 
 def batch_sizes(config, device):
     """The micro batch sizes to try, largest first."""
-    if config.batch_size:
+    if config.batch_size != "auto":
         return [config.batch_size]
     if device.type == "cuda":
         return [64, 32, 16, 8, 4, 2, 1]

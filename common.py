@@ -126,6 +126,10 @@ def duration(text):
     return sum(int(n or 0) * s for n, s in zip(match.groups(), (3600, 60, 1)))
 
 
+def int_or_auto(text):
+    """A flag's value: 'auto', or a whole number."""
+    return text if text == "auto" else int(text)
+
 class OnOffOrAuto(argparse.Action):
     """--compile / --no-compile force it on or off; --compile auto leaves it to the machine."""
 

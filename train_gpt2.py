@@ -29,9 +29,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 from common import (AllRanks, Launch, OnOffOrAuto, UserError, agree, all_reduce_sum, autocast_and_scaler,
-                    autocast_dtype_for, compile_by_default, duration, free_memory, keep_freed_memory, memory_budget,
-                    parse_settings, peak_flops_of, pick_device, print0, resolve_dtype, setting, start_distributed,
-                    synchronize, write_settings)
+                    autocast_dtype_for, compile_by_default, duration, free_memory, int_or_auto, keep_freed_memory,
+                    memory_budget, parse_settings, peak_flops_of, pick_device, print0, resolve_dtype, setting,
+                    start_distributed, synchronize, write_settings)
 from loader import ShardLoader, find_shards
 from logdir import (RunLog, choose_checkpoint, claim_log_dir, list_checkpoints, load_checkpoint, run_header,
                     save_checkpoint, set_aside_later_checkpoints)
@@ -62,7 +62,7 @@ class TrainConfig:
     init_from: str = setting("scratch", "'scratch', or a Hugging Face GPT-2 name or local directory to fine-tune")
     # batch: total_batch_size tokens per step = batch_size * seq_len * devices * micro steps
     batch_size: int | str = setting("auto", "micro batch per device; auto: the largest power of two up to 64 that "
-                                    "fits", type=lambda text: text if text == "auto" else int(text))
+                                    "fits", type=int_or_auto)
     seq_len: int = setting(1024, "sequence length T")
     total_batch_size: int = setting(524288, "tokens per optimizer step, over all devices and micro steps")
     # optimization
