@@ -34,11 +34,7 @@ SUBSET_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT": 350
 CHUNK_DOCS = 16  # documents per task sent to a worker: fewer, larger messages between processes
 BLOCK_CHUNKS = 32  # chunks per worker in a block read ahead; two blocks are in the pool at a time
 HUB_BATCH = 1000  # rows read from the hub at a time (columns: 4x faster than row dicts), a resume point each
-
-
-def default_num_proc():
-    """The cores this process may run on (a container or `taskset` may allow fewer than exist)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # taskset: fewer
 
 
 @dataclass
@@ -50,7 +46,7 @@ class FinewebConfig:
     output_dir: str = setting("edu_fineweb10B", "shard directory")
     prefix: str = setting("edufineweb", "shard names: PREFIX_val_000000.npy, PREFIX_train_...")
     shard_size: int = setting(100_000_000, "tokens per shard")
-    num_proc: int = setting(default_num_proc(), "tokenizer processes")
+    num_proc: int = setting(CORES, "tokenizer processes")
     progress: bool = setting(True, "a progress bar")
     disk_check: bool = setting(True, "refuse to start when the tokens will not fit on the output disk")
 
@@ -86,12 +82,11 @@ def to_uint16(ids):
     return ids.astype(np.uint16)
 
 
-def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_000, num_proc=None,
+def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_000, num_proc=CORES,
                  max_tokens=None, progress=True, source=None, expected_tokens=None):
     """Tokenize `documents` (strings, or a HubDocuments) into shards in `output_dir`; return their paths.
     A rerun with the same arguments (`source`, any JSON value, says where the documents come from) keeps
     the finished shards and goes on after them. Raises UserError; the finished shards stay."""
-    num_proc = default_num_proc() if num_proc is None else num_proc
     if problems := FinewebConfig(output_dir=output_dir, prefix=prefix, shard_size=shard_size, num_proc=num_proc,
                                  max_tokens=max_tokens).problems():
         raise UserError("; ".join(problems), exit_code=2)
