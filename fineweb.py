@@ -138,6 +138,8 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
                 document += 1
             if filled:  # the documents ran out: what is left is the last, shorter shard
                 shards.write(buffer[:filled], document, 0, hub and hub.position(document))
+    except BrokenProcessPool:
+        raise UserError("a tokenizing process died (killed, or out of memory: try a smaller --num-proc)") from None
     finally:
         pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C, queued chunks are dropped
     if not shards:
@@ -245,14 +247,12 @@ class HubDocuments:
 
 def main(argv=None):
     started, config = time.time(), None
-    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop(number, frame):  # at once: every finished shard is fsync'd and recorded; unwinding the pool could hang
+        fail(128 + number, f"stopped by {signal.Signals(number).name}", config, at_once=True)
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         config = parse_settings(FinewebConfig, argv, "Tokenize FineWeb-Edu (or local text) into GPT-2 token shards.")
-        # Ctrl-C and SIGTERM end the run at once: every finished shard is on disk already (fsync'd, then
-        # recorded), so there is nothing to clean up, and unwinding through the worker pool could hang in it.
-        for number in previous:
-            signal.signal(number, lambda number, frame: fail(128 + number, f"stopped by "
-                                                             f"{signal.Signals(number).name}", config, at_once=True))
         local, demo = config.input, config.dataset == "python-docs"
         documents = local_documents(local) if local else python_docs_documents() if demo else \
             HubDocuments(config.dataset, config.subset)
@@ -270,8 +270,6 @@ def main(argv=None):
                             f"--output-dir or a smaller --max-tokens, or pass --no-disk-check")
         paths = write_shards(documents, config.output_dir, config.prefix, config.shard_size, config.num_proc,
                              config.max_tokens, config.progress, source, expected)
-    except BrokenProcessPool:
-        fail(1, "a tokenizing process died (killed, or out of memory: try a smaller --num-proc)", config)
     except (UserError, OSError) as e:
         fail(getattr(e, "exit_code", 1), e, config)
     finally:
