@@ -121,7 +121,7 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
             if sum(1 for _ in itertools.islice(documents, behind)) < behind:
                 raise UserError(f"the input has fewer documents than the {document} of the finished shards in "
                                 f"{shards.output_dir}: it changed; delete {shards.output_dir} and start over")
-            for tokens in _tokenize_in_order(documents, pool, num_proc):
+            for document, tokens in enumerate(_tokenize_in_order(documents, pool, num_proc), start=document):
                 offset, skip = skip, 0
                 while offset < tokens.size and total != max_tokens:
                     take = min(tokens.size - offset, shard_size - filled, (max_tokens or np.inf) - total)
@@ -129,15 +129,13 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
                     filled, offset, total = filled + take, offset + take, total + take
                     bar.update(take)
                     if filled == shard_size or total == max_tokens:  # a full shard, or the last one
-                        after = (document + 1, 0) if offset == tokens.size else (document, offset)
-                        shards.write(buffer[:filled], *after, hub and hub.position(after[0]))
+                        shards.write(buffer[:filled], document, offset, hub and hub.position(document))
                         filled = 0
                         bar.set_postfix_str(f"shard {len(shards)}")
                 if total == max_tokens:
                     break
-                document += 1
             if filled:  # the documents ran out: what is left is the last, shorter shard
-                shards.write(buffer[:filled], document, 0, hub and hub.position(document))
+                shards.write(buffer[:filled], document, offset, hub and hub.position(document))
     except BrokenProcessPool:
         raise UserError("a tokenizing process died (killed, or out of memory: try a smaller --num-proc)") from None
     finally:
@@ -311,9 +309,9 @@ def nearest_existing(path):
 
 class Progress(list):
     """The finished shards of an output directory and <prefix>_progress.jsonl, which lists them: a line
-    {"arguments"}, a line per shard {"file", "tokens", "next_document", "next_offset", "stream"}
-    (next_offset: how many of the next document's tokens, EOT included, are in shards; stream: a
-    HubDocuments position or null), then {"complete": true}. Appended to, each line fsync'd: O(1) a shard.
+    {"arguments"}, a line per shard {"file", "tokens", "next_document", "next_offset", "stream"} (the
+    shards hold the documents before next_document and next_offset of its tokens, EOT included; stream:
+    a HubDocuments position or null), then {"complete": true}. Appended to, each line fsync'd: O(1) a shard.
     A rerun keeps the shards before the first damaged one; a last line cut short by a crash is ignored."""
 
     def __init__(self, output_dir, prefix, arguments):
