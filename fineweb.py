@@ -396,7 +396,6 @@ def _init_worker(parent):
         os.setpgid(0, 0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not main()'s handler
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
-    get_tokenizer()
 
 
 def _exit_when_orphaned(parent):
