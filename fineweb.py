@@ -319,9 +319,8 @@ class Progress(list):
         self.path, self.complete = os.path.join(output_dir, f"{prefix}_progress.jsonl"), False
         if not os.path.exists(self.path):  # made with the first shard: a run that fails before leaves nothing
             if strays := glob.glob(os.path.join(glob.escape(output_dir), f"{glob.escape(prefix)}_*_[0-9]*.npy")):
-                raise UserError(f"{output_dir} already holds {prefix} shards ({os.path.basename(min(strays))}, ...) "
-                                f"but no {os.path.basename(self.path)}, so they cannot be resumed; delete them or "
-                                f"choose another --output-dir", exit_code=2)
+                raise UserError(f"{output_dir} holds {prefix} shards ({os.path.basename(min(strays))}, ...) but no "
+                                f"{os.path.basename(self.path)}: delete them, or use another --output-dir", exit_code=2)
             return
         try:
             with open(self.path, "rb") as f:
@@ -352,19 +351,17 @@ class Progress(list):
         lines = "".join(json.dumps(record) + "\n" for record in [{"arguments": self.arguments}, *self])
         atomic_write(self.path, lambda f: f.write(lines.encode()))
 
-    def write(self, tokens, next_document, next_offset, stream):
+    def write(self, tokens, document, offset, stream):
         if not os.path.exists(self.path):
             self.rewrite()  # first, so that no shard ever exists without a progress file
         name = f"{self.prefix}_{'train' if self else 'val'}_{len(self):06d}.npy"
         atomic_write(os.path.join(self.output_dir, name), lambda f: np.save(f, tokens))
-        self.append(dict(file=name, tokens=int(tokens.size), next_document=next_document, next_offset=next_offset,
-                         stream=stream))
+        self.append(dict(file=name, tokens=int(tokens.size), next_document=document, next_offset=offset, stream=stream))
         self.log(self[-1])
 
     def log(self, record):
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+            print(json.dumps(record), file=f, flush=True)
             os.fsync(f.fileno())
 
 
