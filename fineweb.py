@@ -5,9 +5,8 @@
     python fineweb.py --input a.jsonl b.parquet notes.txt --output-dir my_shards   # local files, no hub
     python fineweb.py --dataset python-docs --output-dir pydocs --shard-size 100000   # offline demo
 
-Each document becomes [<|endoftext|>] + its GPT-2 tokens, in input order, cut every --shard-size tokens
-into <prefix>_{val|train}_{i:06d}.npy (shard 0: validation). Rerun the same command after Ctrl-C, a kill
-or a lost connection: it keeps the finished shards and goes on after them, byte-identical.
+Each document becomes [<|endoftext|>] + its GPT-2 tokens, cut in input order every --shard-size tokens into
+<prefix>_{val|train}_{i:06d}.npy (shard 0: val). Rerun after Ctrl-C, a kill or lost network: it resumes, byte-identical.
 """
 
 import glob
@@ -84,9 +83,8 @@ def to_uint16(ids):
 
 def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_000, num_proc=CORES,
                  max_tokens=None, progress=True, source=None, expected_tokens=None):
-    """Tokenize `documents` (strings, or a HubDocuments) into shards in `output_dir`; return their paths.
-    A rerun with the same arguments (`source`, any JSON value, says where the documents come from) keeps
-    the finished shards and goes on after them. Raises UserError; the finished shards stay."""
+    """Tokenize `documents` (strings, or a HubDocuments) into shards in `output_dir`; return their paths. Raises
+    UserError; a rerun with the same arguments (`source`: where the documents come from, as JSON) resumes."""
     if problems := FinewebConfig(output_dir=output_dir, prefix=prefix, shard_size=shard_size, num_proc=num_proc,
                                  max_tokens=max_tokens).problems():
         raise UserError("; ".join(problems), exit_code=2)
@@ -108,9 +106,8 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
         hub.positions = deque([last["stream"]])  # the stream goes on from there, not from its first row
     behind = document - (hub.positions[0]["document"] if hub else 0)  # documents to read past, untokenized
     total, filled, buffer = sum(shard["tokens"] for shard in shards), 0, np.empty(shard_size, np.uint16)
-    # ProcessPoolExecutor: multiprocessing.Pool's handler thread wakes on every result (a fifth of the speed
-    # on 2 cores), and it waits forever for a dead worker where this raises BrokenProcessPool. Forked on
-    # Linux, the workers inherit the tokenizer; started now, as forking once threads run is unsafe.
+    # Not multiprocessing.Pool: it wakes on every result (a fifth of the speed on 2 cores) and waits forever for a
+    # dead worker. Forked (on Linux: with the tokenizer) now, as forking once threads run is unsafe.
     pool = ProcessPoolExecutor(num_proc, multiprocessing.get_context("fork" if sys.platform == "linux" else None),
                                initializer=_init_worker, initargs=(os.getpid(),))
     pool.submit(int).result()
@@ -174,8 +171,7 @@ def local_documents(paths):
 
 def _json_text(line, path, number):
     if number == 1 and line.lstrip().startswith("["):
-        raise UserError(f"{path} holds a JSON array; fineweb.py reads JSON Lines (one object per line, flat memory): "
-                        f"convert it with `jq -c '.[]' {path} > out.jsonl`")
+        raise UserError(f"{path} holds a JSON array, not JSON Lines: convert it with `jq -c '.[]' {path} > out.jsonl`")
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -256,8 +252,7 @@ def main(argv=None):
             HubDocuments(config.dataset, config.subset)
         source = {"input": list(map(os.path.abspath, local))} if local else {"dataset": config.dataset} if demo \
             else {"dataset": config.dataset, "subset": config.subset}
-        known = SUBSET_TOKENS.get(source.get("subset"))  # the bar's total
-        expected = min((n for n in (known, config.max_tokens) if n), default=None)
+        expected = min(filter(None, (SUBSET_TOKENS.get(source.get("subset")), config.max_tokens)), default=None)
         # 2 bytes a token, less what the shards of an interrupted run already hold
         shards = glob.glob(os.path.join(glob.escape(config.output_dir), f"{config.prefix}_*.npy"))
         needed = 2 * (expected or 0) - sum(map(os.path.getsize, shards))
@@ -284,8 +279,7 @@ def main(argv=None):
 def fail(exit_code, message, config, at_once=False):
     """One line on stderr, then exit; after a run-time failure, the line says that a rerun resumes. at_once:
     from a signal handler, which must not print (it could land inside another print) nor wait for threads."""
-    progress = config and os.path.join(config.output_dir, f"{config.prefix}_progress.jsonl")
-    kept = exit_code != 2 and progress and os.path.exists(progress)
+    kept = exit_code != 2 and config and os.path.exists(f"{config.output_dir}/{config.prefix}_progress.jsonl")
     line = f"fineweb.py: error: {' '.join(str(message).split())}" + (
         f"; finished shards in {config.output_dir} are kept: rerun the same command to resume" if kept else "")
     if at_once:
@@ -366,9 +360,8 @@ class Progress(list):
 
 
 def _tokenize_in_order(documents, pool, num_proc):
-    """tokenize_document of each document, in order, one block of documents read ahead (pool.map alone
-    would queue the whole input). An error while reading (a malformed line) comes after the documents
-    before it, so that their shards are written."""
+    """tokenize_document of each document, in order, a block of documents read ahead (pool.map alone would queue
+    the whole input). A reading error (a malformed line) comes after the documents before it: their shards stay."""
     error, previous = None, []
     while error is None:
         block = []
