@@ -302,11 +302,10 @@ def nearest_existing(path):
 
 
 class Progress(list):
-    """The finished shards of an output directory and <prefix>_progress.jsonl, which lists them: a line
-    {"arguments"}, a line per shard {"file", "tokens", "next_document", "next_offset", "stream"} (the
-    shards hold the documents before next_document and next_offset of its tokens, EOT included; stream:
-    a HubDocuments position or null), then {"complete": true}. Appended to, each line fsync'd: O(1) a shard.
-    A rerun keeps the shards before the first damaged one; a last line cut short by a crash is ignored."""
+    """The finished shards of a directory, listed in <prefix>_progress.jsonl: a line {"arguments"}, a line per shard
+    {"file", "tokens", "next_document", "next_offset", "stream"} (the shards hold the documents before next_document
+    and next_offset of its tokens, EOT included; stream: a HubDocuments position or null), then {"complete": true}.
+    Appended to, each line fsync'd. A rerun keeps the shards before the first damaged one and ignores a torn line."""
 
     def __init__(self, output_dir, prefix, arguments):
         self.output_dir, self.prefix, self.arguments = output_dir, prefix, json.loads(json.dumps(arguments))
@@ -380,8 +379,7 @@ def _tokenize_in_order(documents, pool, num_proc):
 
 
 def _init_worker(parent):
-    # A process group of its own: Ctrl-C and `kill -TERM -<group>` reach the main process alone, which
-    # stops the pool and says so in one line.
+    # A process group of its own: Ctrl-C and `kill -TERM -<group>` reach the main process alone (one line).
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not main()'s handler
