@@ -52,8 +52,7 @@ class FinewebConfig:
     def problems(self):  # write_shards checks its arguments here too
         found = [f"{name}={value} (--{name.replace('_', '-')} {value}) must be at least 1" for name in
                  ("shard_size", "num_proc", "max_tokens") if (value := getattr(self, name)) is not None and value < 1]
-        if not self.prefix or self.prefix[0] == "." or self.prefix.strip() != self.prefix or set("/\\*?[]") & set(
-                self.prefix):
+        if not self.prefix or self.prefix != self.prefix.strip().lstrip(".") or set("/\\*?[]") & set(self.prefix):
             found.append(f"--prefix {self.prefix!r} must be a plain file-name start (no path separators, wildcards, "
                          f"leading dot or surrounding spaces), e.g. edufineweb")
         parent = nearest_existing(self.output_dir)
