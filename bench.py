@@ -508,7 +508,7 @@ def bench_fineweb(config, repeats=3):
     alone over the same texts in as many processes, which already hold them (no reading, no messages
     between processes, no writing). Each is timed `repeats` times, alternating, and the fastest run
     counts: other load on the machine only ever slows a run down."""
-    num_proc = config.num_proc or fineweb.default_num_proc()
+    num_proc = config.num_proc or fineweb.CORES
     documents = python_docs_repeated(num_proc)[:config.fineweb_documents or None]
     runs, ceiling_runs = [], []
     try:

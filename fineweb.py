@@ -5,9 +5,8 @@
     python fineweb.py --input a.jsonl b.parquet notes.txt --output-dir my_shards   # local files, no hub
     python fineweb.py --dataset python-docs --output-dir pydocs --shard-size 100000   # offline demo
 
-Each document becomes [<|endoftext|>] + its GPT-2 tokens, in input order, cut every --shard-size tokens
-into <prefix>_{val|train}_{i:06d}.npy (shard 0: validation). Rerun the same command after Ctrl-C, a kill
-or a lost connection: it keeps the finished shards and goes on after them, byte-identical.
+Each document becomes [<|endoftext|>] + its GPT-2 tokens, cut in input order every --shard-size tokens into
+<prefix>_{val|train}_{i:06d}.npy (shard 0: val). Rerun after Ctrl-C, a kill or lost network: it resumes, byte-identical.
 """
 
 import glob
@@ -34,11 +33,7 @@ SUBSET_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT": 350
 CHUNK_DOCS = 16  # documents per task sent to a worker: fewer, larger messages between processes
 BLOCK_CHUNKS = 32  # chunks per worker in a block read ahead; two blocks are in the pool at a time
 HUB_BATCH = 1000  # rows read from the hub at a time (columns: 4x faster than row dicts), a resume point each
-
-
-def default_num_proc():
-    """The cores this process may run on (a container or `taskset` may allow fewer than exist)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # taskset: fewer
 
 
 @dataclass
@@ -50,15 +45,14 @@ class FinewebConfig:
     output_dir: str = setting("edu_fineweb10B", "shard directory")
     prefix: str = setting("edufineweb", "shard names: PREFIX_val_000000.npy, PREFIX_train_...")
     shard_size: int = setting(100_000_000, "tokens per shard")
-    num_proc: int = setting(default_num_proc(), "tokenizer processes")
+    num_proc: int = setting(CORES, "tokenizer processes")
     progress: bool = setting(True, "a progress bar")
     disk_check: bool = setting(True, "refuse to start when the tokens will not fit on the output disk")
 
     def problems(self):  # write_shards checks its arguments here too
         found = [f"{name}={value} (--{name.replace('_', '-')} {value}) must be at least 1" for name in
                  ("shard_size", "num_proc", "max_tokens") if (value := getattr(self, name)) is not None and value < 1]
-        if not self.prefix or self.prefix[0] == "." or self.prefix.strip() != self.prefix or set("/\\*?[]") & set(
-                self.prefix):
+        if not self.prefix or self.prefix != self.prefix.strip().lstrip(".") or set("/\\*?[]") & set(self.prefix):
             found.append(f"--prefix {self.prefix!r} must be a plain file-name start (no path separators, wildcards, "
                          f"leading dot or surrounding spaces), e.g. edufineweb")
         parent = nearest_existing(self.output_dir)
@@ -86,12 +80,10 @@ def to_uint16(ids):
     return ids.astype(np.uint16)
 
 
-def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_000, num_proc=None,
+def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_000, num_proc=CORES,
                  max_tokens=None, progress=True, source=None, expected_tokens=None):
-    """Tokenize `documents` (strings, or a HubDocuments) into shards in `output_dir`; return their paths.
-    A rerun with the same arguments (`source`, any JSON value, says where the documents come from) keeps
-    the finished shards and goes on after them. Raises UserError; the finished shards stay."""
-    num_proc = default_num_proc() if num_proc is None else num_proc
+    """Tokenize `documents` (strings, or a HubDocuments) into shards in `output_dir`; return their paths. Raises
+    UserError; a rerun with the same arguments (`source`: where the documents come from, as JSON) resumes."""
     if problems := FinewebConfig(output_dir=output_dir, prefix=prefix, shard_size=shard_size, num_proc=num_proc,
                                  max_tokens=max_tokens).problems():
         raise UserError("; ".join(problems), exit_code=2)
@@ -113,9 +105,8 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
         hub.positions = deque([last["stream"]])  # the stream goes on from there, not from its first row
     behind = document - (hub.positions[0]["document"] if hub else 0)  # documents to read past, untokenized
     total, filled, buffer = sum(shard["tokens"] for shard in shards), 0, np.empty(shard_size, np.uint16)
-    # ProcessPoolExecutor: multiprocessing.Pool's handler thread wakes on every result (a fifth of the speed
-    # on 2 cores), and it waits forever for a dead worker where this raises BrokenProcessPool. Forked on
-    # Linux, the workers inherit the tokenizer; started now, as forking once threads run is unsafe.
+    # Not multiprocessing.Pool: it wakes on every result (a fifth of the speed on 2 cores) and waits forever for a
+    # dead worker. Forked (on Linux: with the tokenizer) now, as forking once threads run is unsafe.
     pool = ProcessPoolExecutor(num_proc, multiprocessing.get_context("fork" if sys.platform == "linux" else None),
                                initializer=_init_worker, initargs=(os.getpid(),))
     pool.submit(int).result()
@@ -126,7 +117,7 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
             if sum(1 for _ in itertools.islice(documents, behind)) < behind:
                 raise UserError(f"the input has fewer documents than the {document} of the finished shards in "
                                 f"{shards.output_dir}: it changed; delete {shards.output_dir} and start over")
-            for tokens in _tokenize_in_order(documents, pool, num_proc):
+            for document, tokens in enumerate(_tokenize_in_order(documents, pool, num_proc), start=document):
                 offset, skip = skip, 0
                 while offset < tokens.size and total != max_tokens:
                     take = min(tokens.size - offset, shard_size - filled, (max_tokens or np.inf) - total)
@@ -134,15 +125,15 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
                     filled, offset, total = filled + take, offset + take, total + take
                     bar.update(take)
                     if filled == shard_size or total == max_tokens:  # a full shard, or the last one
-                        after = (document + 1, 0) if offset == tokens.size else (document, offset)
-                        shards.write(buffer[:filled], *after, hub and hub.position(after[0]))
+                        shards.write(buffer[:filled], document, offset, hub and hub.position(document))
                         filled = 0
                         bar.set_postfix_str(f"shard {len(shards)}")
                 if total == max_tokens:
                     break
-                document += 1
             if filled:  # the documents ran out: what is left is the last, shorter shard
-                shards.write(buffer[:filled], document, 0, hub and hub.position(document))
+                shards.write(buffer[:filled], document, offset, hub and hub.position(document))
+    except BrokenProcessPool:
+        raise UserError("a tokenizing process died (killed, or out of memory: try a smaller --num-proc)") from None
     finally:
         pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C, queued chunks are dropped
     if not shards:
@@ -179,8 +170,7 @@ def local_documents(paths):
 
 def _json_text(line, path, number):
     if number == 1 and line.lstrip().startswith("["):
-        raise UserError(f"{path} holds a JSON array; fineweb.py reads JSON Lines (one object per line, flat memory): "
-                        f"convert it with `jq -c '.[]' {path} > out.jsonl`")
+        raise UserError(f"{path} holds a JSON array, not JSON Lines: convert it with `jq -c '.[]' {path} > out.jsonl`")
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -250,21 +240,18 @@ class HubDocuments:
 
 def main(argv=None):
     started, config = time.time(), None
-    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop(number, frame):  # at once: every finished shard is fsync'd and recorded; unwinding the pool could hang
+        fail(128 + number, f"stopped by {signal.Signals(number).name}", config, at_once=True)
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         config = parse_settings(FinewebConfig, argv, "Tokenize FineWeb-Edu (or local text) into GPT-2 token shards.")
-        # Ctrl-C and SIGTERM end the run at once: every finished shard is on disk already (fsync'd, then
-        # recorded), so there is nothing to clean up, and unwinding through the worker pool could hang in it.
-        for number in previous:
-            signal.signal(number, lambda number, frame: fail(128 + number, f"stopped by "
-                                                             f"{signal.Signals(number).name}", config, at_once=True))
         local, demo = config.input, config.dataset == "python-docs"
         documents = local_documents(local) if local else python_docs_documents() if demo else \
             HubDocuments(config.dataset, config.subset)
         source = {"input": list(map(os.path.abspath, local))} if local else {"dataset": config.dataset} if demo \
             else {"dataset": config.dataset, "subset": config.subset}
-        known = SUBSET_TOKENS.get(source.get("subset"))  # the bar's total
-        expected = min((n for n in (known, config.max_tokens) if n), default=None)
+        expected = min(filter(None, (SUBSET_TOKENS.get(source.get("subset")), config.max_tokens)), default=None)
         # 2 bytes a token, less what the shards of an interrupted run already hold
         shards = glob.glob(os.path.join(glob.escape(config.output_dir), f"{config.prefix}_*.npy"))
         needed = 2 * (expected or 0) - sum(map(os.path.getsize, shards))
@@ -275,8 +262,6 @@ def main(argv=None):
                             f"--output-dir or a smaller --max-tokens, or pass --no-disk-check")
         paths = write_shards(documents, config.output_dir, config.prefix, config.shard_size, config.num_proc,
                              config.max_tokens, config.progress, source, expected)
-    except BrokenProcessPool:
-        fail(1, "a tokenizing process died (killed, or out of memory: try a smaller --num-proc)", config)
     except (UserError, OSError) as e:
         fail(getattr(e, "exit_code", 1), e, config)
     finally:
@@ -293,8 +278,7 @@ def main(argv=None):
 def fail(exit_code, message, config, at_once=False):
     """One line on stderr, then exit; after a run-time failure, the line says that a rerun resumes. at_once:
     from a signal handler, which must not print (it could land inside another print) nor wait for threads."""
-    progress = config and os.path.join(config.output_dir, f"{config.prefix}_progress.jsonl")
-    kept = exit_code != 2 and progress and os.path.exists(progress)
+    kept = exit_code != 2 and config and os.path.exists(f"{config.output_dir}/{config.prefix}_progress.jsonl")
     line = f"fineweb.py: error: {' '.join(str(message).split())}" + (
         f"; finished shards in {config.output_dir} are kept: rerun the same command to resume" if kept else "")
     if at_once:
@@ -317,20 +301,18 @@ def nearest_existing(path):
 
 
 class Progress(list):
-    """The finished shards of an output directory and <prefix>_progress.jsonl, which lists them: a line
-    {"arguments"}, a line per shard {"file", "tokens", "next_document", "next_offset", "stream"}
-    (next_offset: how many of the next document's tokens, EOT included, are in shards; stream: a
-    HubDocuments position or null), then {"complete": true}. Appended to, each line fsync'd: O(1) a shard.
-    A rerun keeps the shards before the first damaged one; a last line cut short by a crash is ignored."""
+    """The finished shards of a directory, listed in <prefix>_progress.jsonl: a line {"arguments"}, a line per shard
+    {"file", "tokens", "next_document", "next_offset", "stream"} (the shards hold the documents before next_document
+    and next_offset of its tokens, EOT included; stream: a HubDocuments position or null), then {"complete": true}.
+    Appended to, each line fsync'd. A rerun keeps the shards before the first damaged one and ignores a torn line."""
 
     def __init__(self, output_dir, prefix, arguments):
         self.output_dir, self.prefix, self.arguments = output_dir, prefix, json.loads(json.dumps(arguments))
         self.path, self.complete = os.path.join(output_dir, f"{prefix}_progress.jsonl"), False
         if not os.path.exists(self.path):  # made with the first shard: a run that fails before leaves nothing
             if strays := glob.glob(os.path.join(glob.escape(output_dir), f"{glob.escape(prefix)}_*_[0-9]*.npy")):
-                raise UserError(f"{output_dir} already holds {prefix} shards ({os.path.basename(min(strays))}, ...) "
-                                f"but no {os.path.basename(self.path)}, so they cannot be resumed; delete them or "
-                                f"choose another --output-dir", exit_code=2)
+                raise UserError(f"{output_dir} holds {prefix} shards ({os.path.basename(min(strays))}, ...) but no "
+                                f"{os.path.basename(self.path)}: delete them, or use another --output-dir", exit_code=2)
             return
         try:
             with open(self.path, "rb") as f:
@@ -361,26 +343,23 @@ class Progress(list):
         lines = "".join(json.dumps(record) + "\n" for record in [{"arguments": self.arguments}, *self])
         atomic_write(self.path, lambda f: f.write(lines.encode()))
 
-    def write(self, tokens, next_document, next_offset, stream):
+    def write(self, tokens, document, offset, stream):
         if not os.path.exists(self.path):
             self.rewrite()  # first, so that no shard ever exists without a progress file
         name = f"{self.prefix}_{'train' if self else 'val'}_{len(self):06d}.npy"
         atomic_write(os.path.join(self.output_dir, name), lambda f: np.save(f, tokens))
-        self.append(dict(file=name, tokens=int(tokens.size), next_document=next_document, next_offset=next_offset,
-                         stream=stream))
+        self.append(dict(file=name, tokens=int(tokens.size), next_document=document, next_offset=offset, stream=stream))
         self.log(self[-1])
 
     def log(self, record):
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+            print(json.dumps(record), file=f, flush=True)
             os.fsync(f.fileno())
 
 
 def _tokenize_in_order(documents, pool, num_proc):
-    """tokenize_document of each document, in order, one block of documents read ahead (pool.map alone
-    would queue the whole input). An error while reading (a malformed line) comes after the documents
-    before it, so that their shards are written."""
+    """tokenize_document of each document, in order, a block of documents read ahead (pool.map alone would queue
+    the whole input). A reading error (a malformed line) comes after the documents before it: their shards stay."""
     error, previous = None, []
     while error is None:
         block = []
@@ -399,13 +378,11 @@ def _tokenize_in_order(documents, pool, num_proc):
 
 
 def _init_worker(parent):
-    # A process group of its own: Ctrl-C and `kill -TERM -<group>` reach the main process alone, which
-    # stops the pool and says so in one line.
+    # A process group of its own: Ctrl-C and `kill -TERM -<group>` reach the main process alone (one line).
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not main()'s handler
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
-    get_tokenizer()
 
 
 def _exit_when_orphaned(parent):
