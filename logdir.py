@@ -7,7 +7,7 @@
     log/config.toml        the run's settings, as given (train_gpt2.py --config reads it back)
     log/abandoned/<time>/  checkpoints of a branch a rollback left
 
-train_gpt2.py calls these on rank 0; every file is written whole or not at all (atomic_write).
+Only rank 0 writes here (every rank loads the checkpoint it chose); each file is whole or absent (atomic_write).
 """
 
 import glob
