@@ -9,10 +9,9 @@
     python train_gpt2.py --config configs/gpt2-124m-1gpu-24gb.toml  # settings from a file (flags win)
 
 The defaults are the GPT-3 small recipe on 10B tokens: 524,288 tokens per step, AdamW (0.9, 0.95),
-weight decay 0.1, lr 6e-4 warmed up over 715 steps then cosine-decayed to 6e-5 at step 19,073,
-gradients clipped at 1.0, vocab padded to 50304; dtype, compile and micro batch are `auto`, what
-suits the machine. Relaunching the same command continues the run; a log directory holds one run.
-Each step prints a line and appends it to <log dir>/metrics.jsonl, which play.ipynb plots.
+weight decay 0.1, lr 6e-4 warmed up over 715 steps, cosine-decayed to 6e-5 at step 19,073, gradients
+clipped at 1.0; dtype, compile and micro batch suit the machine. A log directory holds one run:
+relaunching continues it, and each step goes into <log dir>/metrics.jsonl, which play.ipynb plots.
 """
 
 import math
@@ -49,8 +48,7 @@ class TrainConfig:
     # data and output
     data_dir: str = setting("edu_fineweb10B", "directory of uint16 token shards made by fineweb.py")
     log_dir: str = setting("log", "the run's directory: metrics.jsonl, log.txt, config.toml, checkpoints/")
-    overwrite: bool = setting(False, "start a new run in a used --log-dir, deleting what train_gpt2.py wrote there "
-                              "(RUN_FILES)", action="store_true")
+    overwrite: bool = setting(False, "start a new run in a used --log-dir, deleting the old run", action="store_true")
     shuffle: bool = setting(True, "shuffle train shard order and window order each epoch")
     # model
     model: str = setting("gpt2", "GPT-2 size to train from scratch", choices=list(GPT2_SIZES))
@@ -61,8 +59,8 @@ class TrainConfig:
     vocab_size: int = setting(50304, "vocabulary size; 50304 pads GPT-2's 50257 to a multiple of 128 for speed")
     init_from: str = setting("scratch", "'scratch', or a Hugging Face GPT-2 name or local directory to fine-tune")
     # batch: total_batch_size tokens per step = batch_size * seq_len * devices * micro steps
-    batch_size: int | str = setting("auto", "micro batch per device; auto: the largest power of two up to 64 that "
-                                    "fits", type=int_or_auto)
+    batch_size: int | str = setting("auto", "micro batch per device; auto: the largest of 64, 32, ... that fits",
+                                    type=int_or_auto)
     seq_len: int = setting(1024, "sequence length T")
     total_batch_size: int = setting(524288, "tokens per optimizer step, over all devices and micro steps")
     # optimization
@@ -75,8 +73,7 @@ class TrainConfig:
     beta2: float = setting(0.95, "AdamW beta2")
     adam_eps: float = setting(1e-8, "AdamW epsilon")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0: no clipping)")
-    max_skipped_steps: int = setting(5, "steps with a non-finite loss or gradient are skipped; stop after this many "
-                                     "in a row")
+    max_skipped_steps: int = setting(5, "stop after this many steps in a row skipped for a non-finite loss")
     # evaluation, sampling and checkpoints (an interval of 0 turns that event off)
     eval_interval: int = setting(250, "steps between validation losses")
     val_tokens: int = setting(10485760, "validation tokens per evaluation, whatever the number of devices")
@@ -92,8 +89,7 @@ class TrainConfig:
     resume: str = setting("auto", "'auto' (the log dir's latest checkpoint), 'never' (a new run), or a checkpoint "
                           "path (an earlier one rolls back)")
     stop_at_step: int = setting(0, "end this launch with a checkpoint after this step (0: go on to max_steps)")
-    time_limit: int = setting(0, "end this launch cleanly before this wall-clock time, e.g. 3h50m (0: none)",
-                              type=duration)
+    time_limit: int = setting(0, "end this launch cleanly within this time, e.g. 3h50m (0: none)", type=duration)
     dist_timeout: int = setting(600, "under torchrun, how long a rank waits for the others, e.g. 10m", type=duration)
     wandb: str = setting(None, "also log to this Weights & Biases project (pip install wandb)")
     tensorboard: bool = setting(False, "also write TensorBoard events to <log dir>/tensorboard")
@@ -101,8 +97,7 @@ class TrainConfig:
     device: str = setting("auto", "'auto' (cuda, else mps, else cpu), or e.g. cpu, cuda, mps")
     dtype: str = setting("auto", "autocast dtype; auto: bfloat16 on GPUs from Ampere on, float16 with a gradient "
                          "scaler before, float32 on MPS and CPU", choices=["auto", "float32", "bfloat16", "float16"])
-    compile: bool | str = setting("auto", "torch.compile the model; auto: on for CUDA where Triton works",
-                                  action=OnOffOrAuto)
+    compile: bool | str = setting("auto", "torch.compile the model; auto: on for CUDA with Triton", action=OnOffOrAuto)
     peak_flops: float = setting(None, "device peak FLOP/s for MFU (default: a table of GPUs)")
     seed: int = setting(1337, "seed of the initial weights and the data shuffle")
     demo: bool = setting(False, "a small CPU run on Python's docs: DEMO_DEFAULTS", action="store_true")
@@ -118,15 +113,12 @@ DEMO_DEFAULTS = dict(data_dir="demo_data", log_dir="log_demo", n_layer=4, n_head
                      batch_size=8, seq_len=128, total_batch_size=2048, max_steps=150, warmup_steps=15, max_lr=2e-3,
                      min_lr=2e-4, eval_interval=25, val_tokens=8192, hellaswag_interval=0, sample_interval=50,
                      checkpoint_interval=50, compile=False, dtype="float32")
-# What may change when a run resumes: where and how it runs and reports, not what it learns. The
-# micro batch and the number of devices may change too (the loader state counts rows), and the lr
-# schedule (RETUNABLE: a rollback after a loss spike may lower it; the change is printed).
+# A resumed run keeps what it learns (LEARNING); where and how it runs and reports may change, the
+# micro batch and device count too (the loader counts rows), and the lr schedule (RETUNABLE: a
+# rollback after a loss spike may lower it; the change is printed).
+LEARNING = {"model", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "init_from", "seq_len", "shuffle",
+            "total_batch_size", "max_steps", "weight_decay", "beta1", "beta2", "adam_eps", "dtype", "seed"}
 RETUNABLE = {"max_lr", "min_lr", "warmup_steps", "grad_clip"}
-RESUMABLE = RETUNABLE | {
-    "data_dir", "log_dir", "overwrite", "batch_size", "eval_interval", "val_tokens", "hellaswag_interval",
-    "hellaswag_file", "sample_interval", "sample_prompt", "num_samples", "sample_tokens", "checkpoint_interval",
-    "keep_checkpoints", "stop_at_step", "time_limit", "max_skipped_steps", "wandb", "tensorboard", "device",
-    "compile", "peak_flops", "resume", "dist_timeout", "demo"}
 CHECKS = [  # (settings, what each must be, the test)
     ("seq_len total_batch_size max_steps max_lr adam_eps keep_checkpoints num_samples sample_tokens "
      "max_skipped_steps dist_timeout peak_flops", "be positive", lambda v: v > 0),
@@ -184,7 +176,7 @@ def config_problems(c, world_size):
 def check_resumable(saved, config):
     """Refuse to continue a run with settings that change what it learns, listing them all."""
     differ = [f"{k}={saved.get(k)!r} in the checkpoint but {v!r} now" for k, v in asdict(config).items()
-              if k not in RESUMABLE and saved.get(k) != v]
+              if k in LEARNING and saved.get(k) != v]
     retuned = [f"{k}={saved.get(k)!r} in the checkpoint, {getattr(config, k)!r} now" for k in sorted(RETUNABLE)
                if saved.get(k) != getattr(config, k)]
     if retuned and not differ:
@@ -272,7 +264,6 @@ def train(config, launch):
         keep_freed_memory()
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmul left outside autocast
-        torch.backends.cudnn.allow_tf32 = True
     settings, config = config, resolve_auto(config, device, world_size)  # dtype, compile, batch size for here
     autocast, scaler = autocast_and_scaler(config.dtype, device)
     accum = config.total_batch_size // (config.batch_size * config.seq_len * world_size)
