@@ -4,8 +4,6 @@ torch is imported inside the functions that need it: fineweb.py imports this fil
 
     config = parse_settings(MyConfig, argv)                        # a dataclass of setting()s -> its flags
     atomic_write("out/shard.npy", lambda f: np.save(f, tokens))   # whole file or none, even after a crash
-    with DirectoryLock("log", "run"):                              # a second run on log/ stops at once
-        ...
     with AllRanks():                                               # an error on any rank ends every rank
         device = pick_device("auto")                               # cuda > mps > cpu
 """
@@ -291,10 +289,9 @@ def memory_budget(processes):
         free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     try:
         with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
-            limit, used = f.read().strip(), int(g.read())
-        free = free if limit == "max" else min(free, int(limit) - used)
+            free = min(free, int(f.read()) - int(g.read()))
     except (OSError, ValueError):
-        pass  # no cgroup v2 limit
+        pass  # no cgroup v2 limit (or "max")
     return free // 2 // processes
 
 
