@@ -166,7 +166,7 @@ def fsync_directory(directory):
 
 class DirectoryLock:
     """An fcntl lock on `<directory>/.lock`, which names its owner: a second process stops at once. The OS drops
-    it when the process ends, however it ends; it works on NFS; forked workers do not inherit it; Windows has none."""
+    it when the process ends, however it ends; it works on NFS; forked workers do not inherit it. None on Windows."""
 
     def __init__(self, directory, what="run"):
         self.directory, self.what, self.fd = directory, what, None
@@ -318,7 +318,7 @@ def peak_flops_of(device_name, dtype):
 
 def keep_freed_memory():
     """With glibc, keep freed memory in the process: glibc maps each large tensor afresh and unmaps it when
-    freed, so each CPU step page-faulted it in again (the 124M fp32 step on 2 cores: ~6.1 s, not ~5.0 s)."""
+    freed, so each CPU step page-faults it in again (the 124M fp32 step on 2 cores: ~6.1 s, not ~5.0 s)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks come from the heap, which is reused...
@@ -346,8 +346,8 @@ def start_distributed(timeout=600):
 
 
 class AllRanks:
-    """A block of set-up every rank runs, then agrees on (agree()): a rank that fails skips the rest of its
-    block, so no rank waits in a collective another will not reach.
+    """A block of set-up that every rank runs, then agrees on with agree(): a rank that fails skips the rest of
+    its block, so no rank waits in a collective that another will not reach.
 
         with AllRanks() as block:     # a UserError in here, on any rank, ends every rank
             block.value = ...         # optional: this rank's contribution
