@@ -1,16 +1,11 @@
-"""What every script shares and no chapter is about: settings as flags, one error type, the device
-and the dtype it computes in, files written safely, a lock that keeps two runs out of one directory,
-and torchrun's ranks: set-up errors every rank agrees on, clean stops on a signal.
+"""What every script shares and no chapter is about: settings as flags, one error type, files written
+whole, a lock per directory, the device and its dtype, torchrun's ranks (errors they agree on, clean stops).
+torch is imported inside the functions that need it: fineweb.py imports this file and does without torch.
 
     config = parse_settings(MyConfig, argv)                        # a dataclass of setting()s -> its flags
-    device = pick_device("auto")                                   # cuda > mps > cpu
-    resolve_dtype("auto", device)                                  # "bfloat16" on an A100 or H100
-    autocast_dtype_for("auto", torch.device("cpu"))                # None: float32, no autocast
     atomic_write("out/shard.npy", lambda f: np.save(f, tokens))   # whole file or none, even after a crash
-    with DirectoryLock("log"):                                     # a second run on log/ stops at once
-        ...
     with AllRanks():                                               # an error on any rank ends every rank
-        ...
+        device = pick_device("auto")                               # cuda > mps > cpu
 """
 
 import argparse
@@ -31,9 +26,8 @@ from dataclasses import field, fields
 
 
 class UserError(Exception):
-    """A problem the user can fix. Scripts print it as one line (no traceback) and exit with
-    exit_code: 2 for settings that cannot work, 1 for what went wrong at run time. Under torchrun,
-    every_rank=False says only this rank met it (so this rank prints it); reported, that it is printed."""
+    """A problem the user can fix: printed as one line, no traceback; exit_code 2 for settings, 1 at run time.
+    Under torchrun, every_rank=False: only this rank met it (so it prints it); reported: already printed."""
 
     def __init__(self, message, exit_code=1, every_rank=True, reported=False):
         super().__init__(message)
@@ -55,15 +49,10 @@ class SettingsParser(argparse.ArgumentParser):
 
 
 def parse_settings(config_class, argv=None, description=None, defaults=None):
-    """The command line -> a config_class, a dataclass of setting()s.
-
-    Each field is a flag (max_lr is --max-lr; a bool is --x/--no-x), its metadata goes to argparse
-    (choices, type, nargs, action), plus flags=("-m", "--model") for other names and
-    positional=True for an argument without a flag. --config FILE takes the same settings from a
-    TOML file (max_lr = 6e-4), in front of the command line, whose flags win. defaults(given) may
-    change the defaults from the flags given (a preset). Bad values raise one UserError (exit 2)
-    listing them: argparse's own checks first, then every one of config.problems().
-    """
+    """The command line -> a config_class, a dataclass of setting()s: max_lr is --max-lr, a bool --x/--no-x,
+    the metadata goes to argparse, plus flags=("-m", "--model") for other names and positional=True.
+    --config FILE reads the same settings from TOML (max_lr = 6e-4); flags given win. defaults(given) may
+    change the defaults (a preset). Bad values: one UserError (exit 2) listing every config.problems()."""
     parser = SettingsParser(description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", metavar="FILE", help="a TOML file of these settings (max_lr = 6e-4 for "
                         "--max-lr); flags on the command line win")
@@ -75,7 +64,7 @@ def parse_settings(config_class, argv=None, description=None, defaults=None):
         elif "action" not in kwargs:  # the default's type, or the annotation's for a default of None
             kwargs.setdefault("type", type(f.default) if f.default is not None else
                               f.type if f.type in (int, float) else str)
-        if f.default is not None and "default:" not in kwargs["help"]:
+        if f.default is not None:
             kwargs["help"] += f" (default: {f.default})"
         parser.add_argument(*names, **kwargs, **({} if names == [f.name] else {"dest": f.name}))
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -127,8 +116,8 @@ def duration(text):
 
 
 def int_or_auto(text):
-    """A flag's value: 'auto', or a whole number."""
     return text if text == "auto" else int(text)
+
 
 class OnOffOrAuto(argparse.Action):
     """--compile / --no-compile force it on or off; --compile auto leaves it to the machine."""
@@ -144,16 +133,12 @@ class OnOffOrAuto(argparse.Action):
 
 
 # -----------------------------------------------------------------------------
-# Files that are whole or absent
+# Files: written whole or not at all, and one process per directory
 
 
 def atomic_write(path, write):
-    """Call write(f) on a hidden temporary file beside `path` (opened "wb"), then make it `path`.
-
-    The file is flushed and fsync'd before the rename, and its directory after, so that after a
-    crash, a kill or a power loss `path` is either the old file or the complete new one, never
-    empty or short. On any failure the temporary file is removed and `path` is left as it was.
-    """
+    """write(f) on a hidden temporary file beside `path` (opened "wb"), fsync'd, then renamed to `path`: after
+    a crash or a power loss `path` is the old file or the whole new one. On failure `path` is left as it was."""
     directory = os.path.dirname(os.path.abspath(path))
     # Host and pid in the name: ranks and nodes writing into one shared directory never collide.
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{socket.gethostname()}.{os.getpid()}.tmp")
@@ -170,34 +155,21 @@ def atomic_write(path, write):
 
 
 def fsync_directory(directory):
-    """Make a rename (or a removal) in `directory` durable; a no-op where directories cannot be opened."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return  # Windows
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# -----------------------------------------------------------------------------
-# One process per directory
+    """Make a rename or a removal in `directory` durable (a no-op on Windows)."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class DirectoryLock:
-    """An exclusive lock on a directory, held while a run writes into it.
-
-    The lock is an fcntl (POSIX) lock on `<directory>/.lock`, which holds the owner's pid and host.
-    The operating system drops it when the process ends, however it ends, so a crash never leaves a
-    stale lock; POSIX locks also work on NFS, where the log directory of a multi-node run lives,
-    and forked children (tokenizer workers) do not inherit them. Where fcntl is missing (Windows)
-    there is no lock. A second process stops at once with UserError naming the owner.
-    """
+    """An fcntl lock on `<directory>/.lock`, which names its owner: a second process stops at once. The OS drops
+    it when the process ends, however it ends; it works on NFS; forked workers do not inherit it. None on Windows."""
 
     def __init__(self, directory, what="run"):
-        self.directory, self.what = directory, what
-        self.path = os.path.join(directory, ".lock")
-        self.fd = None
+        self.directory, self.what, self.fd = directory, what, None
 
     def acquire(self):
         try:
@@ -205,7 +177,7 @@ class DirectoryLock:
         except ImportError:
             return self
         os.makedirs(self.directory, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(self.directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # EAGAIN or EACCES: another process holds it
@@ -220,11 +192,10 @@ class DirectoryLock:
 
     def release(self):
         if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the lock; the file stays (harmless)
+            os.close(self.fd)  # which releases the lock; the file stays
             self.fd = None
 
-    def __enter__(self):
-        return self.acquire()
+    __enter__ = acquire
 
     def __exit__(self, *exc):
         self.release()
@@ -237,15 +208,15 @@ class DirectoryLock:
 def pick_device(name="auto"):
     """A torch.device: 'auto' is cuda, else mps, else cpu. Under torchrun a GPU is this process's own,
     cuda:LOCAL_RANK, and the process makes it current (its RNG, pinned memory and kernels)."""
-    import torch  # here: fineweb.py and its tokenizer processes do without torch
+    import torch
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name} is not a device; use auto, cpu, cuda, cuda:N or mps", exit_code=2) from None
-    if device.type == "cuda" and not torch.cuda.is_available() or \
-            device.type == "mps" and not torch.backends.mps.is_available() or device.type not in ("cpu", "cuda", "mps"):
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type):
         raise UserError(f"--device {name}: no such device on this machine; use --device auto", exit_code=2)
     if device.type == "cuda":
         if "LOCAL_RANK" in os.environ:
@@ -255,15 +226,13 @@ def pick_device(name="auto"):
 
 
 def resolve_dtype(dtype, device):
-    """The name of the dtype to autocast to on `device` ("float32": no autocast). 'auto' picks:
-    bfloat16 on CUDA GPUs of compute capability 8.0 and up (Ampere on: A100, L4, H100), float16 on
-    older ones (T4, V100: no bf16 compute; training adds a gradient scaler), and float32 on MPS and
-    CPU (bf16 autocast is slow on CPUs without bf16 instructions, and unreliable on MPS). Other
-    names are returned as given. train_gpt2.py, hellaswag.py and bench.py all pick this way."""
+    """The name of the dtype to autocast to on `device` ("float32": none). 'auto' is bfloat16 on CUDA GPUs from
+    Ampere on (compute capability 8.0: A100, L4, H100), float16 before (T4, V100; training adds a gradient
+    scaler), float32 on MPS and CPU (bf16 autocast is slow on CPUs without bf16, and unreliable on MPS)."""
     if dtype != "auto":
         return dtype
     if device.type == "cuda":
-        import torch  # here, not at the top: scripts without torch (fineweb.py) import this file too
+        import torch
         return "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float16"
     return "float32"
 
@@ -282,9 +251,7 @@ def compile_by_default(device):
 
 
 def autocast_and_scaler(dtype, device):
-    """The forward's autocast and, for float16, a gradient scaler: float16's range ends at 65504 and
-    6e-8, so small gradients would round to zero; the scaler scales the loss up for backward and the
-    gradients back down for the step. bfloat16 has float32's range and needs none."""
+    """The forward's autocast and, for float16 (small gradients would round to zero), a gradient scaler."""
     import torch
     dtype = autocast_dtype_for(dtype, device)
     if dtype is None:
@@ -311,9 +278,8 @@ def free_memory(device):
 
 
 def memory_budget(processes):
-    """Half the memory free here (Linux's MemAvailable, or a cgroup v2 limit when lower; else half the
-    RAM), shared by `processes`: the other half is room for the OS, the page cache and the estimate's
-    error. None where it cannot be read."""
+    """Half the memory free here (MemAvailable, or a cgroup v2 limit if lower; else half the RAM) shared by
+    `processes`: the other half is room for the OS, the page cache and the estimate's error. None: unknown."""
     try:
         with open("/proc/meminfo") as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
@@ -323,16 +289,14 @@ def memory_budget(processes):
         free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     try:
         with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
-            limit, used = f.read().strip(), int(g.read())
-        free = free if limit == "max" else min(free, int(limit) - used)
+            free = min(free, int(f.read()) - int(g.read()))
     except (OSError, ValueError):
-        pass  # no cgroup v2 limit
+        pass  # no cgroup v2 limit (or "max")
     return free // 2 // processes
 
 
-# Dense peak FLOP/s (float32 as TF32 where the GPU has it, float16, bfloat16; None: no bf16 before
-# Ampere) from NVIDIA's datasheets, halved where a sheet quotes sparsity. Matched against the device
-# name; the first match wins, so a longer name comes before a shorter one it contains.
+# Dense peak FLOP/s (float32 as TF32 where the GPU has it, float16, bfloat16; None: no bf16 before Ampere)
+# from NVIDIA's datasheets. The first key in the device name wins: a longer name before one it contains.
 PEAK_FLOPS = {
     "H100 PCIe": (378e12, 756e12, 756e12), "H100 NVL": (417.5e12, 835e12, 835e12),
     "H100": (494.5e12, 989e12, 989e12), "H200 NVL": (417.5e12, 835e12, 835e12), "H200": (494.5e12, 989e12, 989e12),
@@ -345,8 +309,7 @@ PEAK_FLOPS = {
 
 
 def peak_flops_of(device_name, dtype):
-    """The table's figure, or None: unknown GPUs and MIG slices (a fraction of a GPU that still says
-    H100) get no MFU rather than a wrong one."""
+    """The table's figure, or None: unknown GPUs and MIG slices (that still say H100) get no MFU, not a wrong one."""
     if "MIG" in device_name:
         return None
     column = ("float32", "float16", "bfloat16").index(dtype)
@@ -354,10 +317,8 @@ def peak_flops_of(device_name, dtype):
 
 
 def keep_freed_memory():
-    """On Linux, keep freed memory inside the process instead of handing it back to the OS. glibc
-    serves every large tensor (logits and their gradients: hundreds of MB at T=1024) with a fresh
-    mmap and unmaps it when freed, so each CPU training step page-faults it in again: the 124M fp32
-    step on 2 cores took ~6.1 s instead of ~5.0 s. GPUs do not need it; macOS and musl are left as is."""
+    """With glibc, keep freed memory in the process: glibc maps each large tensor afresh and unmaps it when
+    freed, so each CPU step page-faults it in again (the 124M fp32 step on 2 cores: ~6.1 s, not ~5.0 s)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks come from the heap, which is reused...
@@ -371,10 +332,8 @@ def keep_freed_memory():
 
 
 def start_distributed(timeout=600):
-    """Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set), join the other processes -> (rank, world size);
-    (0, 1) for a plain process. With GPUs the group holds NCCL for CUDA tensors (gradients) and gloo for
-    CPU tensors (small messages that coordinate the ranks); without, gloo. A collective that waits
-    more than `timeout` seconds for another rank fails: a rank that stalls or dies ends the job."""
+    """Under torchrun, join the other ranks (NCCL for CUDA tensors, gloo for CPU ones) -> (rank, world size);
+    (0, 1) without. A collective that waits over `timeout` seconds fails: a stalled or dead rank ends the job."""
     if "RANK" not in os.environ:
         return 0, 1
     import torch
@@ -387,14 +346,12 @@ def start_distributed(timeout=600):
 
 
 class AllRanks:
-    """A block of set-up that every rank runs, after which they agree on how it went.
+    """A block of set-up that every rank runs, then agrees on with agree(): a rank that fails skips the rest of
+    its block, so no rank waits in a collective that another will not reach.
 
         with AllRanks() as block:     # a UserError in here, on any rank, ends every rank
             block.value = ...         # optional: this rank's contribution
         block.values                  # every rank's value, in rank order
-
-    A rank that fails skips the rest of its block, straight to the agreement: no rank is ever left
-    waiting in a collective that another rank will not reach.
     """
 
     def __init__(self, prefix="error: "):
@@ -447,10 +404,9 @@ def all_reduce_sum(tensor):
 
 
 class Launch:
-    """What one launch holds until it ends: the signal handlers that stop it cleanly, and the log
-    directory's lock and history, released on the way out. SIGTERM and SIGUSR1 (what SLURM and spot
-    instances send before a kill) and Ctrl-C end the run at the next step: every rank finishes it,
-    they agree, a checkpoint is written. A second Ctrl-C quits at once."""
+    """What one launch holds until it ends: the signal handlers, the log directory's lock and history. SIGTERM,
+    SIGUSR1 (what SLURM and spot instances send before a kill) and Ctrl-C end the run after this step, with a
+    checkpoint, on every rank. A second Ctrl-C quits at once."""
 
     def __enter__(self):
         self.signal, self.held, self.handlers = None, [], {}
