@@ -96,8 +96,8 @@ def training_section(checkpoint, source):
     step, batch = checkpoint.get("step"), (checkpoint.get("config") or {}).get("total_batch_size")
     if step is None:
         return ""
-    lines = [f"Trained with train_gpt2.py for {step:,} steps" + (f" of {batch:,} tokens: {step * batch:,} tokens "
-                                                                 "in all." if batch else ".")]
+    tokens = f" of {batch:,} tokens: {step * batch:,} tokens in all." if batch else "."
+    lines = [f"Trained with train_gpt2.py for {step:,} steps{tokens}"]
     source, events = Path(source).absolute(), []  # source: a log directory, or <log dir>/checkpoints/step_N.pt
     log_dir = source if source.is_dir() else source.parent.parent if source.parent.name == "checkpoints" else None
     if log_dir and (log_dir / "metrics.jsonl").is_file():
