@@ -163,7 +163,7 @@ def _parse_line(line, where):
     if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
         count = f"{len(endings)} items" if isinstance(endings, list) else type(endings).__name__
         raise UserError(f"{where}: endings must be a list of 4 strings, got {count}")
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 3:
+    if type(label) is not int or not 0 <= label <= 3:  # a bool is an int, but not a label
         raise UserError(f"{where}: label must be an integer 0-3, got {label!r}")
     return {"ctx": ctx, "endings": endings, "label": label}
 
@@ -188,8 +188,7 @@ class HellaSwagConfig:
         if self.data is not None and not os.path.isfile(self.data):
             found.append(f"--data {self.data} is not a file; give a HellaSwag .jsonl, or leave --data out to download")
         if not os.path.exists(self.model) and (self.model.endswith(".pt") or self.model.startswith((".", "/", "~"))):
-            found.append(f"--model {self.model} does not exist; give a train_gpt2.py checkpoint (.pt), a Hugging "
-                         f"Face directory, or a hub name such as gpt2")
+            found.append(f"--model {self.model} does not exist; give a checkpoint, a Hugging Face folder or a hub name")
         directory = os.path.dirname(os.path.abspath(self.predictions or "."))  # checked now, not after the scoring
         if self.predictions and os.path.isdir(self.predictions):
             found.append(f"--predictions {self.predictions} is a directory; give the path of a file to write")
