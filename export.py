@@ -33,23 +33,20 @@ class ExportConfig:
 def main(argv=None):
     try:
         config = parse_settings(ExportConfig, argv, "Export a train_gpt2.py checkpoint as a Hugging Face folder.")
-        try:
-            checkpoint = read_checkpoint(config.checkpoint)
-            hf_model = GPT.from_checkpoint(checkpoint).to_hf(getattr(torch, config.dtype))
-            save_folder(hf_model, config.output_dir, training_section(checkpoint, config.checkpoint))
-        except (OSError, ValueError) as e:  # no vocabulary, no checkpoint, a full disk: nothing half written
-            raise UserError(f"cannot export to {config.output_dir}: {e}") from None
-    except UserError as e:
+        checkpoint = read_checkpoint(config.checkpoint)
+        hf_model = GPT.from_checkpoint(checkpoint).to_hf(getattr(torch, config.dtype))
+        save_folder(hf_model, config.output_dir, training_section(checkpoint, config.checkpoint))
+    except (UserError, OSError, ValueError) as e:  # no checkpoint, no vocabulary, a full disk: nothing half written
         print(f"export.py: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return getattr(e, "exit_code", 1)
     print(f"exported step {checkpoint.get('step')} of {config.checkpoint} to {config.output_dir} ({config.dtype})")
     return 0
 
 
 def save_folder(hf_model, directory, training=""):
     """hf_model (GPT.to_hf's), GPT-2's tokenizer and a model card -> `directory` (new or empty), all or nothing."""
-    if occupied(directory):
-        raise ValueError(occupied(directory))
+    if problem := occupied(directory):
+        raise ValueError(problem)
     parent, name = os.path.split(os.path.abspath(directory))
     staging = os.path.join(parent, f".{name}.{socket.gethostname()}.{os.getpid()}.tmp")  # this process's own
     os.makedirs(staging)
