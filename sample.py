@@ -54,7 +54,7 @@ def sample(model, enc, prompt, config, device):
     idx = torch.tensor([enc.encode_ordinary(prompt) or [EOT]] * config.num_samples, device=device)  # (B, T)
     generator = torch.Generator(device).manual_seed(config.seed)
     rows, streaming = [[] for _ in range(config.num_samples)], config.num_samples == 1
-    shown = prompt if streaming else ""  # the text printed so far
+    shown = prompt if streaming else ""  # printed so far: a single sample streams, several print at the end
     print(shown, end="", flush=True)
     for tokens in model.stream(idx, config.max_new_tokens, config.temperature, config.top_k, generator):
         for row, token in zip(rows, tokens[:, 0].tolist()):
