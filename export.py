@@ -33,23 +33,20 @@ class ExportConfig:
 def main(argv=None):
     try:
         config = parse_settings(ExportConfig, argv, "Export a train_gpt2.py checkpoint as a Hugging Face folder.")
-        try:
-            checkpoint = read_checkpoint(config.checkpoint)
-            hf_model = GPT.from_checkpoint(checkpoint).to_hf(getattr(torch, config.dtype))
-            save_folder(hf_model, config.output_dir, training_section(checkpoint, config.checkpoint))
-        except (OSError, ValueError) as e:  # no vocabulary, no checkpoint, a full disk: nothing half written
-            raise UserError(f"cannot export to {config.output_dir}: {e}") from None
-    except UserError as e:
+        checkpoint = read_checkpoint(config.checkpoint)
+        hf_model = GPT.from_checkpoint(checkpoint).to_hf(getattr(torch, config.dtype))
+        save_folder(hf_model, config.output_dir, training_section(checkpoint, config.checkpoint))
+    except (UserError, OSError, ValueError) as e:  # no checkpoint, no vocabulary, a full disk: nothing half written
         print(f"export.py: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return getattr(e, "exit_code", 1)
     print(f"exported step {checkpoint.get('step')} of {config.checkpoint} to {config.output_dir} ({config.dtype})")
     return 0
 
 
 def save_folder(hf_model, directory, training=""):
     """hf_model (GPT.to_hf's), GPT-2's tokenizer and a model card -> `directory` (new or empty), all or nothing."""
-    if occupied(directory):
-        raise ValueError(occupied(directory))
+    if problem := occupied(directory):
+        raise ValueError(problem)
     parent, name = os.path.split(os.path.abspath(directory))
     staging = os.path.join(parent, f".{name}.{socket.gethostname()}.{os.getpid()}.tmp")  # this process's own
     os.makedirs(staging)
@@ -96,8 +93,8 @@ def training_section(checkpoint, source):
     step, batch = checkpoint.get("step"), (checkpoint.get("config") or {}).get("total_batch_size")
     if step is None:
         return ""
-    lines = [f"Trained with train_gpt2.py for {step:,} steps" + (f" of {batch:,} tokens: {step * batch:,} tokens "
-                                                                 "in all." if batch else ".")]
+    tokens = f" of {batch:,} tokens: {step * batch:,} tokens in all." if batch else "."
+    lines = [f"Trained with train_gpt2.py for {step:,} steps{tokens}"]
     source, events = Path(source).absolute(), []  # source: a log directory, or <log dir>/checkpoints/step_N.pt
     log_dir = source if source.is_dir() else source.parent.parent if source.parent.name == "checkpoints" else None
     if log_dir and (log_dir / "metrics.jsonl").is_file():

@@ -24,6 +24,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -53,29 +54,26 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
                 for e in examples]  # an ending is a continuation: it starts with a space
     longest_row = [max(len(ctx) + len(ending) for ending in endings) for ctx, endings in rendered]
     indices = sorted(range(rank, len(examples), world_size), key=lambda i: (-longest_row[i], i))
-    predictions = []
-    was_training = model.training
-    model.eval()
-    try:  # no_grad, not inference_mode: inference tensors would break a compiled model that trains next
-        with torch.no_grad(), tqdm(total=len(indices), unit="ex", desc="hellaswag", disable=not progress) as bar:
-            for start in range(0, len(indices), batch_size):
-                batch = indices[start:start + batch_size]
-                seq_len = min(-(-max(longest_row[i] for i in batch) // 32) * 32, block_size)  # friendlier kernels
-                tensors = build_batch([rendered[i] for i in batch], batch_size, seq_len)
-                tokens, positions, targets, rows = (t.to(device) for t in tensors)
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits = model(tokens, logit_positions=positions)[0] if ours else \
-                        model(tokens).logits.flatten(0, 1)[positions]  # (n, vocab); ours computes just these
-                # Over GPT-2's 50,257 tokens only: a checkpoint's padded vocabulary scores like its export.
-                losses = F.cross_entropy(logits[:, :GPT2_VOCAB_SIZE].float(), targets, reduction="none")  # (n,)
-                sums = torch.zeros(len(tokens), device=device).index_add_(0, rows, losses).view(-1, 4)
-                means = sums / torch.bincount(rows, minlength=len(tokens)).clamp(min=1).view(-1, 4)
-                picks = zip(batch, sums.argmin(1).tolist(), means.argmin(1).tolist(), means.tolist())  # no dummies
-                predictions += [dict(index=i, label=examples[i]["label"], pred=pred, pred_norm=pred_norm, losses=mean)
-                                for i, pred, pred_norm, mean in picks]
-                bar.update(len(batch))
-    finally:
-        model.train(was_training)
+    predictions, was_training = [], model.training
+    model.eval()  # and no_grad, not inference_mode: inference tensors would break a compiled model that trains next
+    with torch.no_grad(), tqdm(total=len(indices), unit="ex", desc="hellaswag", disable=not progress) as bar:
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start:start + batch_size]
+            seq_len = min(-(-max(longest_row[i] for i in batch) // 32) * 32, block_size)  # friendlier kernels
+            tensors = build_batch([rendered[i] for i in batch], batch_size, seq_len)
+            tokens, positions, targets, rows = (t.to(device) for t in tensors)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(tokens, logit_positions=positions)[0] if ours else \
+                    model(tokens).logits.flatten(0, 1)[positions]  # (n, vocab); ours computes just these
+            # Over GPT-2's 50,257 tokens only: a checkpoint's padded vocabulary scores like its export.
+            losses = F.cross_entropy(logits[:, :GPT2_VOCAB_SIZE].float(), targets, reduction="none")  # (n,)
+            sums = torch.zeros(len(tokens), device=device).index_add_(0, rows, losses).view(-1, 4)
+            means = sums / torch.bincount(rows, minlength=len(tokens)).clamp(min=1).view(-1, 4)
+            picks = zip(batch, sums.argmin(1).tolist(), means.argmin(1).tolist(), means.tolist())  # no dummies
+            predictions += [dict(index=i, label=examples[i]["label"], pred=pred, pred_norm=pred_norm, losses=mean)
+                            for i, pred, pred_norm, mean in picks]
+            bar.update(len(batch))
+    model.train(was_training)
     predictions.sort(key=lambda p: p["index"])
     return {"correct": sum(p["pred"] == p["label"] for p in predictions), "total": len(predictions),
             "correct_norm": sum(p["pred_norm"] == p["label"] for p in predictions), "predictions": predictions}
@@ -105,15 +103,13 @@ def build_batch(rendered, batch_size, seq_len):
 
 
 def download(url=DATA_URL, directory=None, size=DATA_BYTES, sha256=DATA_SHA256, tries=4, wait=2.0):
-    """The validation set's path in the cache, downloaded the first time, with `size` bytes and the `sha256`
-    pinned above (None: unchecked). A failed try (no network, an HTTP error, a failed check) is retried after
-    `wait` seconds, doubling; a file that fails its check is never kept."""
+    """The validation set's path in the cache, downloaded the first time and checked against the pinned size
+    and sha256. A failed try is retried after `wait` seconds, doubling; a file that fails its check is never kept."""
     directory = directory or os.environ.get("HELLASWAG_CACHE") or os.path.expanduser("~/.cache/gpt2-repro/hellaswag")
     path = os.path.join(directory, DATA_FILE)
     if os.path.exists(path):
-        with open(path, "rb") as f:
-            if not _failed_check(f.read(), size, sha256):
-                return path
+        if not _failed_check(Path(path).read_bytes(), size, sha256):
+            return path
         print(f"{path} fails its check: downloading it again", file=sys.stderr)
         os.remove(path)
     os.makedirs(directory, exist_ok=True)
@@ -136,9 +132,9 @@ def download(url=DATA_URL, directory=None, size=DATA_BYTES, sha256=DATA_SHA256, 
 
 
 def _failed_check(data, size, sha256):
-    if size is not None and len(data) != size:
+    if len(data) != size:
         return f"the file has {len(data):,} bytes, not the pinned {size:,}"
-    if sha256 is not None and (digest := hashlib.sha256(data).hexdigest()) != sha256:
+    if (digest := hashlib.sha256(data).hexdigest()) != sha256:
         return f"the file's sha256 is {digest[:16]}..., not the pinned {sha256[:16]}..."
 
 
@@ -167,7 +163,7 @@ def _parse_line(line, where):
     if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
         count = f"{len(endings)} items" if isinstance(endings, list) else type(endings).__name__
         raise UserError(f"{where}: endings must be a list of 4 strings, got {count}")
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 3:
+    if type(label) is not int or not 0 <= label <= 3:  # a bool is an int, but not a label
         raise UserError(f"{where}: label must be an integer 0-3, got {label!r}")
     return {"ctx": ctx, "endings": endings, "label": label}
 
@@ -192,8 +188,7 @@ class HellaSwagConfig:
         if self.data is not None and not os.path.isfile(self.data):
             found.append(f"--data {self.data} is not a file; give a HellaSwag .jsonl, or leave --data out to download")
         if not os.path.exists(self.model) and (self.model.endswith(".pt") or self.model.startswith((".", "/", "~"))):
-            found.append(f"--model {self.model} does not exist; give a train_gpt2.py checkpoint (.pt), a Hugging "
-                         f"Face directory, or a hub name such as gpt2")
+            found.append(f"--model {self.model} does not exist; give a checkpoint, a Hugging Face folder or a hub name")
         directory = os.path.dirname(os.path.abspath(self.predictions or "."))  # checked now, not after the scoring
         if self.predictions and os.path.isdir(self.predictions):
             found.append(f"--predictions {self.predictions} is a directory; give the path of a file to write")

@@ -97,16 +97,14 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd)))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module):
-        # GPT-2: N(0, 0.02) everywhere, zero biases, and the projections into the residual stream
-        # scaled by 1/sqrt(2 * n_layer) so that the stream's variance does not grow with depth.
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            std = 0.02 * (2 * self.config.n_layer) ** -0.5 if getattr(module, "RESIDUAL_PROJECTION", False) else 0.02
-            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            torch.nn.init.zeros_(module.bias)
+        # GPT-2's initialisation: N(0, 0.02) everywhere, zero biases, and the projections into the residual
+        # stream scaled by 1/sqrt(2 * n_layer) so that the stream's variance does not grow with depth.
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = 0.02 * (2 * config.n_layer) ** -0.5 if getattr(module, "RESIDUAL_PROJECTION", False) else 0.02
+                torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None, kv_cache=None, logit_positions=None):
         """idx (B, T) -> (logits (B, T, vocab_size), mean loss over targets != -1, or None). With a kv_cache, idx
