@@ -1,16 +1,14 @@
-"""The shard loader: windows of T+1 tokens over the concatenated shards of a split, for every rank.
+"""The shard loader: (x, y) windows of T+1 tokens over a split's shards, for every rank, resumable.
 
-A split's shards, in this epoch's order, form one token stream; row i is the window
-stream[i*T : i*T + T + 1] (x its first T tokens, y its last T), which may span two shards. Rows
-are counted from the start of training and run on into the next epoch, with its own shard and
-row order (seeded by (seed, epoch), the same on every rank). At step s, micro step k, rank r of W
-reads micro batch g = (s * accum + k) * W + r, rows [g*B, (g+1)*B): the ranks read disjoint rows
-whose union is what one process reads with W times the accumulation, and the state (the next row)
-is the same on every rank and holds for any B and W.
+A split's shards, in the epoch's order, form one stream; row i is stream[i*T : i*T + T + 1], which
+may span shards. Rows are counted from the start of training and run on into the next epoch, with
+its own shard and row order (seeded by (seed, epoch): the same on every rank). Rank r of W reads
+micro batch g = (step * accum + micro_step) * W + r, rows [g*B, (g+1)*B): the ranks' rows are what one
+process reads with W times the accumulation, and the state (the next row) holds for any B and W.
 
     loader = ShardLoader("edu_fineweb10B", "train", batch_size=16, seq_len=1024, rank=rank, world_size=8)
-    x, y = loader.next_batch()                      # (16, 1024) int64 each; y is x shifted by one
-    state = loader.state_dict()                     # goes into the checkpoint; load_state_dict resumes
+    x, y = loader.next_batch()   # (16, 1024) int64 each; y is x shifted by one
+    state = loader.state_dict()  # goes into the checkpoint; load_state_dict resumes
 """
 
 import glob
@@ -26,8 +24,7 @@ def find_shards(data_dir, split):
     if os.path.isfile(data_dir):
         raise UserError(f"--data-dir {data_dir} is a file; give the directory of shards that fineweb.py wrote")
     if not os.path.isdir(data_dir):
-        raise UserError(f"data directory {data_dir} does not exist; make it with `python fineweb.py` "
-                        f"(or try `python train_gpt2.py --demo`, which needs no download)")
+        raise UserError(f"data directory {data_dir} does not exist; make it with `python fineweb.py` (or try --demo)")
     paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].npy")))
     if not paths:
         raise UserError(f"no {split} shards (*_{split}_NNNNNN.npy) in {data_dir}; make them with `python fineweb.py`")
@@ -60,43 +57,37 @@ class ShardLoader:
             raise UserError(f"the {split} split of {data_dir} holds {self.num_tokens} tokens, fewer than one batch "
                             f"of {min_rows} windows of {seq_len}+1 tokens; use more data or a smaller "
                             f"--batch-size/--seq-len")
-        self.row, self._epoch = 0, None  # the next row to read (counted over epochs), the cached epoch
+        self.row, self._epoch = 0, None  # the next row to read (counted over epochs), the epoch _order holds
 
     def _order(self, epoch):
-        """This epoch's shard order, each shard's start in the stream, and row order (or None)."""
-        if self._epoch != epoch:
-            shard_order, self._rows = np.arange(len(self.shards)), None
+        """The epoch's shard order, each shard's start in its stream, and its row order (None: in order)."""
+        if self._epoch != epoch:  # once an epoch: a permutation of every row is not free
+            shard_order, rows = np.arange(len(self.shards)), None
             if self.shuffle:
                 rng = np.random.default_rng((self.seed, epoch))
-                shard_order, self._rows = rng.permutation(len(self.shards)), rng.permutation(self.rows_per_epoch)
-            self._shard_order, self._epoch = shard_order, epoch
-            self._starts = np.cumsum([0] + [len(self.shards[i]) for i in shard_order])
-        return self._shard_order, self._starts, self._rows
-
-    def _window(self, epoch, row):
-        """Tokens stream[row*T : row*T + T + 1] of an epoch, read across shard ends."""
-        shard_order, starts, _ = self._order(epoch)
-        start, pieces, need = row * self.T, [], self.T + 1
-        i = int(np.searchsorted(starts, start, side="right")) - 1  # the shard holding `start`
-        while need:
-            shard = shard_order[i]
-            piece = self.shards[shard][start - starts[i]:start - starts[i] + need]
-            # Ids are checked on every read: a max over T+1 tokens costs nothing next to the forward.
-            if self.vocab_size is not None and len(piece) and int(piece.max()) >= self.vocab_size:
-                raise UserError(f"{self.paths[shard]} holds token id {int(piece.max())}, beyond the model's "
-                                f"vocab_size={self.vocab_size}; raise --vocab-size or re-tokenize with GPT-2's "
-                                f"tokenizer", every_rank=False)
-            pieces.append(piece)
-            start, need, i = start + len(piece), need - len(piece), i + 1
-        return np.concatenate(pieces)
+                shard_order, rows = rng.permutation(len(self.shards)), rng.permutation(self.rows_per_epoch)
+            starts = np.cumsum([0] + [len(self.shards[i]) for i in shard_order])
+            self._epoch, self._cached = epoch, (shard_order, starts, rows)
+        return self._cached
 
     def read_rows(self, rows):
         """(x, y) int64 tensors of shape (len(rows), T) for rows counted over epochs."""
         windows = np.empty((len(rows), self.T + 1), dtype=np.int64)
         for j, row in enumerate(rows):
             epoch, index = divmod(int(row), self.rows_per_epoch)
-            order = self._order(epoch)[2]
-            windows[j] = self._window(epoch, index if order is None else int(order[index]))
+            shard_order, starts, row_order = self._order(epoch)
+            start, filled = self.T * (index if row_order is None else int(row_order[index])), 0
+            i = int(np.searchsorted(starts, start, side="right")) - 1  # the shard holding `start`
+            while filled < self.T + 1:  # on across shard ends
+                shard = shard_order[i]
+                piece = self.shards[shard][start - starts[i]:start - starts[i] + self.T + 1 - filled]
+                # Ids are checked on every read: a max over T+1 tokens costs nothing next to the forward.
+                if self.vocab_size is not None and len(piece) and int(piece.max()) >= self.vocab_size:
+                    raise UserError(f"{self.paths[shard]} holds token id {int(piece.max())}, beyond the model's "
+                                    f"vocab_size={self.vocab_size}; raise --vocab-size or re-tokenize with GPT-2's "
+                                    f"tokenizer", every_rank=False)
+                windows[j, filled:filled + len(piece)] = piece
+                start, filled, i = start + len(piece), filled + len(piece), i + 1
         windows = torch.from_numpy(windows)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 

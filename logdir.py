@@ -135,13 +135,9 @@ def set_rng_state(state):
 
 
 class RunLog:
-    """The run's history, written by rank 0: metrics.jsonl (one JSON object per event), log.txt (the
-    same as text, a header per launch), and W&B and TensorBoard when asked for. A launch that starts
-    at step S first keeps only the events of steps before S (the file rewritten whole), so a resumed
-    or rolled-back run lists each step once. Non-finite values are written as null.
-
-    W&B continues one run over every launch (its id kept in <log dir>/wandb_run_id) but cannot drop
-    what a rolled-back run logs again: its charts then show both branches. TensorBoard purges them."""
+    """Rank 0's metrics.jsonl, log.txt and dashboards (on other ranks it writes nothing). A launch that starts at
+    step S keeps the events before S and drops the rest, in metrics.jsonl and TensorBoard; W&B continues one
+    run over every launch (its id in wandb_run_id) but keeps both branches of a rollback."""
 
     def __init__(self, config, start_step, enabled):
         self.enabled, self.tensorboard, self.wandb = enabled, None, None
@@ -174,8 +170,8 @@ class RunLog:
             with open(self.text_path, "a") as f:
                 f.write(line + "\n")
 
-    def event(self, record, line=None):
-        """Append one event (a dict with a "step") to metrics.jsonl, log.txt and the dashboards."""
+    def event(self, record, line):
+        """One event (a dict with a "step"; non-finite values as null) to metrics.jsonl, the dashboards, log.txt."""
         if not self.enabled:
             return
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
@@ -194,13 +190,13 @@ class RunLog:
                 numbers["samples"] = wandb.Table(columns=["step", "sample"],
                                                  data=[[step, text] for text in record["samples"]])
             self.wandb.log({"step": step, **numbers})
-        if line is not None:
-            self.text(line)
+        self.text(line)
 
     def close(self):
-        for dashboard in (self.tensorboard, self.wandb):
-            if dashboard:
-                dashboard.close() if dashboard is self.tensorboard else dashboard.finish()
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def event_step(line):
