@@ -68,16 +68,8 @@ class FinewebConfig:
 
 
 def tokenize_document(text):
-    """[EOT] + the GPT-2 tokens of one document ("<|endoftext|>" in the text is plain text), uint16."""
-    ids = get_tokenizer().encode_to_numpy(text, disallowed_special=())  # encode_ordinary, as a numpy buffer
-    return to_uint16(np.concatenate([np.array([EOT], dtype=np.uint32), ids]))
-
-
-def to_uint16(ids):
-    ids = np.asarray(ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= 2**16):
-        raise ValueError(f"token ids outside 0..65535 ({ids.min()}..{ids.max()}) do not fit the uint16 shards")
-    return ids.astype(np.uint16)
+    """[EOT] + the GPT-2 tokens of one document ("<|endoftext|>" in the text is plain text), uint16: ids < 50257."""
+    return np.insert(get_tokenizer().encode_to_numpy(text, disallowed_special=()), 0, EOT).astype(np.uint16)
 
 
 def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_000, num_proc=CORES,
@@ -360,8 +352,8 @@ class Progress(list):
 def _tokenize_in_order(documents, pool, num_proc):
     """tokenize_document of each document, in order, a block of documents read ahead (pool.map alone would queue
     the whole input). A reading error (a malformed line) comes after the documents before it: their shards stay."""
-    error, previous = None, []
-    while error is None:
+    error, previous, block = None, [], [None]
+    while block and error is None:
         block = []
         try:
             block.extend(itertools.islice(documents, CHUNK_DOCS * BLOCK_CHUNKS * num_proc))
@@ -370,26 +362,23 @@ def _tokenize_in_order(documents, pool, num_proc):
         current = pool.map(tokenize_document, block, chunksize=CHUNK_DOCS)
         yield from previous  # while the pool works on the current block
         previous = current
-        if not block:
-            break
     yield from previous
     if error is not None:
         raise error
 
 
 def _init_worker(parent):
-    # A process group of its own: Ctrl-C and `kill -TERM -<group>` reach the main process alone (one line).
+    """Ctrl-C and `kill -TERM -<group>` reach the main process alone (one line), and a worker never outlives the
+    run, however it ends (SIGKILL, the out-of-memory killer)."""
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not main()'s handler
-    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
 
-
-def _exit_when_orphaned(parent):
-    """A worker never outlives the run, however it ends (SIGKILL, the out-of-memory killer)."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
+    def exit_when_orphaned():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=exit_when_orphaned, daemon=True).start()
 
 
 if __name__ == "__main__":
