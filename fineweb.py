@@ -19,7 +19,6 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -81,8 +80,7 @@ def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_
         raise UserError("; ".join(problems), exit_code=2)
     get_tokenizer()  # loaded once here; forked workers inherit it
     with DirectoryLock(output_dir, "fineweb.py run"):
-        shards = Progress(output_dir, prefix, dict(prefix=prefix, shard_size=shard_size, max_tokens=max_tokens,
-                                                   source=source))
+        shards = Progress(output_dir, dict(prefix=prefix, shard_size=shard_size, max_tokens=max_tokens, source=source))
         if not shards.complete:
             _write(documents, shards, shard_size, num_proc, max_tokens, progress, expected_tokens)
         return [os.path.join(output_dir, shard["file"]) for shard in shards]
@@ -94,13 +92,13 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
     document, skip = last["next_document"], last["next_offset"]
     hub = documents if isinstance(documents, HubDocuments) else None
     if hub and last["stream"]:
-        hub.positions = deque([last["stream"]])  # the stream goes on from there, not from its first row
+        hub.positions = [last["stream"]]  # the stream goes on from there, not from its first row
     behind = document - (hub.positions[0]["document"] if hub else 0)  # documents to read past, untokenized
     total, filled, buffer = sum(shard["tokens"] for shard in shards), 0, np.empty(shard_size, np.uint16)
     # Not multiprocessing.Pool: it wakes on every result (a fifth of the speed on 2 cores) and waits forever for a
     # dead worker. Forked (on Linux: with the tokenizer) now, as forking once threads run is unsafe.
     pool = ProcessPoolExecutor(num_proc, multiprocessing.get_context("fork" if sys.platform == "linux" else None),
-                               initializer=_init_worker, initargs=(os.getpid(),))
+                               initializer=_init_worker)
     pool.submit(int).result()
     try:
         with tqdm(total=expected_tokens or max_tokens, initial=total, unit="tok", unit_scale=True, desc="tokenizing",
@@ -116,13 +114,13 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
                     buffer[filled:filled + take] = tokens[offset:offset + take]
                     filled, offset, total = filled + take, offset + take, total + take
                     bar.update(take)
-                    if filled == shard_size or total == max_tokens:  # a full shard, or the last one
+                    if filled == shard_size:
                         shards.write(buffer[:filled], document, offset, hub and hub.position(document))
                         filled = 0
                         bar.set_postfix_str(f"shard {len(shards)}")
                 if total == max_tokens:
                     break
-            if filled:  # the documents ran out: what is left is the last, shorter shard
+            if filled:  # the last, shorter shard: the documents or --max-tokens ran out
                 shards.write(buffer[:filled], document, offset, hub and hub.position(document))
     except BrokenProcessPool:
         raise UserError("a tokenizing process died (killed, or out of memory: try a smaller --num-proc)") from None
@@ -194,12 +192,12 @@ class HubDocuments:
     HUB_BATCH rows: {"document": how many documents come before it, "state": IterableDataset.state_dict()}."""
 
     def __init__(self, dataset, subset="sample-10BT"):
-        self.dataset, self.subset, self.positions = dataset, subset, deque([{"document": 0, "state": None}])
+        self.dataset, self.subset, self.positions = dataset, subset, [{"document": 0, "state": None}]
 
     def position(self, document):
         """The latest position at or before `document`; the writer never asks for an earlier one."""
         while len(self.positions) > 1 and self.positions[1]["document"] <= document:
-            self.positions.popleft()
+            del self.positions[0]
         return self.positions[0]
 
     def __iter__(self):
@@ -231,10 +229,19 @@ class HubDocuments:
 
 
 def main(argv=None):
+    """The command line. An error is one line on stderr (exit 2 for settings, 1 at run time, 130 Ctrl-C, 143 SIGTERM),
+    which after a run-time failure says that a rerun resumes."""
     started, config = time.time(), None
 
+    def error_line(message, exit_code):
+        kept = exit_code != 2 and config and os.path.exists(f"{config.output_dir}/{config.prefix}_progress.jsonl")
+        return f"fineweb.py: error: {' '.join(str(message).split())}" + (
+            f"; finished shards in {config.output_dir} are kept: rerun the same command to resume" if kept else "")
+
     def stop(number, frame):  # at once: every finished shard is fsync'd and recorded; unwinding the pool could hang
-        fail(128 + number, f"stopped by {signal.Signals(number).name}", config, at_once=True)
+        line = error_line(f"stopped by {signal.Signals(number).name}", 128 + number)
+        os.write(sys.stderr.fileno(), f"{line}\n".encode())  # not print: it could land inside another print
+        os._exit(128 + number)
     previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         config = parse_settings(FinewebConfig, argv, "Tokenize FineWeb-Edu (or local text) into GPT-2 token shards.")
@@ -255,7 +262,8 @@ def main(argv=None):
         paths = write_shards(documents, config.output_dir, config.prefix, config.shard_size, config.num_proc,
                              config.max_tokens, config.progress, source, expected)
     except (UserError, OSError) as e:
-        fail(getattr(e, "exit_code", 1), e, config)
+        print(error_line(e, getattr(e, "exit_code", 1)), file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 1))
     finally:
         for number, handler in previous.items():  # main() may run inside another program (the tests)
             signal.signal(number, handler)
@@ -267,25 +275,10 @@ def main(argv=None):
               f"into a new --output-dir with a smaller --shard-size, e.g. {max(tokens // 10, 1)}", file=sys.stderr)
 
 
-def fail(exit_code, message, config, at_once=False):
-    """One line on stderr, then exit; after a run-time failure, the line says that a rerun resumes. at_once:
-    from a signal handler, which must not print (it could land inside another print) nor wait for threads."""
-    kept = exit_code != 2 and config and os.path.exists(f"{config.output_dir}/{config.prefix}_progress.jsonl")
-    line = f"fineweb.py: error: {' '.join(str(message).split())}" + (
-        f"; finished shards in {config.output_dir} are kept: rerun the same command to resume" if kept else "")
-    if at_once:
-        os.write(sys.stderr.fileno(), (line + "\n").encode())
-        os._exit(exit_code)
-    print(line, file=sys.stderr)
-    sys.exit(exit_code)
-
-
 def nearest_existing(path):
     """`path`, or its nearest parent that exists (where a run will create it)."""
     path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
+    return path if os.path.exists(path) else nearest_existing(os.path.dirname(path))
 
 
 # -----------------------------------------------------------------------------
@@ -298,17 +291,16 @@ class Progress(list):
     and next_offset of its tokens, EOT included; stream: a HubDocuments position or null), then {"complete": true}.
     Appended to, each line fsync'd. A rerun keeps the shards before the first damaged one and ignores a torn line."""
 
-    def __init__(self, output_dir, prefix, arguments):
-        self.output_dir, self.prefix, self.arguments = output_dir, prefix, json.loads(json.dumps(arguments))
-        self.path, self.complete = os.path.join(output_dir, f"{prefix}_progress.jsonl"), False
+    def __init__(self, output_dir, arguments):
+        self.output_dir, self.arguments, self.prefix, self.complete = output_dir, arguments, arguments["prefix"], False
+        self.path = os.path.join(output_dir, f"{self.prefix}_progress.jsonl")
         if not os.path.exists(self.path):  # made with the first shard: a run that fails before leaves nothing
-            if strays := glob.glob(os.path.join(glob.escape(output_dir), f"{glob.escape(prefix)}_*_[0-9]*.npy")):
-                raise UserError(f"{output_dir} holds {prefix} shards ({os.path.basename(min(strays))}, ...) but no "
+            if strays := glob.glob(os.path.join(glob.escape(output_dir), f"{glob.escape(self.prefix)}_*_[0-9]*.npy")):
+                raise UserError(f"{output_dir} holds shards ({os.path.basename(min(strays))}, ...) but no "
                                 f"{os.path.basename(self.path)}: delete them, or use another --output-dir", exit_code=2)
             return
         try:
-            with open(self.path, "rb") as f:
-                header, *records = [json.loads(line) for line in f.read().split(b"\n")[:-1]]  # [-1]: "" or torn
+            header, *records = [json.loads(line) for line in open(self.path, "rb").read().split(b"\n")[:-1]]
             earlier = header["arguments"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{self.path} is unreadable ({e}); delete {output_dir} and start over") from None
@@ -320,7 +312,7 @@ class Progress(list):
         self.extend(itertools.takewhile(self.is_whole, finished))
         self.complete = {"complete": True} in records and len(self) == len(finished)
         if not self.complete:  # go on from a clean directory: what a killed run left half-written goes
-            for path in glob.glob(os.path.join(glob.escape(output_dir), f".{glob.escape(prefix)}_*.tmp")):
+            for path in glob.glob(os.path.join(glob.escape(output_dir), f".{glob.escape(self.prefix)}_*.tmp")):
                 os.remove(path)
             self.rewrite()  # once a run: the verified shards only, ending in a whole line
 
@@ -367,18 +359,18 @@ def _tokenize_in_order(documents, pool, num_proc):
         raise error
 
 
-def _init_worker(parent):
+def _init_worker():
     """Ctrl-C and `kill -TERM -<group>` reach the main process alone (one line), and a worker never outlives the
     run, however it ends (SIGKILL, the out-of-memory killer)."""
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not main()'s handler
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
 
-    def exit_when_orphaned():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-    threading.Thread(target=exit_when_orphaned, daemon=True).start()
+
+def _exit_with_parent():
+    multiprocessing.parent_process().join()  # returns once the main process is gone
+    os._exit(1)
 
 
 if __name__ == "__main__":
