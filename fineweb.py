@@ -87,7 +87,6 @@ def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_
 
 
 def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expected_tokens):
-    # The finished shards end in document `document`, after `skip` of its tokens (EOT included).
     last = shards[-1] if shards else {"next_document": 0, "next_offset": 0, "stream": None}
     document, skip = last["next_document"], last["next_offset"]
     hub = documents if isinstance(documents, HubDocuments) else None
@@ -131,10 +130,6 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
     shards.log({"complete": True})
 
 
-# -----------------------------------------------------------------------------
-# Documents: the offline demo corpus, local files, a Hugging Face dataset
-
-
 def python_docs_documents():
     """The topics of Python's reference manual, sorted by name: real English text that ships with Python."""
     from pydoc_data.topics import topics
@@ -142,12 +137,11 @@ def python_docs_documents():
 
 
 def local_documents(paths):
-    """The documents of local files in the order given, a line or a batch of rows at a time (flat memory).
-    A .txt file is one document as stored, \\r\\n and all; utf-8-sig: a byte-order mark is no text."""
+    """The documents of local files in the order given, a line or a batch of rows at a time (flat memory)."""
     for path in paths:
         try:
             if path.lower().endswith(".txt"):
-                yield open(path, encoding="utf-8-sig", newline="").read()
+                yield open(path, encoding="utf-8-sig", newline="").read()  # one document, \r\n and all; no BOM
             elif path.lower().endswith(".parquet"):
                 yield from _parquet(path)
             else:
@@ -224,10 +218,6 @@ class HubDocuments:
                             f"and the names, or tokenize local files with --input") from None
 
 
-# -----------------------------------------------------------------------------
-# Command line. Errors are one line on stderr: exit 2 for settings, 1 at run time, 130 Ctrl-C, 143 SIGTERM.
-
-
 def main(argv=None):
     """The command line. An error is one line on stderr (exit 2 for settings, 1 at run time, 130 Ctrl-C, 143 SIGTERM),
     which after a run-time failure says that a rerun resumes."""
@@ -256,9 +246,8 @@ def main(argv=None):
         needed = 2 * (expected or 0) - sum(map(os.path.getsize, shards))
         free = shutil.disk_usage(nearest_existing(config.output_dir)).free
         if config.disk_check and needed > free:
-            raise UserError(f"{config.output_dir} needs about {needed / 1e9:.1f} GB more for {expected:,.0f} tokens "
-                            f"but its disk has {free / 1e9:.1f} GB free; free some space, choose another "
-                            f"--output-dir or a smaller --max-tokens, or pass --no-disk-check")
+            raise UserError(f"{config.output_dir} needs {needed / 1e9:.1f} GB more but has {free / 1e9:.1f} GB free; "
+                            f"free space, or choose another --output-dir, a smaller --max-tokens or --no-disk-check")
         paths = write_shards(documents, config.output_dir, config.prefix, config.shard_size, config.num_proc,
                              config.max_tokens, config.progress, source, expected)
     except (UserError, OSError) as e:
@@ -279,10 +268,6 @@ def nearest_existing(path):
     """`path`, or its nearest parent that exists (where a run will create it)."""
     path = os.path.abspath(path)
     return path if os.path.exists(path) else nearest_existing(os.path.dirname(path))
-
-
-# -----------------------------------------------------------------------------
-# Bookkeeping, and the worker processes
 
 
 class Progress(list):
@@ -317,11 +302,10 @@ class Progress(list):
             self.rewrite()  # once a run: the verified shards only, ending in a whole line
 
     def is_whole(self, shard):
-        try:
-            tokens = np.load(os.path.join(self.output_dir, shard["file"]), mmap_mode="r")  # a short file fails here
+        try:  # a short file fails to load
+            return np.load(os.path.join(self.output_dir, shard["file"]), mmap_mode="r").shape == (shard["tokens"],)
         except (OSError, ValueError, EOFError):
             return False
-        return tokens.dtype == np.uint16 and tokens.shape == (shard["tokens"],)
 
     def rewrite(self):
         lines = "".join(json.dumps(record) + "\n" for record in [{"arguments": self.arguments}, *self])
@@ -365,12 +349,11 @@ def _init_worker():
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not main()'s handler
-    threading.Thread(target=_exit_with_parent, daemon=True).start()
 
-
-def _exit_with_parent():
-    multiprocessing.parent_process().join()  # returns once the main process is gone
-    os._exit(1)
+    def exit_with_parent():
+        multiprocessing.parent_process().join()  # returns once the main process is gone
+        os._exit(1)
+    threading.Thread(target=exit_with_parent, daemon=True).start()
 
 
 if __name__ == "__main__":
