@@ -188,8 +188,7 @@ class HubDocuments:
     def __init__(self, dataset, subset="sample-10BT"):
         self.dataset, self.subset, self.positions = dataset, subset, [{"document": 0, "state": None}]
 
-    def position(self, document):
-        """The latest position at or before `document`; the writer never asks for an earlier one."""
+    def position(self, document):  # the latest at or before `document`; the writer never asks for an earlier one
         while len(self.positions) > 1 and self.positions[1]["document"] <= document:
             del self.positions[0]
         return self.positions[0]
@@ -241,9 +240,8 @@ def main(argv=None):
         source = {"input": list(map(os.path.abspath, local))} if local else {"dataset": config.dataset} if demo \
             else {"dataset": config.dataset, "subset": config.subset}
         expected = min(filter(None, (SUBSET_TOKENS.get(source.get("subset")), config.max_tokens)), default=None)
-        # 2 bytes a token, less what the shards of an interrupted run already hold
         shards = glob.glob(os.path.join(glob.escape(config.output_dir), f"{config.prefix}_*.npy"))
-        needed = 2 * (expected or 0) - sum(map(os.path.getsize, shards))
+        needed = 2 * (expected or 0) - sum(map(os.path.getsize, shards))  # 2 bytes a token, less the shards on disk
         free = shutil.disk_usage(nearest_existing(config.output_dir)).free
         if config.disk_check and needed > free:
             raise UserError(f"{config.output_dir} needs {needed / 1e9:.1f} GB more but has {free / 1e9:.1f} GB free; "
@@ -328,8 +326,8 @@ class Progress(list):
 def _tokenize_in_order(documents, pool, num_proc):
     """tokenize_document of each document, in order, a block of documents read ahead (pool.map alone would queue
     the whole input). A reading error (a malformed line) comes after the documents before it: their shards stay."""
-    error, previous, block = None, [], [None]
-    while block and error is None:
+    error, previous, block = None, [], None
+    while block != [] and error is None:  # until the input ends or fails
         block = []
         try:
             block.extend(itertools.islice(documents, CHUNK_DOCS * BLOCK_CHUNKS * num_proc))
