@@ -94,11 +94,10 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
         hub.positions = [last["stream"]]  # the stream goes on from there, not from its first row
     behind = document - (hub.positions[0]["document"] if hub else 0)  # documents to read past, untokenized
     total, filled, buffer = sum(shard["tokens"] for shard in shards), 0, np.empty(shard_size, np.uint16)
-    # Not multiprocessing.Pool: it wakes on every result (a fifth of the speed on 2 cores) and waits forever for a
-    # dead worker. Forked (on Linux: with the tokenizer) now, as forking once threads run is unsafe.
+    # Not multiprocessing.Pool: it wakes on every result (a fifth of the speed on 2 cores), hangs on a dead worker.
     pool = ProcessPoolExecutor(num_proc, multiprocessing.get_context("fork" if sys.platform == "linux" else None),
                                initializer=_init_worker)
-    pool.submit(int).result()
+    pool.submit(int).result()  # forked now (on Linux: with the tokenizer), as forking once threads run is unsafe
     try:
         with tqdm(total=expected_tokens or max_tokens, initial=total, unit="tok", unit_scale=True, desc="tokenizing",
                   disable=not progress, smoothing=0.1, postfix=f"reading past {behind:,} documents") as bar:
@@ -206,9 +205,8 @@ class HubDocuments:
             rows = rows.select_columns(["text"])
             if start["state"]:
                 rows.load_state_dict(start["state"])
-            document = start["document"]
             for batch in rows.iter(batch_size=HUB_BATCH):
-                document += len(batch["text"])
+                document = self.positions[-1]["document"] + len(batch["text"])
                 self.positions.append({"document": document, "state": rows.state_dict()})
                 yield from batch["text"]
         except Exception as e:  # network, hub or name errors from datasets and huggingface_hub: one fix
@@ -218,8 +216,7 @@ class HubDocuments:
 
 
 def main(argv=None):
-    """The command line. An error is one line on stderr (exit 2 for settings, 1 at run time, 130 Ctrl-C, 143 SIGTERM),
-    which after a run-time failure says that a rerun resumes."""
+    """The command line: an error is one line on stderr; exit 2 for settings, 1 at run time, 130 Ctrl-C, 143 SIGTERM."""
     started, config = time.time(), None
 
     def error_line(message, exit_code):
@@ -262,8 +259,7 @@ def main(argv=None):
               f"into a new --output-dir with a smaller --shard-size, e.g. {max(tokens // 10, 1)}", file=sys.stderr)
 
 
-def nearest_existing(path):
-    """`path`, or its nearest parent that exists (where a run will create it)."""
+def nearest_existing(path):  # where a run will create `path`
     path = os.path.abspath(path)
     return path if os.path.exists(path) else nearest_existing(os.path.dirname(path))
 
@@ -271,8 +267,7 @@ def nearest_existing(path):
 class Progress(list):
     """The finished shards of a directory, listed in <prefix>_progress.jsonl: a line {"arguments"}, a line per shard
     {"file", "tokens", "next_document", "next_offset", "stream"} (the shards hold the documents before next_document
-    and next_offset of its tokens, EOT included; stream: a HubDocuments position or null), then {"complete": true}.
-    Appended to, each line fsync'd. A rerun keeps the shards before the first damaged one and ignores a torn line."""
+    and next_offset of its tokens, EOT included; stream: a HubDocuments position or null), then {"complete": true}."""
 
     def __init__(self, output_dir, arguments):
         self.output_dir, self.arguments, self.prefix, self.complete = output_dir, arguments, arguments["prefix"], False
@@ -282,7 +277,7 @@ class Progress(list):
                 raise UserError(f"{output_dir} holds shards ({os.path.basename(min(strays))}, ...) but no "
                                 f"{os.path.basename(self.path)}: delete them, or use another --output-dir", exit_code=2)
             return
-        try:
+        try:  # [:-1]: a line torn by a crash is left out
             header, *records = [json.loads(line) for line in open(self.path, "rb").read().split(b"\n")[:-1]]
             earlier = header["arguments"]
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -292,7 +287,7 @@ class Progress(list):
             raise UserError(f"{output_dir} holds shards made with other arguments ({', '.join(changes)}); rerun with "
                             f"the same arguments to resume, or choose another --output-dir", exit_code=2)
         finished = [record for record in records if "file" in record]
-        self.extend(itertools.takewhile(self.is_whole, finished))
+        self.extend(itertools.takewhile(self.is_whole, finished))  # up to the first damaged shard
         self.complete = {"complete": True} in records and len(self) == len(finished)
         if not self.complete:  # go on from a clean directory: what a killed run left half-written goes
             for path in glob.glob(os.path.join(glob.escape(output_dir), f".{glob.escape(self.prefix)}_*.tmp")):
@@ -324,14 +319,13 @@ class Progress(list):
 
 
 def _tokenize_in_order(documents, pool, num_proc):
-    """tokenize_document of each document, in order, a block of documents read ahead (pool.map alone would queue
-    the whole input). A reading error (a malformed line) comes after the documents before it: their shards stay."""
+    """tokenize_document of each document, in order, a block read ahead (pool.map alone would queue the whole input)."""
     error, previous, block = None, [], None
     while block != [] and error is None:  # until the input ends or fails
         block = []
         try:
             block.extend(itertools.islice(documents, CHUNK_DOCS * BLOCK_CHUNKS * num_proc))
-        except UserError as e:
+        except UserError as e:  # a malformed line: raised after the documents before it, so that their shards stay
             error = e
         current = pool.map(tokenize_document, block, chunksize=CHUNK_DOCS)
         yield from previous  # while the pool works on the current block
@@ -342,13 +336,11 @@ def _tokenize_in_order(documents, pool, num_proc):
 
 
 def _init_worker():
-    """Ctrl-C and `kill -TERM -<group>` reach the main process alone (one line), and a worker never outlives the
-    run, however it ends (SIGKILL, the out-of-memory killer)."""
-    if hasattr(os, "setpgid"):
+    if hasattr(os, "setpgid"):  # Ctrl-C and `kill -TERM -<group>` reach the main process alone (one line)
         os.setpgid(0, 0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not main()'s handler
 
-    def exit_with_parent():
+    def exit_with_parent():  # a worker never outlives the run, however it ends (SIGKILL, the out-of-memory killer)
         multiprocessing.parent_process().join()  # returns once the main process is gone
         os._exit(1)
     threading.Thread(target=exit_with_parent, daemon=True).start()
