@@ -123,21 +123,19 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
     except BrokenProcessPool:
         raise UserError("a tokenizing process died (killed, or out of memory: try a smaller --num-proc)") from None
     finally:
-        pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C, queued chunks are dropped
+        pool.shutdown(cancel_futures=True)  # queued chunks are dropped (an error, or --max-tokens reached)
     if not shards:
         raise UserError("the input holds no documents (it is empty, or only blank lines); check the input")
     shards.log({"complete": True})
 
 
 def python_docs_documents():
-    """The topics of Python's reference manual, sorted by name: real English text that ships with Python."""
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # Python's reference manual: real English text that ships with Python
     return [topics[name] for name in sorted(topics)]
 
 
 def local_documents(paths):
-    """The documents of local files in the order given, a line or a batch of rows at a time (flat memory)."""
-    for path in paths:
+    for path in paths:  # in the order given, a line or a batch of rows at a time (flat memory)
         try:
             if path.lower().endswith(".txt"):
                 yield open(path, encoding="utf-8-sig", newline="").read()  # one document, \r\n and all; no BOM
@@ -181,8 +179,7 @@ def _parquet(path):
 
 
 class HubDocuments:
-    """The "text" of a Hugging Face dataset's train split, streamed. `positions` to resume from, one per
-    HUB_BATCH rows: {"document": how many documents come before it, "state": IterableDataset.state_dict()}."""
+    """The "text" of a Hugging Face dataset's train split, streamed; `positions` to resume from every HUB_BATCH rows."""
 
     def __init__(self, dataset, subset="sample-10BT"):
         self.dataset, self.subset, self.positions = dataset, subset, [{"document": 0, "state": None}]
@@ -207,7 +204,7 @@ class HubDocuments:
                 rows.load_state_dict(start["state"])
             for batch in rows.iter(batch_size=HUB_BATCH):
                 document = self.positions[-1]["document"] + len(batch["text"])
-                self.positions.append({"document": document, "state": rows.state_dict()})
+                self.positions.append({"document": document, "state": rows.state_dict()})  # document: how many before
                 yield from batch["text"]
         except Exception as e:  # network, hub or name errors from datasets and huggingface_hub: one fix
             raise UserError(f"could not stream {self.dataset} ({self.subset}) from the Hugging Face hub: "
@@ -232,10 +229,9 @@ def main(argv=None):
     try:
         config = parse_settings(FinewebConfig, argv, "Tokenize FineWeb-Edu (or local text) into GPT-2 token shards.")
         local, demo = config.input, config.dataset == "python-docs"
-        documents = local_documents(local) if local else python_docs_documents() if demo else \
-            HubDocuments(config.dataset, config.subset)
         source = {"input": list(map(os.path.abspath, local))} if local else {"dataset": config.dataset} if demo \
             else {"dataset": config.dataset, "subset": config.subset}
+        documents = local_documents(local) if local else python_docs_documents() if demo else HubDocuments(**source)
         expected = min(filter(None, (SUBSET_TOKENS.get(source.get("subset")), config.max_tokens)), default=None)
         shards = glob.glob(os.path.join(glob.escape(config.output_dir), f"{config.prefix}_*.npy"))
         needed = 2 * (expected or 0) - sum(map(os.path.getsize, shards))  # 2 bytes a token, less the shards on disk
@@ -265,9 +261,8 @@ def nearest_existing(path):  # where a run will create `path`
 
 
 class Progress(list):
-    """The finished shards of a directory, listed in <prefix>_progress.jsonl: a line {"arguments"}, a line per shard
-    {"file", "tokens", "next_document", "next_offset", "stream"} (the shards hold the documents before next_document
-    and next_offset of its tokens, EOT included; stream: a HubDocuments position or null), then {"complete": true}."""
+    """The finished shards, a line each in <prefix>_progress.jsonl between {"arguments"} and {"complete": true}: they
+    hold the documents before next_document and next_offset of its tokens (EOT included); stream: a hub position."""
 
     def __init__(self, output_dir, arguments):
         self.output_dir, self.arguments, self.prefix, self.complete = output_dir, arguments, arguments["prefix"], False
