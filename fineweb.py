@@ -68,7 +68,7 @@ class FinewebConfig:
 
 def tokenize_document(text):
     """[EOT] + the GPT-2 tokens of one document ("<|endoftext|>" in the text is plain text), uint16: ids < 50257."""
-    return np.insert(get_tokenizer().encode_to_numpy(text, disallowed_special=()), 0, EOT).astype(np.uint16)
+    return np.concatenate(([EOT], get_tokenizer().encode_to_numpy(text, disallowed_special=()))).astype(np.uint16)
 
 
 def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_000, num_proc=CORES,
