@@ -19,7 +19,6 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -68,16 +67,8 @@ class FinewebConfig:
 
 
 def tokenize_document(text):
-    """[EOT] + the GPT-2 tokens of one document ("<|endoftext|>" in the text is plain text), uint16."""
-    ids = get_tokenizer().encode_to_numpy(text, disallowed_special=())  # encode_ordinary, as a numpy buffer
-    return to_uint16(np.concatenate([np.array([EOT], dtype=np.uint32), ids]))
-
-
-def to_uint16(ids):
-    ids = np.asarray(ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= 2**16):
-        raise ValueError(f"token ids outside 0..65535 ({ids.min()}..{ids.max()}) do not fit the uint16 shards")
-    return ids.astype(np.uint16)
+    """[EOT] + the GPT-2 tokens of one document ("<|endoftext|>" in the text is plain text), uint16: ids < 50257."""
+    return np.concatenate(([EOT], get_tokenizer().encode_to_numpy(text, disallowed_special=()))).astype(np.uint16)
 
 
 def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_000, num_proc=CORES,
@@ -89,27 +80,24 @@ def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_
         raise UserError("; ".join(problems), exit_code=2)
     get_tokenizer()  # loaded once here; forked workers inherit it
     with DirectoryLock(output_dir, "fineweb.py run"):
-        shards = Progress(output_dir, prefix, dict(prefix=prefix, shard_size=shard_size, max_tokens=max_tokens,
-                                                   source=source))
+        shards = Progress(output_dir, dict(prefix=prefix, shard_size=shard_size, max_tokens=max_tokens, source=source))
         if not shards.complete:
             _write(documents, shards, shard_size, num_proc, max_tokens, progress, expected_tokens)
         return [os.path.join(output_dir, shard["file"]) for shard in shards]
 
 
 def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expected_tokens):
-    # The finished shards end in document `document`, after `skip` of its tokens (EOT included).
     last = shards[-1] if shards else {"next_document": 0, "next_offset": 0, "stream": None}
     document, skip = last["next_document"], last["next_offset"]
     hub = documents if isinstance(documents, HubDocuments) else None
     if hub and last["stream"]:
-        hub.positions = deque([last["stream"]])  # the stream goes on from there, not from its first row
+        hub.positions = [last["stream"]]  # the stream goes on from there, not from its first row
     behind = document - (hub.positions[0]["document"] if hub else 0)  # documents to read past, untokenized
     total, filled, buffer = sum(shard["tokens"] for shard in shards), 0, np.empty(shard_size, np.uint16)
-    # Not multiprocessing.Pool: it wakes on every result (a fifth of the speed on 2 cores) and waits forever for a
-    # dead worker. Forked (on Linux: with the tokenizer) now, as forking once threads run is unsafe.
+    # Not multiprocessing.Pool: it wakes on every result (a fifth of the speed on 2 cores), hangs on a dead worker.
     pool = ProcessPoolExecutor(num_proc, multiprocessing.get_context("fork" if sys.platform == "linux" else None),
-                               initializer=_init_worker, initargs=(os.getpid(),))
-    pool.submit(int).result()
+                               initializer=_init_worker)
+    pool.submit(int).result()  # forked now (on Linux: with the tokenizer), as forking once threads run is unsafe
     try:
         with tqdm(total=expected_tokens or max_tokens, initial=total, unit="tok", unit_scale=True, desc="tokenizing",
                   disable=not progress, smoothing=0.1, postfix=f"reading past {behind:,} documents") as bar:
@@ -124,40 +112,33 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
                     buffer[filled:filled + take] = tokens[offset:offset + take]
                     filled, offset, total = filled + take, offset + take, total + take
                     bar.update(take)
-                    if filled == shard_size or total == max_tokens:  # a full shard, or the last one
+                    if filled == shard_size:
                         shards.write(buffer[:filled], document, offset, hub and hub.position(document))
                         filled = 0
                         bar.set_postfix_str(f"shard {len(shards)}")
                 if total == max_tokens:
                     break
-            if filled:  # the documents ran out: what is left is the last, shorter shard
+            if filled:  # the last, shorter shard: the documents or --max-tokens ran out
                 shards.write(buffer[:filled], document, offset, hub and hub.position(document))
     except BrokenProcessPool:
         raise UserError("a tokenizing process died (killed, or out of memory: try a smaller --num-proc)") from None
     finally:
-        pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C, queued chunks are dropped
+        pool.shutdown(cancel_futures=True)  # queued chunks are dropped (an error, or --max-tokens reached)
     if not shards:
         raise UserError("the input holds no documents (it is empty, or only blank lines); check the input")
     shards.log({"complete": True})
 
 
-# -----------------------------------------------------------------------------
-# Documents: the offline demo corpus, local files, a Hugging Face dataset
-
-
 def python_docs_documents():
-    """The topics of Python's reference manual, sorted by name: real English text that ships with Python."""
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # Python's reference manual: real English text that ships with Python
     return [topics[name] for name in sorted(topics)]
 
 
 def local_documents(paths):
-    """The documents of local files in the order given, a line or a batch of rows at a time (flat memory).
-    A .txt file is one document as stored, \\r\\n and all; utf-8-sig: a byte-order mark is no text."""
-    for path in paths:
+    for path in paths:  # in the order given, a line or a batch of rows at a time (flat memory)
         try:
             if path.lower().endswith(".txt"):
-                yield open(path, encoding="utf-8-sig", newline="").read()
+                yield open(path, encoding="utf-8-sig", newline="").read()  # one document, \r\n and all; no BOM
             elif path.lower().endswith(".parquet"):
                 yield from _parquet(path)
             else:
@@ -198,16 +179,14 @@ def _parquet(path):
 
 
 class HubDocuments:
-    """The "text" of a Hugging Face dataset's train split, streamed. `positions` to resume from, one per
-    HUB_BATCH rows: {"document": how many documents come before it, "state": IterableDataset.state_dict()}."""
+    """The "text" of a Hugging Face dataset's train split, streamed; `positions` to resume from every HUB_BATCH rows."""
 
     def __init__(self, dataset, subset="sample-10BT"):
-        self.dataset, self.subset, self.positions = dataset, subset, deque([{"document": 0, "state": None}])
+        self.dataset, self.subset, self.positions = dataset, subset, [{"document": 0, "state": None}]
 
-    def position(self, document):
-        """The latest position at or before `document`; the writer never asks for an earlier one."""
+    def position(self, document):  # the latest at or before `document`; the writer never asks for an earlier one
         while len(self.positions) > 1 and self.positions[1]["document"] <= document:
-            self.positions.popleft()
+            del self.positions[0]
         return self.positions[0]
 
     def __iter__(self):
@@ -223,10 +202,9 @@ class HubDocuments:
             rows = rows.select_columns(["text"])
             if start["state"]:
                 rows.load_state_dict(start["state"])
-            document = start["document"]
             for batch in rows.iter(batch_size=HUB_BATCH):
-                document += len(batch["text"])
-                self.positions.append({"document": document, "state": rows.state_dict()})
+                document = self.positions[-1]["document"] + len(batch["text"])
+                self.positions.append({"document": document, "state": rows.state_dict()})  # document: how many before
                 yield from batch["text"]
         except Exception as e:  # network, hub or name errors from datasets and huggingface_hub: one fix
             raise UserError(f"could not stream {self.dataset} ({self.subset}) from the Hugging Face hub: "
@@ -234,36 +212,38 @@ class HubDocuments:
                             f"and the names, or tokenize local files with --input") from None
 
 
-# -----------------------------------------------------------------------------
-# Command line. Errors are one line on stderr: exit 2 for settings, 1 at run time, 130 Ctrl-C, 143 SIGTERM.
-
-
 def main(argv=None):
+    """The command line: an error is one line on stderr; exit 2 for settings, 1 at run time, 130 Ctrl-C, 143 SIGTERM."""
     started, config = time.time(), None
 
+    def error_line(message, exit_code):
+        kept = exit_code != 2 and config and os.path.exists(f"{config.output_dir}/{config.prefix}_progress.jsonl")
+        return f"fineweb.py: error: {' '.join(str(message).split())}" + (
+            f"; finished shards in {config.output_dir} are kept: rerun the same command to resume" if kept else "")
+
     def stop(number, frame):  # at once: every finished shard is fsync'd and recorded; unwinding the pool could hang
-        fail(128 + number, f"stopped by {signal.Signals(number).name}", config, at_once=True)
+        line = error_line(f"stopped by {signal.Signals(number).name}", 128 + number)
+        os.write(sys.stderr.fileno(), f"{line}\n".encode())  # not print: it could land inside another print
+        os._exit(128 + number)
     previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         config = parse_settings(FinewebConfig, argv, "Tokenize FineWeb-Edu (or local text) into GPT-2 token shards.")
         local, demo = config.input, config.dataset == "python-docs"
-        documents = local_documents(local) if local else python_docs_documents() if demo else \
-            HubDocuments(config.dataset, config.subset)
         source = {"input": list(map(os.path.abspath, local))} if local else {"dataset": config.dataset} if demo \
             else {"dataset": config.dataset, "subset": config.subset}
+        documents = local_documents(local) if local else python_docs_documents() if demo else HubDocuments(**source)
         expected = min(filter(None, (SUBSET_TOKENS.get(source.get("subset")), config.max_tokens)), default=None)
-        # 2 bytes a token, less what the shards of an interrupted run already hold
         shards = glob.glob(os.path.join(glob.escape(config.output_dir), f"{config.prefix}_*.npy"))
-        needed = 2 * (expected or 0) - sum(map(os.path.getsize, shards))
+        needed = 2 * (expected or 0) - sum(map(os.path.getsize, shards))  # 2 bytes a token, less the shards on disk
         free = shutil.disk_usage(nearest_existing(config.output_dir)).free
         if config.disk_check and needed > free:
-            raise UserError(f"{config.output_dir} needs about {needed / 1e9:.1f} GB more for {expected:,.0f} tokens "
-                            f"but its disk has {free / 1e9:.1f} GB free; free some space, choose another "
-                            f"--output-dir or a smaller --max-tokens, or pass --no-disk-check")
+            raise UserError(f"{config.output_dir} needs {needed / 1e9:.1f} GB more but has {free / 1e9:.1f} GB free; "
+                            f"free space, or choose another --output-dir, a smaller --max-tokens or --no-disk-check")
         paths = write_shards(documents, config.output_dir, config.prefix, config.shard_size, config.num_proc,
                              config.max_tokens, config.progress, source, expected)
     except (UserError, OSError) as e:
-        fail(getattr(e, "exit_code", 1), e, config)
+        print(error_line(e, getattr(e, "exit_code", 1)), file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 1))
     finally:
         for number, handler in previous.items():  # main() may run inside another program (the tests)
             signal.signal(number, handler)
@@ -275,48 +255,25 @@ def main(argv=None):
               f"into a new --output-dir with a smaller --shard-size, e.g. {max(tokens // 10, 1)}", file=sys.stderr)
 
 
-def fail(exit_code, message, config, at_once=False):
-    """One line on stderr, then exit; after a run-time failure, the line says that a rerun resumes. at_once:
-    from a signal handler, which must not print (it could land inside another print) nor wait for threads."""
-    kept = exit_code != 2 and config and os.path.exists(f"{config.output_dir}/{config.prefix}_progress.jsonl")
-    line = f"fineweb.py: error: {' '.join(str(message).split())}" + (
-        f"; finished shards in {config.output_dir} are kept: rerun the same command to resume" if kept else "")
-    if at_once:
-        os.write(sys.stderr.fileno(), (line + "\n").encode())
-        os._exit(exit_code)
-    print(line, file=sys.stderr)
-    sys.exit(exit_code)
-
-
-def nearest_existing(path):
-    """`path`, or its nearest parent that exists (where a run will create it)."""
+def nearest_existing(path):  # where a run will create `path`
     path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
-
-
-# -----------------------------------------------------------------------------
-# Bookkeeping, and the worker processes
+    return path if os.path.exists(path) else nearest_existing(os.path.dirname(path))
 
 
 class Progress(list):
-    """The finished shards of a directory, listed in <prefix>_progress.jsonl: a line {"arguments"}, a line per shard
-    {"file", "tokens", "next_document", "next_offset", "stream"} (the shards hold the documents before next_document
-    and next_offset of its tokens, EOT included; stream: a HubDocuments position or null), then {"complete": true}.
-    Appended to, each line fsync'd. A rerun keeps the shards before the first damaged one and ignores a torn line."""
+    """The finished shards, a line each in <prefix>_progress.jsonl between {"arguments"} and {"complete": true}: they
+    hold the documents before next_document and next_offset of its tokens (EOT included); stream: a hub position."""
 
-    def __init__(self, output_dir, prefix, arguments):
-        self.output_dir, self.prefix, self.arguments = output_dir, prefix, json.loads(json.dumps(arguments))
-        self.path, self.complete = os.path.join(output_dir, f"{prefix}_progress.jsonl"), False
+    def __init__(self, output_dir, arguments):
+        self.output_dir, self.arguments, self.prefix, self.complete = output_dir, arguments, arguments["prefix"], False
+        self.path = os.path.join(output_dir, f"{self.prefix}_progress.jsonl")
         if not os.path.exists(self.path):  # made with the first shard: a run that fails before leaves nothing
-            if strays := glob.glob(os.path.join(glob.escape(output_dir), f"{glob.escape(prefix)}_*_[0-9]*.npy")):
-                raise UserError(f"{output_dir} holds {prefix} shards ({os.path.basename(min(strays))}, ...) but no "
+            if strays := glob.glob(os.path.join(glob.escape(output_dir), f"{glob.escape(self.prefix)}_*_[0-9]*.npy")):
+                raise UserError(f"{output_dir} holds shards ({os.path.basename(min(strays))}, ...) but no "
                                 f"{os.path.basename(self.path)}: delete them, or use another --output-dir", exit_code=2)
             return
-        try:
-            with open(self.path, "rb") as f:
-                header, *records = [json.loads(line) for line in f.read().split(b"\n")[:-1]]  # [-1]: "" or torn
+        try:  # [:-1]: a line torn by a crash is left out
+            header, *records = [json.loads(line) for line in open(self.path, "rb").read().split(b"\n")[:-1]]
             earlier = header["arguments"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{self.path} is unreadable ({e}); delete {output_dir} and start over") from None
@@ -325,19 +282,18 @@ class Progress(list):
             raise UserError(f"{output_dir} holds shards made with other arguments ({', '.join(changes)}); rerun with "
                             f"the same arguments to resume, or choose another --output-dir", exit_code=2)
         finished = [record for record in records if "file" in record]
-        self.extend(itertools.takewhile(self.is_whole, finished))
+        self.extend(itertools.takewhile(self.is_whole, finished))  # up to the first damaged shard
         self.complete = {"complete": True} in records and len(self) == len(finished)
         if not self.complete:  # go on from a clean directory: what a killed run left half-written goes
-            for path in glob.glob(os.path.join(glob.escape(output_dir), f".{glob.escape(prefix)}_*.tmp")):
+            for path in glob.glob(os.path.join(glob.escape(output_dir), f".{glob.escape(self.prefix)}_*.tmp")):
                 os.remove(path)
             self.rewrite()  # once a run: the verified shards only, ending in a whole line
 
     def is_whole(self, shard):
-        try:
-            tokens = np.load(os.path.join(self.output_dir, shard["file"]), mmap_mode="r")  # a short file fails here
+        try:  # a short file fails to load
+            return np.load(os.path.join(self.output_dir, shard["file"]), mmap_mode="r").shape == (shard["tokens"],)
         except (OSError, ValueError, EOFError):
             return False
-        return tokens.dtype == np.uint16 and tokens.shape == (shard["tokens"],)
 
     def rewrite(self):
         lines = "".join(json.dumps(record) + "\n" for record in [{"arguments": self.arguments}, *self])
@@ -358,38 +314,31 @@ class Progress(list):
 
 
 def _tokenize_in_order(documents, pool, num_proc):
-    """tokenize_document of each document, in order, a block of documents read ahead (pool.map alone would queue
-    the whole input). A reading error (a malformed line) comes after the documents before it: their shards stay."""
-    error, previous = None, []
-    while error is None:
+    """tokenize_document of each document, in order, a block read ahead (pool.map alone would queue the whole input)."""
+    error, previous, block = None, [], None
+    while block != [] and error is None:  # until the input ends or fails
         block = []
         try:
             block.extend(itertools.islice(documents, CHUNK_DOCS * BLOCK_CHUNKS * num_proc))
-        except UserError as e:
+        except UserError as e:  # a malformed line: raised after the documents before it, so that their shards stay
             error = e
         current = pool.map(tokenize_document, block, chunksize=CHUNK_DOCS)
         yield from previous  # while the pool works on the current block
         previous = current
-        if not block:
-            break
     yield from previous
     if error is not None:
         raise error
 
 
-def _init_worker(parent):
-    # A process group of its own: Ctrl-C and `kill -TERM -<group>` reach the main process alone (one line).
-    if hasattr(os, "setpgid"):
+def _init_worker():
+    if hasattr(os, "setpgid"):  # Ctrl-C and `kill -TERM -<group>` reach the main process alone (one line)
         os.setpgid(0, 0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not main()'s handler
-    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
 
-
-def _exit_when_orphaned(parent):
-    """A worker never outlives the run, however it ends (SIGKILL, the out-of-memory killer)."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
+    def exit_with_parent():  # a worker never outlives the run, however it ends (SIGKILL, the out-of-memory killer)
+        multiprocessing.parent_process().join()  # returns once the main process is gone
+        os._exit(1)
+    threading.Thread(target=exit_with_parent, daemon=True).start()
 
 
 if __name__ == "__main__":
