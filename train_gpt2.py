@@ -113,19 +113,6 @@ DEMO_DEFAULTS = dict(data_dir="demo_data", log_dir="log_demo", n_layer=4, n_head
                      batch_size=8, seq_len=128, total_batch_size=2048, max_steps=150, warmup_steps=15, max_lr=2e-3,
                      min_lr=2e-4, eval_interval=25, val_tokens=8192, hellaswag_interval=0, sample_interval=50,
                      checkpoint_interval=50, compile=False, dtype="float32")
-# A resumed run keeps what it learns (LEARNING); where and how it runs and reports may change, the
-# micro batch and device count too (the loader counts rows), and the lr schedule (RETUNABLE: a
-# rollback after a loss spike may lower it; the change is printed).
-LEARNING = {"model", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "init_from", "seq_len", "shuffle",
-            "total_batch_size", "max_steps", "weight_decay", "beta1", "beta2", "adam_eps", "dtype", "seed"}
-RETUNABLE = {"max_lr", "min_lr", "warmup_steps", "grad_clip"}
-CHECKS = [  # (settings, what each must be, the test)
-    ("seq_len total_batch_size max_steps max_lr adam_eps keep_checkpoints num_samples sample_tokens "
-     "max_skipped_steps dist_timeout peak_flops", "be positive", lambda v: v > 0),
-    ("warmup_steps min_lr weight_decay grad_clip eval_interval val_tokens hellaswag_interval sample_interval "
-     "checkpoint_interval stop_at_step time_limit seed", "not be negative", lambda v: v >= 0),
-    ("beta1 beta2", "be in [0, 1)", lambda v: 0 <= v < 1),
-]
 
 
 def parse_args(argv=None):
@@ -140,50 +127,6 @@ def model_config(config):
     """The GPTConfig of a from-scratch model: the named size, with any size flags applied."""
     sizes = {k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd") if getattr(config, k) is not None}
     return GPTConfig.from_name(config.model, block_size=config.block_size, vocab_size=config.vocab_size, **sizes)
-
-
-def config_problems(c, world_size):
-    """Every setting that cannot work, as readable strings."""
-    values = {f.name: getattr(c, f.name) for f in fields(c)}
-    bad = [f"{k}={v} must be a finite number" for k, v in values.items() if type(v) is float and not math.isfinite(v)]
-    batch_size = 1 if c.batch_size == "auto" else c.batch_size  # auto divides the step
-    bad += [f"{k}={values[k]} must {what}" for names, what, test in CHECKS for k in names.split()
-            if values[k] is not None and math.isfinite(values[k]) and not test(values[k])]
-    per_micro_step = batch_size * c.seq_len * world_size
-    checks = [
-        (batch_size <= 0, f"batch_size={batch_size} must be positive"),
-        (c.sample_interval and not c.sample_prompt, "sample_prompt is empty; give one, or --sample-interval 0"),
-        (os.path.exists(c.log_dir) and not os.path.isdir(c.log_dir), f"log_dir={c.log_dir} is a file, not a directory"),
-        (os.path.isfile(c.init_from), f"init_from={c.init_from} is a file, not a Hugging Face GPT-2: continue a "
-         f"train_gpt2.py checkpoint with --resume {c.init_from}, or fine-tune from one after `python export.py "
-         f"{c.init_from} DIR` with --init-from DIR"),
-        (c.init_from.startswith(("/", "./", "../", "~")) and not os.path.exists(c.init_from),
-         f"init_from={c.init_from} does not exist (give a local Hugging Face directory or a hub name such as gpt2)"),
-        (c.overwrite and c.resume not in ("auto", "never"), f"--overwrite starts a new run: no --resume {c.resume}"),
-        (c.init_from == "scratch" and c.seq_len > c.block_size,
-         f"seq_len={c.seq_len} is over block_size={c.block_size}"),
-        (c.warmup_steps > c.max_steps, f"warmup_steps={c.warmup_steps} is over max_steps={c.max_steps}"),
-        (c.min_lr > c.max_lr, f"min_lr={c.min_lr} is over max_lr={c.max_lr}"),
-        (c.eval_interval and 0 <= c.val_tokens < c.seq_len,
-         f"val_tokens={c.val_tokens} is less than one sequence of seq_len={c.seq_len}"),
-        (per_micro_step > 0 and c.total_batch_size % per_micro_step,
-         f"total_batch_size={c.total_batch_size} is not divisible by batch_size * seq_len * world_size = "
-         f"{batch_size} * {c.seq_len} * {world_size} = {per_micro_step}"),
-    ]
-    return list(model_config(c).problems()) + bad + [message for failed, message in checks if failed]
-
-
-def check_resumable(saved, config):
-    """Refuse to continue a run with settings that change what it learns, listing them all."""
-    differ = [f"{k}={saved.get(k)!r} in the checkpoint but {v!r} now" for k, v in asdict(config).items()
-              if k in LEARNING and saved.get(k) != v]
-    retuned = [f"{k}={saved.get(k)!r} in the checkpoint, {getattr(config, k)!r} now" for k in sorted(RETUNABLE)
-               if saved.get(k) != getattr(config, k)]
-    if retuned and not differ:
-        print0(f"note: {'; '.join(retuned)}: the lr schedule goes on with the new values")
-    if differ:
-        raise TrainError(f"the checkpoint's settings differ from the flags: {'; '.join(differ)}; relaunch with the "
-                         f"checkpoint's settings, or another --log-dir / --overwrite for a new run", exit_code=2)
 
 
 # -----------------------------------------------------------------------------
@@ -569,6 +512,69 @@ def device_peak_flops(config, device):
     if config.peak_flops or device.type != "cuda":
         return config.peak_flops  # none on cpu and mps: no reliable number, so no MFU
     return peak_flops_of(torch.cuda.get_device_name(device), config.dtype)
+
+
+# -----------------------------------------------------------------------------
+# Settings that cannot work, and what a resumed run must keep
+
+
+# A resumed run keeps what it learns (LEARNING); where and how it runs and reports may change, the
+# micro batch and device count too (the loader counts rows), and the lr schedule (RETUNABLE: a
+# rollback after a loss spike may lower it; the change is printed).
+LEARNING = {"model", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "init_from", "seq_len", "shuffle",
+            "total_batch_size", "max_steps", "weight_decay", "beta1", "beta2", "adam_eps", "dtype", "seed"}
+RETUNABLE = {"max_lr", "min_lr", "warmup_steps", "grad_clip"}
+CHECKS = [  # (settings, what each must be, the test)
+    ("seq_len total_batch_size max_steps max_lr adam_eps keep_checkpoints num_samples sample_tokens "
+     "max_skipped_steps dist_timeout peak_flops", "be positive", lambda v: v > 0),
+    ("warmup_steps min_lr weight_decay grad_clip eval_interval val_tokens hellaswag_interval sample_interval "
+     "checkpoint_interval stop_at_step time_limit seed", "not be negative", lambda v: v >= 0),
+    ("beta1 beta2", "be in [0, 1)", lambda v: 0 <= v < 1),
+]
+
+
+def config_problems(c, world_size):
+    """Every setting that cannot work, as readable strings."""
+    values = {f.name: getattr(c, f.name) for f in fields(c)}
+    bad = [f"{k}={v} must be a finite number" for k, v in values.items() if type(v) is float and not math.isfinite(v)]
+    batch_size = 1 if c.batch_size == "auto" else c.batch_size  # auto divides the step
+    bad += [f"{k}={values[k]} must {what}" for names, what, test in CHECKS for k in names.split()
+            if values[k] is not None and math.isfinite(values[k]) and not test(values[k])]
+    per_micro_step = batch_size * c.seq_len * world_size
+    checks = [
+        (batch_size <= 0, f"batch_size={batch_size} must be positive"),
+        (c.sample_interval and not c.sample_prompt, "sample_prompt is empty; give one, or --sample-interval 0"),
+        (os.path.exists(c.log_dir) and not os.path.isdir(c.log_dir), f"log_dir={c.log_dir} is a file, not a directory"),
+        (os.path.isfile(c.init_from), f"init_from={c.init_from} is a file, not a Hugging Face GPT-2: continue a "
+         f"train_gpt2.py checkpoint with --resume {c.init_from}, or fine-tune from one after `python export.py "
+         f"{c.init_from} DIR` with --init-from DIR"),
+        (c.init_from.startswith(("/", "./", "../", "~")) and not os.path.exists(c.init_from),
+         f"init_from={c.init_from} does not exist (give a local Hugging Face directory or a hub name such as gpt2)"),
+        (c.overwrite and c.resume not in ("auto", "never"), f"--overwrite starts a new run: no --resume {c.resume}"),
+        (c.init_from == "scratch" and c.seq_len > c.block_size,
+         f"seq_len={c.seq_len} is over block_size={c.block_size}"),
+        (c.warmup_steps > c.max_steps, f"warmup_steps={c.warmup_steps} is over max_steps={c.max_steps}"),
+        (c.min_lr > c.max_lr, f"min_lr={c.min_lr} is over max_lr={c.max_lr}"),
+        (c.eval_interval and 0 <= c.val_tokens < c.seq_len,
+         f"val_tokens={c.val_tokens} is less than one sequence of seq_len={c.seq_len}"),
+        (per_micro_step > 0 and c.total_batch_size % per_micro_step,
+         f"total_batch_size={c.total_batch_size} is not divisible by batch_size * seq_len * world_size = "
+         f"{batch_size} * {c.seq_len} * {world_size} = {per_micro_step}"),
+    ]
+    return list(model_config(c).problems()) + bad + [message for failed, message in checks if failed]
+
+
+def check_resumable(saved, config):
+    """Refuse to continue a run with settings that change what it learns, listing them all."""
+    differ = [f"{k}={saved.get(k)!r} in the checkpoint but {v!r} now" for k, v in asdict(config).items()
+              if k in LEARNING and saved.get(k) != v]
+    retuned = [f"{k}={saved.get(k)!r} in the checkpoint, {getattr(config, k)!r} now" for k in sorted(RETUNABLE)
+               if saved.get(k) != getattr(config, k)]
+    if retuned and not differ:
+        print0(f"note: {'; '.join(retuned)}: the lr schedule goes on with the new values")
+    if differ:
+        raise TrainError(f"the checkpoint's settings differ from the flags: {'; '.join(differ)}; relaunch with the "
+                         f"checkpoint's settings, or another --log-dir / --overwrite for a new run", exit_code=2)
 
 
 # -----------------------------------------------------------------------------
