@@ -157,7 +157,7 @@ class RunLog:
                 id_path = os.path.join(config.log_dir, "wandb_run_id")
                 self.wandb = wandb.init(project=config.wandb, dir=config.log_dir, resume="allow",
                                         id=open(id_path).read().strip() if os.path.exists(id_path) else None,
-                                        config=asdict(config), allow_val_change=True)  # RESUMABLE ones may change
+                                        config=asdict(config), allow_val_change=True)  # a resumed run may change some
                 atomic_write(id_path, lambda f: f.write(self.wandb.id.encode()))
                 self.wandb.define_metric("step")
                 self.wandb.define_metric("*", step_metric="step")  # charted against our step, not W&B's count
