@@ -45,27 +45,26 @@ class SampleConfig:
         return found
 
 
-def decode(enc, row):  # a sample's text: its new tokens up to the <|endoftext|> that ends it
-    return enc.decode(row[:row.index(EOT)] if EOT in row else row)
-
-
 def sample(model, enc, prompt, config, device):
     """Print config.num_samples continuations of prompt; a single one streams token by token."""
     idx = torch.tensor([enc.encode_ordinary(prompt) or [EOT]] * config.num_samples, device=device)  # (B, T)
     generator = torch.Generator(device).manual_seed(config.seed)
-    rows, streaming = [[] for _ in range(config.num_samples)], config.num_samples == 1
-    shown = prompt if streaming else ""  # printed so far: a single sample streams, several print at the end
-    print(shown, end="", flush=True)
+    rows, streaming, shown = [[] for _ in range(config.num_samples)], config.num_samples == 1, ""
+    if streaming:
+        print(prompt, end="", flush=True)
     for tokens in model.stream(idx, config.max_new_tokens, config.temperature, config.top_k, generator):
         for row, token in zip(rows, tokens[:, 0].tolist()):
             row.append(token)
-        text = prompt + decode(enc, rows[0])
+        text = decode(enc, rows[0])
         if streaming and not text.endswith("\ufffd"):  # else wait for the rest of a multi-byte character
             print(text[len(shown):], end="", flush=True)
             shown = text
         if all(EOT in row for row in rows):  # every sample has ended its document
             break
-    print(f"\n{SEPARATOR}\n".join(prompt + decode(enc, row) for row in rows)[len(shown):])
+    if streaming:
+        print(decode(enc, rows[0])[len(shown):])
+    else:
+        print(f"\n{SEPARATOR}\n".join(prompt + decode(enc, row) for row in rows))
 
 
 def main(argv=None):
@@ -87,6 +86,10 @@ def main(argv=None):
         print()
         return 130
     return 0
+
+
+def decode(enc, row):  # a sample's text: its new tokens up to the <|endoftext|> that ends it
+    return enc.decode(row[:row.index(EOT)] if EOT in row else row)
 
 
 if __name__ == "__main__":
