@@ -70,24 +70,30 @@ class ShardLoader:
             self._epoch, self._cached = epoch, (shard_order, starts, rows)
         return self._cached
 
+    def _window(self, epoch, row):
+        """Tokens stream[row*T : row*T + T + 1] of an epoch, read across shard ends."""
+        shard_order, starts, _ = self._order(epoch)
+        start, pieces, need = row * self.T, [], self.T + 1
+        i = int(np.searchsorted(starts, start, side="right")) - 1  # the shard holding `start`
+        while need:
+            shard = shard_order[i]
+            piece = self.shards[shard][start - starts[i]:start - starts[i] + need]
+            # Ids are checked on every read: a max over T+1 tokens costs nothing next to the forward.
+            if self.vocab_size is not None and len(piece) and int(piece.max()) >= self.vocab_size:
+                raise UserError(f"{self.paths[shard]} holds token id {int(piece.max())}, beyond the model's "
+                                f"vocab_size={self.vocab_size}; raise --vocab-size or re-tokenize with GPT-2's "
+                                f"tokenizer", every_rank=False)
+            pieces.append(piece)
+            start, need, i = start + len(piece), need - len(piece), i + 1
+        return np.concatenate(pieces)
+
     def read_rows(self, rows):
         """(x, y) int64 tensors of shape (len(rows), T) for rows counted over epochs."""
         windows = np.empty((len(rows), self.T + 1), dtype=np.int64)
         for j, row in enumerate(rows):
             epoch, index = divmod(int(row), self.rows_per_epoch)
-            shard_order, starts, row_order = self._order(epoch)
-            start, filled = self.T * (index if row_order is None else int(row_order[index])), 0
-            i = int(np.searchsorted(starts, start, side="right")) - 1  # the shard holding `start`
-            while filled < self.T + 1:  # on across shard ends
-                shard = shard_order[i]
-                piece = self.shards[shard][start - starts[i]:start - starts[i] + self.T + 1 - filled]
-                # Ids are checked on every read: a max over T+1 tokens costs nothing next to the forward.
-                if self.vocab_size is not None and len(piece) and int(piece.max()) >= self.vocab_size:
-                    raise UserError(f"{self.paths[shard]} holds token id {int(piece.max())}, beyond the model's "
-                                    f"vocab_size={self.vocab_size}; raise --vocab-size or re-tokenize with GPT-2's "
-                                    f"tokenizer", every_rank=False)
-                windows[j, filled:filled + len(piece)] = piece
-                start, filled, i = start + len(piece), filled + len(piece), i + 1
+            row_order = self._order(epoch)[2]
+            windows[j] = self._window(epoch, index if row_order is None else int(row_order[index]))
         windows = torch.from_numpy(windows)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
