@@ -272,8 +272,9 @@ class Progress(list):
                 raise UserError(f"{output_dir} holds shards ({os.path.basename(min(strays))}, ...) but no "
                                 f"{os.path.basename(self.path)}: delete them, or use another --output-dir", exit_code=2)
             return
-        try:  # [:-1]: a line torn by a crash is left out
-            header, *records = [json.loads(line) for line in open(self.path, "rb").read().split(b"\n")[:-1]]
+        try:
+            with open(self.path, "rb") as f:  # [:-1]: a line torn by a crash is left out
+                header, *records = [json.loads(line) for line in f.read().split(b"\n")[:-1]]
             earlier = header["arguments"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{self.path} is unreadable ({e}); delete {output_dir} and start over") from None
@@ -315,8 +316,8 @@ class Progress(list):
 
 def _tokenize_in_order(documents, pool, num_proc):
     """tokenize_document of each document, in order, a block read ahead (pool.map alone would queue the whole input)."""
-    error, previous, block = None, [], None
-    while block != [] and error is None:  # until the input ends or fails
+    error, previous = None, []
+    while error is None:
         block = []
         try:
             block.extend(itertools.islice(documents, CHUNK_DOCS * BLOCK_CHUNKS * num_proc))
@@ -325,6 +326,8 @@ def _tokenize_in_order(documents, pool, num_proc):
         current = pool.map(tokenize_document, block, chunksize=CHUNK_DOCS)
         yield from previous  # while the pool works on the current block
         previous = current
+        if not block:  # the input has ended
+            break
     yield from previous
     if error is not None:
         raise error
