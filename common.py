@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import tomllib
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import field, fields
 
 
@@ -164,41 +164,29 @@ def fsync_directory(directory):
             os.close(fd)
 
 
-class DirectoryLock:
+@contextmanager
+def directory_lock(directory, what="run"):
     """An fcntl lock on `<directory>/.lock`, which names its owner: a second process stops at once. The OS drops
     it when the process ends, however it ends; it works on NFS; forked workers do not inherit it. None on Windows."""
-
-    def __init__(self, directory, what="run"):
-        self.directory, self.what, self.fd = directory, what, None
-
-    def acquire(self):
-        try:
-            import fcntl
-        except ImportError:
-            return self
-        os.makedirs(self.directory, exist_ok=True)
-        fd = os.open(os.path.join(self.directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # closing the file releases the lock; the file stays
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # EAGAIN or EACCES: another process holds it
             owner = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise UserError(f"{self.directory} is in use by another {self.what} ({owner}); wait for it to end, "
+            raise UserError(f"{directory} is in use by another {what} ({owner}); wait for it to end, "
                             f"or use another directory") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        self.fd = fd
-        return self
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)  # which releases the lock; the file stays
-            self.fd = None
-
-    __enter__ = acquire
-
-    def __exit__(self, *exc):
-        self.release()
+        yield
+    finally:
+        os.close(fd)
 
 
 # -----------------------------------------------------------------------------
@@ -403,18 +391,18 @@ def all_reduce_sum(tensor):
     return tensor
 
 
-class Launch:
-    """What one launch holds until it ends: the signal handlers, the log directory's lock and history. SIGTERM,
-    SIGUSR1 (what SLURM and spot instances send before a kill) and Ctrl-C end the run after this step, with a
-    checkpoint, on every rank. A second Ctrl-C quits at once."""
+class Launch(ExitStack):
+    """What one launch holds until it ends (the log directory's lock and history: launch.enter_context, .callback)
+    and its signal handlers. SIGTERM, SIGUSR1 (what SLURM and spot instances send before a kill) and Ctrl-C end the
+    run after this step, with a checkpoint, on every rank. A second Ctrl-C quits at once."""
 
     def __enter__(self):
-        self.signal, self.held, self.handlers = None, [], {}
+        self.signal = None
         if threading.current_thread() is threading.main_thread():  # Python only lets it set handlers
             for number in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
                 if number is not None:
-                    self.handlers[number] = signal.signal(number, self._stop)
-        return self
+                    self.callback(signal.signal, number, signal.signal(number, self._stop))  # put back at the end
+        return super().__enter__()
 
     def _stop(self, number, frame):
         if number == signal.SIGINT and self.signal == signal.SIGINT:
@@ -424,14 +412,3 @@ class Launch:
             if int(os.environ.get("RANK", 0)) == 0:  # os.write: a print here could cut into another print
                 os.write(sys.stderr.fileno(), f"{signal.Signals(number).name}: stopping after this step, with a "
                          f"checkpoint{' (Ctrl-C again to quit at once)' if number == signal.SIGINT else ''}\n".encode())
-
-    def hold(self, resource):
-        """Release (a lock) or close (the history) `resource` when the launch ends."""
-        self.held.append(resource)
-        return resource
-
-    def __exit__(self, *exc):
-        for number, handler in self.handlers.items():
-            signal.signal(number, handler)
-        for resource in reversed(self.held):
-            (getattr(resource, "release", None) or resource.close)()

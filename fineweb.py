@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from common import DirectoryLock, UserError, atomic_write, parse_settings, setting
+from common import UserError, atomic_write, directory_lock, parse_settings, setting
 from tokenizer import EOT, get_tokenizer
 
 SUBSET_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT": 350e9}  # "around", says the card
@@ -79,7 +79,7 @@ def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_
                                  max_tokens=max_tokens).problems():
         raise UserError("; ".join(problems), exit_code=2)
     get_tokenizer()  # loaded once here; forked workers inherit it
-    with DirectoryLock(output_dir, "fineweb.py run"):
+    with directory_lock(output_dir, "fineweb.py run"):
         shards = Progress(output_dir, dict(prefix=prefix, shard_size=shard_size, max_tokens=max_tokens, source=source))
         if not shards.complete:
             _write(documents, shards, shard_size, num_proc, max_tokens, progress, expected_tokens)

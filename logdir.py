@@ -19,12 +19,13 @@ import random
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import numpy as np
 import torch
 
-from common import DirectoryLock, UserError, atomic_write, print0
+from common import UserError, atomic_write, directory_lock, print0
 from model import read_checkpoint
 
 # What train_gpt2.py writes into a log directory: --overwrite removes these and nothing else.
@@ -64,8 +65,9 @@ def load_checkpoint(checkpoint, raw_model, optimizer, loader, scaler=None):
     return checkpoint["step"]
 
 
+@contextmanager
 def claim_log_dir(config):
-    """Rank 0: this launch's lock on the log directory, which holds one run (see --overwrite)."""
+    """Rank 0, for the whole launch: the log directory's lock; the directory holds one run (see --overwrite)."""
     earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(config.log_dir, name))]
     holds_run = list_checkpoints(config.log_dir) or os.path.exists(os.path.join(config.log_dir, "metrics.jsonl"))
     if holds_run and config.resume == "never" and not config.overwrite:  # refused before anything is touched
@@ -76,14 +78,14 @@ def claim_log_dir(config):
         os.makedirs(config.log_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --log-dir {config.log_dir} ({e.strerror})", exit_code=2)
-    lock = DirectoryLock(config.log_dir, "train_gpt2.py run").acquire()
-    if earlier and config.overwrite:
-        for path in (os.path.join(config.log_dir, name) for name in earlier):
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        print0(f"--overwrite: removed the earlier run's {', '.join(earlier)} from {config.log_dir}")
-    for stale in glob.glob(os.path.join(config.log_dir, "checkpoints", ".*.tmp")):
-        os.remove(stale)  # a launch killed mid-write left it; the lock says no one else writes here
-    return lock
+    with directory_lock(config.log_dir, "train_gpt2.py run"):
+        if earlier and config.overwrite:
+            for path in (os.path.join(config.log_dir, name) for name in earlier):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            print0(f"--overwrite: removed the earlier run's {', '.join(earlier)} from {config.log_dir}")
+        for stale in glob.glob(os.path.join(config.log_dir, "checkpoints", ".*.tmp")):
+            os.remove(stale)  # a launch killed mid-write left it; the lock says no one else writes here
+        yield
 
 
 def choose_checkpoint(config):
@@ -102,18 +104,6 @@ def choose_checkpoint(config):
         except ValueError as e:
             print0(f"note: skipping unreadable checkpoint ({e})")
     return None, None
-
-
-def set_aside_later_checkpoints(config, start_step):
-    """Rank 0: checkpoints past start_step belong to a branch this launch abandons (a rollback, an
-    unreadable latest one); moved aside, so --resume auto and pruning never mix them in."""
-    later = [p for p in list_checkpoints(config.log_dir) if int(os.path.basename(p)[5:-3]) > start_step]
-    if later:
-        aside = os.path.join(config.log_dir, "abandoned", time.strftime("%Y%m%d-%H%M%S"))
-        os.makedirs(aside, exist_ok=True)
-        for path in later:
-            os.replace(path, os.path.join(aside, os.path.basename(path)))
-        print0(f"resuming at step {start_step}: moved {len(later)} later checkpoint(s) to {aside}")
 
 
 def rng_state():
@@ -136,18 +126,14 @@ def set_rng_state(state):
 
 class RunLog:
     """Rank 0's metrics.jsonl, log.txt and dashboards (on other ranks it writes nothing). A launch that starts at
-    step S keeps the events before S and drops the rest, in metrics.jsonl and TensorBoard; W&B continues one
-    run over every launch (its id in wandb_run_id) but keeps both branches of a rollback."""
+    step S keeps the events and checkpoints before S and sets the rest aside, in metrics.jsonl, checkpoints/ and
+    TensorBoard; W&B continues one run over every launch (its id in wandb_run_id) but keeps both branches."""
 
     def __init__(self, config, start_step, enabled):
         self.enabled, self.tensorboard, self.wandb = enabled, None, None
         self.metrics_path, self.text_path = (os.path.join(config.log_dir, n) for n in ("metrics.jsonl", "log.txt"))
         if not enabled:
             return
-        if os.path.exists(self.metrics_path):
-            with open(self.metrics_path, "rb") as f:
-                kept = [line.rstrip(b"\n") + b"\n" for line in f if event_step(line) < start_step]
-            atomic_write(self.metrics_path, lambda f: f.writelines(kept))
         try:
             if config.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
@@ -164,6 +150,19 @@ class RunLog:
         except ImportError as e:
             raise UserError(f"--tensorboard and --wandb need their packages: pip install -r requirements-tracking.txt "
                             f"({e})", exit_code=2)
+        # Checkpoints past S belong to a branch this launch abandons (a rollback, an unreadable latest one):
+        # moved aside, so that --resume auto and pruning never mix them in.
+        later = [p for p in list_checkpoints(config.log_dir) if int(os.path.basename(p)[5:-3]) > start_step]
+        if later:
+            aside = os.path.join(config.log_dir, "abandoned", time.strftime("%Y%m%d-%H%M%S"))
+            os.makedirs(aside, exist_ok=True)
+            for path in later:
+                os.replace(path, os.path.join(aside, os.path.basename(path)))
+            print0(f"resuming at step {start_step}: moved {len(later)} later checkpoint(s) to {aside}")
+        if os.path.exists(self.metrics_path):
+            with open(self.metrics_path, "rb") as f:
+                kept = [line.rstrip(b"\n") + b"\n" for line in f if event_step(line) < start_step]
+            atomic_write(self.metrics_path, lambda f: f.writelines(kept))
 
     def text(self, line):
         if self.enabled:

@@ -20,6 +20,7 @@ import re
 import signal
 import sys
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -33,7 +34,7 @@ from common import (AllRanks, Launch, OnOffOrAuto, UserError, agree, all_reduce_
                     start_distributed, synchronize, write_settings)
 from loader import ShardLoader, find_shards
 from logdir import (RunLog, choose_checkpoint, claim_log_dir, list_checkpoints, load_checkpoint, run_header,
-                    save_checkpoint, set_aside_later_checkpoints)
+                    save_checkpoint)
 from model import GPT, GPT2_SIZES, GPTConfig, read_checkpoint
 from tokenizer import get_tokenizer
 
@@ -196,7 +197,7 @@ def train(config, launch):
             except OSError as e:
                 raise TrainError(str(e))
         if master:
-            launch.hold(claim_log_dir(config))  # one run per log directory, one launch at a time
+            launch.enter_context(claim_log_dir(config))  # one run per log directory, one launch at a time
             if config.demo:
                 import fineweb  # only the demo needs it: Python's reference manual, tokenized once
                 fineweb.write_shards(fineweb.python_docs_documents(), config.data_dir, "pydocs", shard_size=16384,
@@ -256,9 +257,8 @@ def train(config, launch):
                + "; --overwrite or another --log-dir starts a new run")
         return 0
     with AllRanks():  # rank 0: the history from here on (RunLog), the dashboards, the settings file
-        log = launch.hold(RunLog(config, step, enabled=master))
+        log = launch.enter_context(closing(RunLog(config, step, enabled=master)))
         if master:
-            set_aside_later_checkpoints(config, step)
             write_settings(settings, os.path.join(config.log_dir, "config.toml"), leave_out=("overwrite", "resume"))
 
     # One compiled module serves training (inside DDP), the val loss and HellaSwag; sampling runs the
