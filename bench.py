@@ -13,9 +13,9 @@ The sections (--sections, default all of them, in this order):
              scaler), for every --dtypes x --modes. Warm-up steps (compilation included) are left
              out; the timed steps are synchronized and their median is reported as ms/step and
              tokens/s. Achieved FLOP/s = model.flops_per_token(T) x tokens/s. MFU divides it by the
-             device's dense peak in that dtype (common.py's table, or --peak-flops; none on CPU). The ceiling ratio divides it by
-             the median of matmuls in the same dtype timed between the training steps, so both
-             saw the same machine at the same moment.
+             device's dense peak in that dtype (common.py's table, or --peak-flops; none on CPU). The
+             ceiling ratio divides it by the median of matmuls in the same dtype timed between the
+             training steps, so both saw the same machine at the same moment.
   sample     model.generate with its KV cache against a reference loop without one (the whole
              window through the model for every new token), greedy, tokens/s and the speed-up.
   hellaswag  hellaswag.evaluate batched against one example at a time, examples/s and speed-up.
@@ -99,7 +99,8 @@ class BenchConfig:
                                             "GPU, 64 on CPU)", type=int)
     hellaswag_batch_size: int = setting(None, "examples per forward pass of the batched HellaSwag run (default: "
                                               "64 on a GPU, which one small batch leaves idle; 16 on CPU)", type=int)
-    fineweb_documents: int = setting(0, "documents to tokenize in the fineweb section (0: the Python docs, 15 x --num-proc times)")
+    fineweb_documents: int = setting(0, "documents to tokenize in the fineweb section (0: the Python docs, "
+                                        "15 x --num-proc times)")
     num_proc: int = setting(None, "tokenizer processes of the fineweb section (default: every core)", type=int)
     # the machine and the output
     device: str = setting("auto", "cpu, cuda, cuda:N, mps, or auto for cuda > mps > cpu")
@@ -133,7 +134,8 @@ class BenchConfig:
         prompt_len = len(get_tokenizer().encode_ordinary(PROMPT))
         if "sample" in split(self.sections) and prompt_len + self.max_new_tokens > self.block_size:
             found.append(f"--max-new-tokens {self.max_new_tokens} plus the {prompt_len}-token prompt is over "
-                         f"--block-size {self.block_size}; past it the cache is not used, so there is nothing to compare")
+                         f"--block-size {self.block_size}; past it the cache is not used, "
+                         "so there is nothing to compare")
         if self.hellaswag_file is not None and not os.path.isfile(self.hellaswag_file):
             found.append(f"--hellaswag-file {self.hellaswag_file} is not a file; give a HellaSwag .jsonl "
                          f"or leave the flag out to use examples built from the Python docs")
@@ -355,7 +357,8 @@ def bench_train_at(config, device, dtype_name, mode, tokens, batch_size):
     achieved = flops_per_token * tokens_per_sec
     peak = train_gpt2.device_peak_flops(tc, device)
     return dict(mode=mode, dtype=dtype_name, batch_size=batch_size, seq_len=config.seq_len,
-                parameters=raw_model.num_parameters(), ms_per_step=1000 * seconds, ms_per_step_best=1000 * min(step_seconds),
+                parameters=raw_model.num_parameters(), ms_per_step=1000 * seconds,
+                ms_per_step_best=1000 * min(step_seconds),
                 tokens_per_sec=tokens_per_sec, flops_per_token=flops_per_token, achieved_flops=achieved,
                 peak_flops=peak, mfu=achieved / peak if peak else None, ceiling_flops=statistics.median(ceiling),
                 ceiling_ratio=achieved / statistics.median(ceiling), first_step_s=first_step, recompiles=recompiles,
@@ -400,9 +403,12 @@ def bench_sample(config, device, model):
     dtype = autocast_dtype_for("auto", device)  # as train_gpt2.py's --dtype auto samples
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         model.generate(prompt, 2, top_k=1)  # warm-up
-        for name, sample in (("kv_cache", model.generate), ("no_cache", lambda *a, **k: generate_without_cache(model, *a, **k))):
+        for name, sample in (("kv_cache", model.generate),
+                             ("no_cache", lambda *a, **k: generate_without_cache(model, *a, **k))):
             generator = torch.Generator(device=device).manual_seed(0)
-            run = lambda: outputs.__setitem__(name, sample(prompt, n, top_k=1, generator=generator))  # noqa: E731
+
+            def run():
+                outputs[name] = sample(prompt, n, top_k=1, generator=generator)
             seconds[name] = timed(run, device)
     # Greedy tokens agree exactly in float32 (tests/test_model.py checks it). Under bf16 autocast
     # the two paths run different kernels that round differently, and a random model's flat
@@ -452,7 +458,8 @@ def bench_hellaswag(config, device, model):
     hellaswag.evaluate(model, examples[:batch_size], device, batch_size, autocast_dtype=dtype)  # warm-up
     results, seconds = {}, {}
     for name, size in (("batched", batch_size), ("single", 1)):
-        run = lambda: results.__setitem__(name, hellaswag.evaluate(model, examples, device, size, autocast_dtype=dtype))  # noqa: E731
+        def run():
+            results[name] = hellaswag.evaluate(model, examples, device, size, autocast_dtype=dtype)
         seconds[name] = timed(run, device)
     losses = [torch.tensor([p["losses"] for p in results[name]["predictions"]]) for name in ("batched", "single")]
     return dict(source=source, examples=len(examples), batch_size=batch_size,
@@ -549,17 +556,23 @@ def percent(value):
 
 TABLES = {  # section -> [(column title, how to show a row's value)]
     "matmul": [("dtype", lambda r: r["dtype"]), ("size", lambda r: f"{r['size']}^2"),
-               ("FLOP/s median", lambda r: si(r["flops_median"])), ("FLOP/s best", lambda r: si(r["flops_best"])),
+               ("FLOP/s median", lambda r: si(r["flops_median"])),
+               ("FLOP/s best", lambda r: si(r["flops_best"])),
                ("others' cores", lambda r: load(r["other_load"]))],
     "train": [("mode", lambda r: r["mode"]), ("dtype", lambda r: r["dtype"]),
-              ("B x T", lambda r: f"{r['batch_size']} x {r['seq_len']}"), ("ms/step", lambda r: f"{r['ms_per_step']:.1f}"),
+              ("B x T", lambda r: f"{r['batch_size']} x {r['seq_len']}"),
+              ("ms/step", lambda r: f"{r['ms_per_step']:.1f}"),
               ("tokens/s", lambda r: si(r["tokens_per_sec"])), ("FLOP/s", lambda r: si(r["achieved_flops"])),
               ("MFU", lambda r: percent(r["mfu"])), ("ceiling", lambda r: si(r["ceiling_flops"])),
-              ("of ceiling", lambda r: percent(r["ceiling_ratio"])), ("1st step", lambda r: f"{r['first_step_s']:.1f}s"),
-              ("recompiles", lambda r: str(r["recompiles"])), ("peak memory", lambda r: si(r["peak_memory_bytes"], "B")),
+              ("of ceiling", lambda r: percent(r["ceiling_ratio"])),
+              ("1st step", lambda r: f"{r['first_step_s']:.1f}s"),
+              ("recompiles", lambda r: str(r["recompiles"])),
+              ("peak memory", lambda r: si(r["peak_memory_bytes"], "B")),
               ("others' cores", lambda r: load(r["other_load"]))],
-    "sample": [("new tokens", lambda r: str(r["new_tokens"])), ("KV cache tok/s", lambda r: f"{r['kv_cache_tokens_per_sec']:.1f}"),
-               ("no cache tok/s", lambda r: f"{r['no_cache_tokens_per_sec']:.1f}"), ("speed-up", lambda r: f"{r['speedup']:.1f}x"),
+    "sample": [("new tokens", lambda r: str(r["new_tokens"])),
+               ("KV cache tok/s", lambda r: f"{r['kv_cache_tokens_per_sec']:.1f}"),
+               ("no cache tok/s", lambda r: f"{r['no_cache_tokens_per_sec']:.1f}"),
+               ("speed-up", lambda r: f"{r['speedup']:.1f}x"),
                ("same tokens", lambda r: f"{r['matching_tokens']}/{r['new_tokens']}")],
     "hellaswag": [("examples", lambda r: str(r["examples"])), ("batch", lambda r: str(r["batch_size"])),
                   ("batched ex/s", lambda r: f"{r['batched_examples_per_sec']:.2f}"),
@@ -567,7 +580,8 @@ TABLES = {  # section -> [(column title, how to show a row's value)]
                   ("speed-up", lambda r: f"{r['speedup']:.1f}x"), ("source", lambda r: r["source"])],
     "fineweb": [("tokens", lambda r: str(r["tokens"])), ("processes", lambda r: str(r["num_proc"])),
                 ("fineweb.py tok/s", lambda r: si(r["tokens_per_sec"])),
-                ("tiktoken tok/s", lambda r: si(r["ceiling_tokens_per_sec"])), ("of ceiling", lambda r: percent(r["ratio"]))],
+                ("tiktoken tok/s", lambda r: si(r["ceiling_tokens_per_sec"])),
+                ("of ceiling", lambda r: percent(r["ratio"]))],
 }
 
 
@@ -621,7 +635,8 @@ def run(config):
     result = {"meta": dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            device=str(device), device_name=device_name(device), torch=torch.__version__,
                            python=platform.python_version(), threads=torch.get_num_threads(), cores=os.cpu_count(),
-                           load_average=[round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None, model=config.model,
+                           load_average=[round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+                           model=config.model,
                            model_config=asdict(train_gpt2.model_config(config)), config=asdict(config))}
     with torch.device("meta"):  # shapes only: counting parameters allocates nothing
         result["meta"]["parameters"] = GPT(train_gpt2.model_config(config)).num_parameters()
