@@ -149,8 +149,8 @@ def test_missing_hellaswag_file_is_a_usage_error(tmp_path):
 
 
 def test_float16_steps_with_the_gradient_scaler_and_mfu_uses_the_given_peak():
-    proc = run_bench("--preset", "test", "--sections", "matmul,train", "--modes", "eager", "--dtypes", "float16,float32",
-                     "--peak-flops", "1e12", "--json")
+    proc = run_bench("--preset", "test", "--sections", "matmul,train", "--modes", "eager",
+                     "--dtypes", "float16,float32", "--peak-flops", "1e12", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert [r["dtype"] for r in result["matmul"]] == ["float16", "float32"]

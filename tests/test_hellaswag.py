@@ -417,7 +417,6 @@ def test_torchrun_splits_examples_and_reduces(hf_gpt2_dir, data_file, reference,
     assert [(p["pred"], p["pred_norm"]) for p in written] == [(r["pred"], r["pred_norm"]) for r in reference]
 
 
-
 @pytest.mark.multiprocess
 def test_under_torchrun_a_file_missing_on_rank_1_ends_both_ranks_with_its_message(hf_gpt2_dir, data_file, tmp_path):
     # As when one node lacks the file: rank 1 is handed a path that does not exist, rank 0 the real one.

@@ -221,7 +221,7 @@ def test_weight_decay_groups(tiny_config):
     assert all(p.dim() < 2 for p in no_decay["params"]) and all(p.dim() >= 2 for p in decay["params"])
     named = {id(p): n for n, p in model.named_parameters()}
     assert {named[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters()
-                                                         if n.endswith("bias") or ".ln_" in n or "ln_f" in n}
+                                                          if n.endswith("bias") or ".ln_" in n or "ln_f" in n}
     assert info["num_decay_params"] + info["num_nodecay_params"] == model.num_parameters()
     assert info["num_nodecay_params"] == sum(p.numel() for p in no_decay["params"])
 
@@ -346,7 +346,7 @@ def test_save_pretrained_writes_the_whole_folder_once(hf_gpt2_dir, hf_small, tmp
     model = GPT.from_pretrained(hf_gpt2_dir)
     model.save_pretrained(tmp_path / "gpt2")
     assert sorted(os.listdir(tmp_path / "gpt2")) == ["README.md", "config.json", "generation_config.json",
-                                                      "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+                                                     "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     assert AutoTokenizer.from_pretrained(tmp_path / "gpt2").model_max_length == 64  # its block_size
     card = (tmp_path / "gpt2" / "README.md").read_text()
     assert f"{model.num_parameters():,} parameters" in card and "Not recorded" in card

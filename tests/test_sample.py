@@ -89,8 +89,7 @@ def test_bad_flags_are_one_line_exit_2(flags, message, trained_log, run_main):
 def test_models_that_cannot_be_loaded_are_one_line_exit_1(tmp_path, run_main, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(n_positions=16, n_embd=16, n_layer=1, n_head=2, vocab_size=101,
-                                bos_token_id=0, eos_token_id=0)).save_pretrained(
-        tmp_path / "small_vocab")
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "small_vocab")
     (tmp_path / "empty_log").mkdir()
     capsys.readouterr()
     for model, message in [(tmp_path / "small_vocab", "has vocab_size 101; GPT-2's tokenizer needs 50257"),
