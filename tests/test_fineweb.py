@@ -115,7 +115,8 @@ def fineweb_edu_copy(directory, documents, files=2):
     (directory / "README.md").write_text("---\nconfigs:\n- config_name: sample-10BT\n  data_files:\n  - split: train\n"
                                          "    path: sample/10BT/*\n---\n")
     for i, part in enumerate(np.array_split(np.array(documents, dtype=object), files)):
-        table = pa.table({"text": list(part), "id": [f"<urn:{j}>" for j in range(len(part))], "score": [3.5] * len(part)})
+        table = pa.table({"text": list(part), "id": [f"<urn:{j}>" for j in range(len(part))],
+                          "score": [3.5] * len(part)})
         pq.write_table(table, directory / "sample" / "10BT" / f"{i:03d}_00000.parquet", row_group_size=10)
     return directory
 
@@ -466,7 +467,8 @@ def test_a_second_run_on_one_directory_is_refused_and_the_first_finishes(corpus_
     first, feeder = start_piped(tmp_path, corpus_documents, ["--input", "big.jsonl", "--shard-size", SHARD, *args])
     lock = tmp_path / "out" / ".lock"
     wait_until(lambda: lock.exists() and f"pid {first.pid} " in lock.read_text(), first, "the first run's lock")
-    second = run_cli("--input", "big.jsonl", "--shard-size", 6_000, *args, cwd=tmp_path)  # the first one waits on its pipe
+    second = run_cli("--input", "big.jsonl", "--shard-size", 6_000, *args,
+                     cwd=tmp_path)  # the first one waits on its pipe
     line = second.stderr.strip()
     assert second.returncode == 1 and "\n" not in line and "Traceback" not in line, second.stderr
     assert f"pid {first.pid} on {socket.gethostname()}" in line and "out is in use" in line
@@ -542,7 +544,8 @@ ERRORS = {
     "not utf-8": (["--input", "latin1.txt"], 1, ["latin1.txt", "UTF-8"]),
     "empty input": (["--input", "empty.jsonl"], 1, ["no documents"]),
     "blank lines": (["--input", "blank.jsonl"], 1, ["no documents"]),
-    "hub unreachable": (["--dataset", "HuggingFaceFW/fineweb-edu", "--no-disk-check"], 1, ["Hugging Face hub", "--input"]),
+    "hub unreachable": (["--dataset", "HuggingFaceFW/fineweb-edu", "--no-disk-check"], 1,
+                        ["Hugging Face hub", "--input"]),
 }
 
 
