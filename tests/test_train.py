@@ -465,7 +465,8 @@ def test_rolling_back_to_a_perturbed_checkpoint_keeps_one_history(straight, data
         assert all(old[s] != new[s] for s in new)  # the branches really differ
     aside = glob.glob(str(log_dir / "abandoned" / "*"))
     assert len(aside) == 1 and sorted(os.listdir(aside[0])) == ["step_00000006.pt", "step_00000008.pt"]
-    assert torch.equal(checkpoint(log_dir, 8)["model"]["lm_head.weight"], checkpoint(reference, 8)["model"]["lm_head.weight"])
+    assert torch.equal(checkpoint(log_dir, 8)["model"]["lm_head.weight"],
+                       checkpoint(reference, 8)["model"]["lm_head.weight"])
 
 
 def test_a_rollback_may_lower_the_learning_rate(straight, data_dir, tmp_path, capsys):
@@ -477,7 +478,7 @@ def test_a_rollback_may_lower_the_learning_rate(straight, data_dir, tmp_path, ca
     assert "note: max_lr=0.01 in the checkpoint, 0.005 now; warmup_steps=2 in the checkpoint, 1 now" \
         in capsys.readouterr().out
     old, new = parse_args(args(data_dir, log_dir)), parse_args(args(data_dir, log_dir, "--max-lr", "5e-3",
-                                                                      "--warmup-steps", "1"))
+                                                                    "--warmup-steps", "1"))
     assert series(log_dir, "lr") == {s: pytest.approx(get_lr(s, old if s < 4 else new)) for s in range(STEPS)}
     assert series(log_dir, "train_loss")[4] == series(straight, "train_loss")[4]  # same weights, same batch
 
@@ -499,7 +500,8 @@ def test_ctrl_c_stops_cleanly_with_130_and_twice_quits_at_once(straight, data_di
     result = hooked(["0:3:SIGINT"], args(data_dir, tmp_path / "once"))
     assert result.returncode == 130 and "Traceback" not in result.stderr
     assert result.stderr == "SIGINT: stopping after this step, with a checkpoint (Ctrl-C again to quit at once)\n"
-    assert "stopped after step 3 (SIGINT); checkpoint step_00000004.pt saved; relaunch the same command" in result.stdout
+    assert "stopped after step 3 (SIGINT); checkpoint step_00000004.pt saved; relaunch the same command" \
+        in result.stdout
     assert checkpoint(tmp_path / "once", 4)["step"] == 4
     result = hooked(["0:3:SIGINT2"], args(data_dir, tmp_path / "twice"))
     assert result.returncode == 130 and "Traceback" not in result.stderr
@@ -534,7 +536,7 @@ def test_time_limit_stops_before_the_limit_with_room_for_a_step_and_a_checkpoint
 
 def test_an_injected_non_finite_loss_is_skipped_counted_and_training_goes_on(data_dir, tmp_path):
     result = hooked(["0:2:nan", "0:3:nan"], args(data_dir, tmp_path, "--checkpoint-interval", "1",
-                                                   "--keep-checkpoints", "10"))
+                                                 "--keep-checkpoints", "10"))
     assert result.returncode == 0, result.stderr
     train = [r for r in metrics(tmp_path) if "train_loss" in r]
     assert [r["step"] for r in train] == list(range(STEPS))
@@ -619,8 +621,9 @@ def test_under_torchrun_sigusr1_on_one_rank_stops_both_after_the_same_step(strai
 @pytest.mark.multiprocess
 def test_under_torchrun_a_setup_fault_on_rank_1_ends_both_ranks_with_its_message(data_dir, hellaswag_file, tmp_path):
     missing = str(tmp_path / "not-on-this-node" / "hellaswag_val.jsonl")
-    result = hooked([f"1:argv:--hellaswag-file={missing}"], args(data_dir, tmp_path / "log", "--hellaswag-interval", "4",
-                                                                   "--hellaswag-file", hellaswag_file), torchrun=True)
+    result = hooked([f"1:argv:--hellaswag-file={missing}"],
+                    args(data_dir, tmp_path / "log", "--hellaswag-interval", "4", "--hellaswag-file", hellaswag_file),
+                    torchrun=True)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: rank 1: ") and missing in errors[0], result.stderr[-3000:]
@@ -643,7 +646,8 @@ def test_under_torchrun_rank_0_chooses_the_checkpoint_for_every_rank(straight, d
     result = hooked(["1:setup:blind"], args(data_dir, log_dir, "--max-steps", "8"), torchrun=True)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
-    assert errors[0].startswith("error: rank 1: cannot read the checkpoint rank 0 chose") and "same --log-dir" in errors[0]
+    assert errors[0].startswith("error: rank 1: cannot read the checkpoint rank 0 chose") \
+        and "same --log-dir" in errors[0]
 
 
 @pytest.mark.multiprocess
@@ -825,7 +829,8 @@ def test_shipped_configs_are_the_recipes_they_say(data_dir):
     assert set(configs) == {"gpt2-124m-8gpu.toml", "gpt2-124m-1gpu-24gb.toml", "finetune-gpt2.toml", "demo.toml"}
     for name, world_size in (("gpt2-124m-8gpu.toml", 8), ("gpt2-124m-1gpu-24gb.toml", 1)):
         config = configs[name]
-        assert (config.total_batch_size, config.max_steps, config.max_lr, config.warmup_steps) == (524288, 19073, 6e-4, 715)
+        assert (config.total_batch_size, config.max_steps, config.max_lr, config.warmup_steps) \
+            == (524288, 19073, 6e-4, 715)
         assert config.total_batch_size % (config.batch_size * config.seq_len * world_size) == 0
         assert train_gpt2.config_problems(config, world_size) == []
     assert configs["finetune-gpt2.toml"].init_from == "gpt2"
@@ -1031,7 +1036,7 @@ def test_demo_builds_its_data_and_trains_end_to_end(tmp_path, capsys):
     ("cpu", None, True, "Linux", "float32", False),
 ])
 def test_auto_dtype_and_compile_for_each_device(kind, capability, triton, system, dtype, compiled, monkeypatch,
-                                                 capsys):
+                                                capsys):
     import platform
 
     import torch.utils._triton
