@@ -126,8 +126,8 @@ def set_rng_state(state):
 
 class RunLog:
     """Rank 0's metrics.jsonl, log.txt and dashboards (on other ranks it writes nothing). A launch that starts at
-    step S keeps the events and checkpoints before S and sets the rest aside, in metrics.jsonl, checkpoints/ and
-    TensorBoard; W&B continues one run over every launch (its id in wandb_run_id) but keeps both branches."""
+    step S tells one history: it drops the events of steps >= S (metrics.jsonl, TensorBoard) and moves checkpoints
+    past S to abandoned/. W&B continues one run over every launch (its id in wandb_run_id) but keeps both branches."""
 
     def __init__(self, config, start_step, enabled):
         self.enabled, self.tensorboard, self.wandb = enabled, None, None
