@@ -17,7 +17,8 @@ import torch
 
 import tokenizer
 from common import UserError, fsync_directory, parse_settings, setting
-from model import GPT, GPT2_VOCAB_SIZE, read_checkpoint
+from logdir import model_from_checkpoint, read_checkpoint
+from model import GPT2_VOCAB_SIZE, copy_weights
 
 
 @dataclass
@@ -34,7 +35,7 @@ def main(argv=None):
     try:
         config = parse_settings(ExportConfig, argv, "Export a train_gpt2.py checkpoint as a Hugging Face folder.")
         checkpoint = read_checkpoint(config.checkpoint)
-        hf_model = GPT.from_checkpoint(checkpoint).to_hf(getattr(torch, config.dtype))
+        hf_model = to_hf(model_from_checkpoint(checkpoint), getattr(torch, config.dtype))
         save_folder(hf_model, config.output_dir, training_section(checkpoint, config.checkpoint))
     except (UserError, OSError, ValueError) as e:  # no checkpoint, no vocabulary, a full disk: nothing half written
         print(f"export.py: error: {e}", file=sys.stderr)
@@ -43,8 +44,23 @@ def main(argv=None):
     return 0
 
 
+def to_hf(model, dtype=torch.float32):
+    """Our GPT as transformers' GPT2LMHeadModel in dtype, padding rows dropped, sampling as GPT.generate by default."""
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+    c, eot = model.config, GPT2_VOCAB_SIZE - 1
+    sizes = dict(n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head)
+    tokens = dict(vocab_size=min(c.vocab_size, GPT2_VOCAB_SIZE), bos_token_id=eot, eos_token_id=eot)
+    # GPT2Config's defaults are GPT-2's (gelu_new, layer_norm_epsilon 1e-5), but for dropout, which ours has not
+    hf_model = GPT2LMHeadModel(GPT2Config(**sizes, **tokens, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    copy_weights(model.state_dict(), hf_model.state_dict())
+    sampling = dict(do_sample=True, top_k=50, max_length=c.block_size)
+    hf_model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, **sampling)
+    return hf_model.to(dtype)
+
+
 def save_folder(hf_model, directory, training=""):
-    """hf_model (GPT.to_hf's), GPT-2's tokenizer and a model card -> `directory` (new or empty), all or nothing."""
+    """hf_model (to_hf's), GPT-2's tokenizer and a model card -> `directory` (new or empty), all or nothing."""
     if problem := occupied(directory):
         raise ValueError(problem)
     parent, name = os.path.split(os.path.abspath(directory))
@@ -78,7 +94,7 @@ A GPT-2 model with {size:,} parameters ({size / 1e6:.1f}M): {c.n_layer} layers, 
 a context of {c.n_positions} tokens, {vocabulary}; weights in {str(hf_model.dtype).removeprefix("torch.")}.
 
 ## Training
-{training or "Not recorded: this folder was written by GPT.save_pretrained."}
+{training or "Not recorded."}
 
 ## Use
 ```python

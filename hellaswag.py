@@ -31,9 +31,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (AllRanks, UserError, agree, atomic_write, autocast_dtype_for, parse_settings, pick_device, setting,
-                    start_distributed)
-from model import GPT, GPT2_VOCAB_SIZE, load_model  # scored over GPT-2's real tokens only; more rows are padding
+from common import UserError, agree, atomic_write, autocast_dtype_for, parse_settings, pick_device, setting
+from logdir import load_model
+from model import GPT, GPT2_VOCAB_SIZE  # scored over GPT-2's real tokens only; more rows are padding
 from tokenizer import get_tokenizer
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -198,17 +198,26 @@ class HellaSwagConfig:
 
 
 def main(argv=None):
-    rank, world_size = start_distributed()  # under torchrun, rank 0 alone prints
+    # Under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE) each process scores its share of the examples
+    # on its own GPU and rank 0 alone prints. Each rank keeps its first error; the ranks agree before scoring.
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1:
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    error = None
     try:
-        with AllRanks(prefix="hellaswag.py: error: "):  # an error on one rank ends them all, printed once
-            config = parse_settings(HellaSwagConfig, argv, "Score a GPT-2 on HellaSwag, completion style.")
-            device = pick_device(config.device)
-        with AllRanks(prefix="hellaswag.py: error: "):  # settings first: no rank loads a model in vain
-            examples = load_examples(config.data or download())[:config.limit]
-            try:
-                model = load_model(config.model)
-            except ValueError as e:
-                raise UserError(str(e)) from None
+        config = parse_settings(HellaSwagConfig, argv, "Score a GPT-2 on HellaSwag, completion style.")
+        device = pick_device(config.device)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        examples = load_examples(config.data or download())[: config.limit]
+        model = load_model(config.model)
+    except ValueError as e:  # load_model's one line
+        error = UserError(str(e))
+    except UserError as e:
+        error = e
+    try:
+        agree(error, prefix="hellaswag.py: error: ")  # an error on one rank ends them all, printed once
         if rank == 0:
             print(f"{config.model}: {model.num_parameters():,} parameters on {device}, {len(examples)} examples over "
                   f"{world_size} process(es)")
@@ -226,9 +235,8 @@ def main(argv=None):
         if rank == 0 and not getattr(e, "reported", False):
             print(f"hellaswag.py: error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 1))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """The shard loader: (x, y) windows of T+1 tokens over a split's shards, for every rank, resumable.
 
-A split's shards, in the epoch's order, form one stream; row i is stream[i*T : i*T + T + 1], which
-may span shards. Rows are counted from the start of training and run on into the next epoch, with
-its own shard and row order (seeded by (seed, epoch): the same on every rank). Rank r of W reads
-micro batch g = (step * accum + micro_step) * W + r, rows [g*B, (g+1)*B): the ranks' rows are what one
-process reads with W times the accumulation, and the state (the next row) holds for any B and W.
+A split's shards, in the epoch's order, form one stream; row i is stream[i*T : i*T + T + 1], which may
+span shards. Rows are counted from the start of training and run on into the next epoch, with its own
+shard and row order (seeded by (seed, epoch): the same on every rank). Rank r of W reads micro batch
+g = (step * accum + micro_step) * W + r, rows [g*B, (g+1)*B): the ranks' rows are what one process reads
+with W times the accumulation, and the state (the next row) holds for any B and W. A background thread
+reads the next micro batch while the GPU works on this one.
 
     loader = ShardLoader("edu_fineweb10B", "train", batch_size=16, seq_len=1024, rank=rank, world_size=8)
     x, y = loader.next_batch()   # (16, 1024) int64 each; y is x shifted by one
@@ -13,19 +14,29 @@ process reads with W times the accumulation, and the state (the next row) holds 
 
 import glob
 import os
+import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from common import UserError
 
+READER = ThreadPoolExecutor(1, thread_name_prefix="loader")  # reads the next micro batch while this one trains
+
 
 def find_shards(data_dir, split):
+    """The split's shard paths in order, from a directory that holds one dataset (one file-name prefix)."""
     if os.path.isfile(data_dir):
         raise UserError(f"--data-dir {data_dir} is a file; give the directory of shards that fineweb.py wrote")
     if not os.path.isdir(data_dir):
         raise UserError(f"data directory {data_dir} does not exist; make it with `python fineweb.py` (or try --demo)")
-    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].npy")))
+    names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(data_dir), "*.npy")))
+    shards = [match for name in names if (match := re.fullmatch(r"(.+)_(val|train)_\d{6}\.npy", name))]
+    if len(prefixes := sorted({match[1] for match in shards})) > 1:
+        raise UserError(f"{data_dir} holds shards of {len(prefixes)} datasets ({', '.join(prefixes)}); keep one "
+                        f"prefix a directory: move the others into a directory of their own")
+    paths = [os.path.join(data_dir, match[0]) for match in shards if match[2] == split]
     if not paths:
         raise UserError(f"no {split} shards (*_{split}_NNNNNN.npy) in {data_dir}; make them with `python fineweb.py`")
     return paths
@@ -38,18 +49,18 @@ def open_shard(path):
     except (ValueError, OSError, EOFError) as e:  # truncated, not .npy, unreadable
         raise UserError(f"{path} is not a readable token shard ({e}); delete it and rerun `python fineweb.py`")
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise UserError(f"{path} holds a {tokens.dtype} array of shape {tokens.shape}, not uint16 tokens; "
-                        f"delete it and rerun `python fineweb.py`")
+        what = f"a {tokens.dtype} array of shape {tokens.shape}"
+        raise UserError(f"{path} holds {what}, not uint16 tokens; delete it and rerun `python fineweb.py`")
     return tokens
 
 
 class ShardLoader:
-    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, vocab_size=None,
-                 seed=0, shuffle=False, min_rows=None):
+    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, vocab_size=None, seed=0,
+                 shuffle=False, pin_memory=False, min_rows=None):
         self.paths = find_shards(data_dir, split)
         self.shards = [open_shard(p) for p in self.paths]
         self.split, self.B, self.T, self.rank, self.world_size = split, batch_size, seq_len, rank, world_size
-        self.vocab_size, self.seed, self.shuffle = vocab_size, seed, shuffle
+        self.vocab_size, self.seed, self.shuffle, self.pin_memory = vocab_size, seed, shuffle, pin_memory
         self.num_tokens = sum(len(s) for s in self.shards)
         self.rows_per_epoch = max(0, (self.num_tokens - 1) // seq_len)  # each window needs T+1 tokens
         min_rows = batch_size * world_size if min_rows is None else min_rows  # one micro step on all ranks
@@ -58,6 +69,7 @@ class ShardLoader:
                             f"of {min_rows} windows of {seq_len}+1 tokens; use more data or a smaller "
                             f"--batch-size/--seq-len")
         self.row, self._epoch = 0, None  # the next row to read (counted over epochs), the epoch _order holds
+        self._ahead = None  # (first row, the future of its micro batch), read on READER
 
     def _order(self, epoch):
         """The epoch's shard order, each shard's start in its stream, and its row order (None: in order)."""
@@ -70,38 +82,53 @@ class ShardLoader:
             self._epoch, self._cached = epoch, (shard_order, starts, rows)
         return self._cached
 
-    def _window(self, epoch, row):
-        """Tokens stream[row*T : row*T + T + 1] of an epoch, read across shard ends."""
-        shard_order, starts, _ = self._order(epoch)
-        start, pieces, need = row * self.T, [], self.T + 1
-        i = int(np.searchsorted(starts, start, side="right")) - 1  # the shard holding `start`
-        while need:
-            shard = shard_order[i]
-            piece = self.shards[shard][start - starts[i]:start - starts[i] + need]
-            # Ids are checked on every read: a max over T+1 tokens costs nothing next to the forward.
-            if self.vocab_size is not None and len(piece) and int(piece.max()) >= self.vocab_size:
-                raise UserError(f"{self.paths[shard]} holds token id {int(piece.max())}, beyond the model's "
-                                f"vocab_size={self.vocab_size}; raise --vocab-size or re-tokenize with GPT-2's "
-                                f"tokenizer", every_rank=False)
-            pieces.append(piece)
-            start, need, i = start + len(piece), need - len(piece), i + 1
-        return np.concatenate(pieces)
-
     def read_rows(self, rows):
-        """(x, y) int64 tensors of shape (len(rows), T) for rows counted over epochs."""
+        """(x, y) int64 tensors of shape (len(rows), T) for rows counted over epochs: one gather per shard."""
         windows = np.empty((len(rows), self.T + 1), dtype=np.int64)
-        for j, row in enumerate(rows):
-            epoch, index = divmod(int(row), self.rows_per_epoch)
-            row_order = self._order(epoch)[2]
-            windows[j] = self._window(epoch, index if row_order is None else int(row_order[index]))
+        rows = np.asarray(rows, dtype=np.int64)
+        for epoch in np.unique(rows // self.rows_per_epoch):
+            shard_order, starts, row_order = self._order(epoch)
+            mine = np.flatnonzero(rows // self.rows_per_epoch == epoch)
+            index = rows[mine] % self.rows_per_epoch
+            begin = (index if row_order is None else row_order[index]) * self.T  # each window's place in the stream
+            shard_at = np.searchsorted(starts, begin, side="right") - 1
+            for i in np.unique(shard_at):
+                shard, here = self.shards[shard_order[i]], mine[shard_at == i]
+                offsets = begin[shard_at == i] - starts[i]
+                inside = offsets + self.T + 1 <= len(shard)
+                if inside.any():  # a view of every window of the shard; indexing it reads just these
+                    windows[here[inside]] = np.lib.stride_tricks.sliding_window_view(shard, self.T + 1)[offsets[inside]]
+                for j, offset in zip(here[~inside], offsets[~inside]):  # windows that run on into the next shards
+                    pieces, k = [shard[offset:]], i + 1
+                    while sum(map(len, pieces)) < self.T + 1:
+                        pieces.append(self.shards[shard_order[k]][: self.T + 1])
+                        k += 1
+                    windows[j] = np.concatenate(pieces)[: self.T + 1]
+                # Ids are checked on every read: a max over the batch costs nothing next to the forward.
+                if self.vocab_size is not None and (largest := windows[here].max()) >= self.vocab_size:
+                    raise UserError(f"{self.paths[shard_order[i]]} holds token id {largest}, beyond the model's "
+                                    f"vocab_size={self.vocab_size}; raise --vocab-size or re-tokenize with GPT-2's "
+                                    f"tokenizer", every_rank=False)
         windows = torch.from_numpy(windows)
-        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        return (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
 
     def next_batch(self):
-        """This rank's next micro batch (x, y), each (B, T); all ranks move on by W*B rows."""
+        """This rank's next micro batch (x, y), each (B, T); all ranks move on by W*B rows. The batch after it
+        is read meanwhile on a thread (into pinned memory for a GPU: its copy can overlap the compute)."""
         first = self.row + self.rank * self.B
         self.row += self.B * self.world_size
-        return self.read_rows(range(first, first + self.B))
+        if self._ahead is not None and self._ahead[0] == first:
+            batch = self._ahead[1].result()
+        else:  # the first batch, or the first after load_state_dict
+            batch = self.read_rows(range(first, first + self.B))
+        following = self.row + self.rank * self.B
+        self._ahead = (following, READER.submit(self.read_rows, range(following, following + self.B)))
+        return batch
+
+    def shard_list(self):
+        """[(file name, tokens)] of the split's shards: what the ranks compare before they train."""
+        return [(os.path.basename(path), len(shard)) for path, shard in zip(self.paths, self.shards)]
 
     def state_dict(self):
         epoch, row = divmod(self.row, self.rows_per_epoch)

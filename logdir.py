@@ -1,13 +1,14 @@
 """A run's log directory: one run, its checkpoints and its history, safe against crashes and relaunches.
 
     log/.lock              held by the launch that writes here (a second one stops at once)
-    log/checkpoints/       step_00001000.pt ...: model, AdamW, loader and RNG states (the latest --keep-checkpoints)
+    log/checkpoints/       step_00001000.pt ...: model, optimizer and loader states (the latest --keep-checkpoints)
     log/metrics.jsonl      one JSON object per event, one history: a resumed run lists each step once
     log/log.txt            the same as text, with a header per launch (config, versions, device)
     log/config.toml        the run's settings, as given (train_gpt2.py --config reads it back)
     log/abandoned/<time>/  checkpoints of a branch a rollback left
 
-Only rank 0 writes here (every rank loads the checkpoint it chose); each file is whole or absent (atomic_write).
+Only rank 0 writes here; every rank reads the checkpoint it resumes from. Each file is whole or absent
+(atomic_write). Also here: reading a checkpoint as a model (load_model), for sample.py, hellaswag.py, export.py.
 """
 
 import glob
@@ -15,9 +16,10 @@ import json
 import math
 import os
 import platform
-import random
+import warnings
 import shutil
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from common import UserError, atomic_write, directory_lock, print0
-from model import read_checkpoint
+from model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 
 # What train_gpt2.py writes into a log directory: --overwrite removes these and nothing else.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "log.txt", "config.toml", "abandoned", "tensorboard", "wandb_run_id")
@@ -37,32 +39,88 @@ def list_checkpoints(log_dir):
     return sorted(glob.glob(os.path.join(log_dir, "checkpoints", "step_[0-9]*.pt")))
 
 
-def save_checkpoint(config, step, raw_model, optimizer, loader, scaler=None):
-    """Write log_dir/checkpoints/step_<step>.pt whole (atomic_write), then prune old ones."""
+def save_checkpoint(config, step, state):
+    """Write log_dir/checkpoints/step_<step>.pt whole (atomic_write), then prune old ones. state: the run's
+    stateful objects by name (model, optimizer, loader, scaler), each saved by its state_dict()."""
     path = os.path.join(config.log_dir, "checkpoints", f"step_{step:08d}.pt")
-    checkpoint = {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
-                  "optimizer": optimizer.state_dict(), "step": step, "config": asdict(config),
-                  "loader": loader.state_dict(), "rng": rng_state(), "scaler": scaler and scaler.state_dict()}
+    checkpoint = {name: thing.state_dict() for name, thing in state.items() if thing is not None}
+    checkpoint.update(step=step, config=asdict(config), model_config=asdict(state["model"].config))
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write(path, lambda f: torch.save(checkpoint, f))
     except OSError as e:  # a full disk, a vanished mount: the older checkpoints stay as they are
-        raise UserError(f"cannot write checkpoint {path} ({e}); free some space and relaunch to resume",
-                        every_rank=False)
-    for old in list_checkpoints(config.log_dir)[:-config.keep_checkpoints]:
+        message = f"cannot write checkpoint {path} ({e}); free some space and relaunch to resume"
+        raise UserError(message, every_rank=False) from None
+    for old in list_checkpoints(config.log_dir)[: -config.keep_checkpoints]:
         os.remove(old)
     return path
 
 
-def load_checkpoint(checkpoint, raw_model, optimizer, loader, scaler=None):
-    """Put back what save_checkpoint saved -> the step to go on from."""
-    raw_model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    loader.load_state_dict(checkpoint["loader"])
-    set_rng_state(checkpoint["rng"])
-    if scaler:
-        scaler.load_state_dict(checkpoint["scaler"])
+def resume(config, state, check_settings):
+    """Put the run's state back from the checkpoint to continue -> its step, or 0 for a new run. Every rank
+    chooses alike: --resume's file, else the log directory's latest readable checkpoint (a crash mid-write
+    leaves an unreadable one: the one before is taken). check_settings(saved config, config) may refuse it."""
+    if config.resume == "never" or config.overwrite:
+        return 0
+    try:
+        checkpoint = read_checkpoint(config.log_dir if config.resume == "auto" else config.resume)
+    except ValueError as e:
+        if config.resume == "auto":
+            return 0  # no checkpoint yet (or none readable: each cut short by a crash)
+        raise UserError(f"--resume {e}; pass a checkpoint path, or --resume auto")
+    check_settings(checkpoint["config"], config)
+    for name, thing in state.items():
+        if thing is not None:
+            thing.load_state_dict(checkpoint[name])
     return checkpoint["step"]
+
+
+def read_checkpoint(path):
+    """A train_gpt2.py checkpoint file, or a log directory's newest readable one, as a plain dict (weights_only:
+    no code in the file can run). Anything else raises a one-line ValueError."""
+    if os.path.isdir(path):
+        for candidate in reversed(list_checkpoints(path)):
+            try:
+                return read_checkpoint(candidate)
+            except ValueError as e:
+                print0(f"note: skipping unreadable checkpoint ({e})", file=sys.stderr)
+        holds = f"{os.path.join(path, 'checkpoints')} holds no readable checkpoint"
+        raise ValueError(f"{path} is not a checkpoint file, and {holds} (train_gpt2.py --log-dir {path} writes them)")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist")
+    try:
+        with warnings.catch_warnings(action="ignore"):  # torch's notes on pickle protocols: not for the user
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, pickle and format errors each have their own type
+        kind = type(e).__name__
+        raise ValueError(f"{path} is not a readable checkpoint ({kind}: another kind of file, or a write cut short)") from None
+    if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= set(checkpoint):
+        raise ValueError(f"{path} is not a train_gpt2.py checkpoint (it holds no model and model_config)")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint):
+    """The GPT of a checkpoint: read_checkpoint's dict, a checkpoint file or a log directory (its latest)."""
+    checkpoint = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
+    model = GPT(GPTConfig(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
+def load_model(name):
+    """A GPT by name, as the scripts take it: a train_gpt2.py checkpoint or log directory, else a Hugging
+    Face folder or hub name, with GPT-2's vocabulary. What cannot be loaded raises a one-line ValueError."""
+    local = os.path.exists(name)
+    try:
+        ours = local and not os.path.isfile(os.path.join(name, "config.json"))  # not a Hugging Face folder
+        model = model_from_checkpoint(name) if ours else GPT.from_pretrained(name)
+    except (OSError, ValueError) as e:  # read_checkpoint's one line; the hub's or transformers' many
+        message = (str(e).strip() or type(e).__name__).splitlines()[0]
+        where = message if local else f"not a local path, and the Hugging Face hub did not give it ({message})"
+        raise ValueError(f"cannot load model {name}: {where}") from None
+    if model.config.vocab_size < GPT2_VOCAB_SIZE:
+        raise ValueError(f"{name} has vocab_size {model.config.vocab_size}; GPT-2's tokenizer needs {GPT2_VOCAB_SIZE}")
+    return model
 
 
 @contextmanager
@@ -71,9 +129,8 @@ def claim_log_dir(config):
     earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(config.log_dir, name))]
     holds_run = list_checkpoints(config.log_dir) or os.path.exists(os.path.join(config.log_dir, "metrics.jsonl"))
     if holds_run and config.resume == "never" and not config.overwrite:  # refused before anything is touched
-        raise UserError(f"{config.log_dir} holds a run ({', '.join(earlier)}); continue it with --resume auto, "
-                        f"start a new run there with --overwrite (deletes those), or use another --log-dir",
-                        exit_code=2)
+        raise UserError(f"{config.log_dir} holds a run ({', '.join(earlier)}); continue it with --resume auto, start "
+                        f"a new run there with --overwrite (deletes those), or use another --log-dir", exit_code=2)
     try:
         os.makedirs(config.log_dir, exist_ok=True)
     except OSError as e:
@@ -86,42 +143,6 @@ def claim_log_dir(config):
         for stale in glob.glob(os.path.join(config.log_dir, "checkpoints", ".*.tmp")):
             os.remove(stale)  # a launch killed mid-write left it; the lock says no one else writes here
         yield
-
-
-def choose_checkpoint(config):
-    """Rank 0: (path, contents) of the checkpoint to resume from, or (None, None) for a new run.
-    With --resume auto an unreadable latest file (a crash mid-write) is skipped for the one before."""
-    if config.resume == "never" or config.overwrite:
-        return None, None
-    if config.resume != "auto":
-        try:
-            return config.resume, read_checkpoint(config.resume)
-        except ValueError as e:
-            raise UserError(f"--resume {e}; pass a checkpoint path, or --resume auto")
-    for path in reversed(list_checkpoints(config.log_dir)):
-        try:
-            return path, read_checkpoint(path)
-        except ValueError as e:
-            print0(f"note: skipping unreadable checkpoint ({e})")
-    return None, None
-
-
-def rng_state():
-    key, pos, has_gauss, gauss = np.random.get_state()[1:]
-    numpy_state = {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state  # only tensors and plain values: torch.load(weights_only=True) reads it
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 class RunLog:
@@ -141,15 +162,15 @@ class RunLog:
             if config.wandb:
                 import wandb
                 id_path = os.path.join(config.log_dir, "wandb_run_id")
-                self.wandb = wandb.init(project=config.wandb, dir=config.log_dir, resume="allow",
-                                        id=open(id_path).read().strip() if os.path.exists(id_path) else None,
-                                        config=asdict(config), allow_val_change=True)  # a resumed run may change some
+                run_id = open(id_path).read().strip() if os.path.exists(id_path) else None  # one W&B run, every launch
+                settings = dict(config=asdict(config), allow_val_change=True)  # a resumed run may change some
+                self.wandb = wandb.init(project=config.wandb, dir=config.log_dir, resume="allow", id=run_id, **settings)
                 atomic_write(id_path, lambda f: f.write(self.wandb.id.encode()))
                 self.wandb.define_metric("step")
                 self.wandb.define_metric("*", step_metric="step")  # charted against our step, not W&B's count
         except ImportError as e:
-            raise UserError(f"--tensorboard and --wandb need their packages: pip install -r requirements-tracking.txt "
-                            f"({e})", exit_code=2)
+            fix = "pip install -r requirements-tracking.txt"
+            raise UserError(f"--tensorboard and --wandb need their packages: {fix} ({e})", exit_code=2) from None
         # Checkpoints past S belong to a branch this launch abandons (a rollback, an unreadable latest one):
         # moved aside, so that --resume auto and pruning never mix them in.
         later = [p for p in list_checkpoints(config.log_dir) if int(os.path.basename(p)[5:-3]) > start_step]
@@ -170,9 +191,11 @@ class RunLog:
                 f.write(line + "\n")
 
     def event(self, record, line):
-        """One event (a dict with a "step"; non-finite values as null) to metrics.jsonl, the dashboards, log.txt."""
+        """One event (a dict with a "step"; non-finite values as null) to metrics.jsonl, the dashboards, log.txt,
+        and its line printed."""
         if not self.enabled:
             return
+        print(line, flush=True)
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
@@ -186,8 +209,8 @@ class RunLog:
         if self.wandb:
             import wandb
             if "samples" in record:
-                numbers["samples"] = wandb.Table(columns=["step", "sample"],
-                                                 data=[[step, text] for text in record["samples"]])
+                rows = [[step, text] for text in record["samples"]]
+                numbers["samples"] = wandb.Table(columns=["step", "sample"], data=rows)
             self.wandb.log({"step": step, **numbers})
         self.text(line)
 
@@ -207,12 +230,13 @@ def event_step(line):
 
 def run_header(config, device, world_size):
     """The top of each launch in log.txt: enough to tell runs apart and reproduce them."""
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+        git = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = git.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return (f"=== launch {time.strftime('%Y-%m-%d %H:%M:%S')} ===\nconfig: {json.dumps(asdict(config))}\n"
-            f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, git {commit}\n"
-            f"device: {name}, world size {world_size}")
+    versions = f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, git {commit}"
+    launch = f"=== launch {time.strftime('%Y-%m-%d %H:%M:%S')} ==="
+    return f"{launch}\nconfig: {json.dumps(asdict(config))}\n{versions}\ndevice: {name}, world size {world_size}"

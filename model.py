@@ -1,19 +1,13 @@
 """GPT-2 (Radford et al. 2019): token + learned position embeddings, n_layer pre-LayerNorm blocks of
 causal self-attention and a 4x MLP, a final LayerNorm and an lm_head tied to the token embedding, with
-Hugging Face GPT-2's names. Imports only torch (transformers only inside the Hugging Face methods).
+Hugging Face GPT-2's names. Imports only torch (transformers only inside from_pretrained).
 
     model = GPT(GPTConfig())                  # 124M, GPT-2's initialisation
     model = GPT.from_pretrained("gpt2")       # OpenAI's weights (a hub name or a local HF folder)
-    model = load_model("log")                 # by name: a train_gpt2.py checkpoint or log dir, or the above
     logits, loss = model(idx, targets)        # idx, targets: (B, T) int64
     out = model.generate(idx, 32, top_k=50)   # idx + 32 sampled tokens; model.stream yields them one by one
-    model.save_pretrained("my-gpt2")          # a Hugging Face folder: weights, tokenizer, model card
 """
 
-import contextlib
-import glob
-import os
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 
@@ -121,8 +115,9 @@ class GPT(nn.Module):
         if logit_positions is not None:
             x = x.view(B * T, -1)[logit_positions]  # (N, C)
         logits = self.lm_head(x)  # (B, T, vocab_size), or (N, vocab_size)
-        loss = None if targets is None else \
-            F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        loss = None
+        if targets is not None:  # in float32: bf16 logits would round the loss
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
         if kv_cache is not None:
             kv_cache.length += T
         return logits, loss
@@ -136,15 +131,15 @@ class GPT(nn.Module):
         n_matmul = self.num_parameters() - self.transformer.wpe.weight.numel()
         return 6 * n_matmul + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8, device_type="cpu"):
+    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8):
         """AdamW, weight decay on matmul weights and embeddings (2+ dims) only -> (optimizer, info)."""
         params = [p for p in self.parameters() if p.requires_grad]
         decay, no_decay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
-        fused = device_type in ("cuda", "cpu", "mps")  # the whole update in a few kernel launches
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = params[0].device.type in ("cuda", "cpu", "mps")  # the whole update in a few kernel launches
         optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
-        return optimizer, dict(num_decay_params=sum(map(torch.numel, decay)), fused=fused,
-                               num_nodecay_params=sum(map(torch.numel, no_decay)))
+        counts = dict(num_decay_params=sum(map(torch.numel, decay)), num_nodecay_params=sum(map(torch.numel, no_decay)))
+        return optimizer, counts
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
         """idx (B, T) and max_new_tokens sampled after it; top_k=1 is greedy, None or 0 samples from all."""
@@ -179,74 +174,10 @@ class GPT(nn.Module):
             raise ValueError(f"{name_or_path} uses activation {c.activation_function!r}; GPT-2 uses gelu_new")
         if (vocab_size or c.vocab_size) < c.vocab_size:
             raise ValueError(f"vocab_size {vocab_size} is smaller than the checkpoint's {c.vocab_size}")
-        model = cls(GPTConfig(block_size=c.n_positions, vocab_size=vocab_size or c.vocab_size,
-                              n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
+        sizes = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+        model = cls(GPTConfig(block_size=c.n_positions, vocab_size=vocab_size or c.vocab_size, **sizes))
         copy_weights(hf_model.state_dict(), model.state_dict())
         return model
-
-    def to_hf(self, dtype=torch.float32):
-        """transformers' GPT2LMHeadModel in dtype, padding rows dropped, sampling as generate() by default."""
-        from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
-        c, eot = self.config, GPT2_VOCAB_SIZE - 1
-        hf_model = GPT2LMHeadModel(GPT2Config(  # its defaults are GPT-2's: gelu_new, layer_norm_epsilon 1e-5
-            vocab_size=min(c.vocab_size, GPT2_VOCAB_SIZE), n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-            n_head=c.n_head, bos_token_id=eot, eos_token_id=eot, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
-        copy_weights(self.state_dict(), hf_model.state_dict())
-        hf_model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
-                                                      do_sample=True, top_k=50, max_length=c.block_size)
-        return hf_model.to(dtype)
-
-    def save_pretrained(self, directory, dtype=torch.float32):
-        """The folder export.py writes (to_hf, GPT-2's tokenizer, a model card) in the new or empty directory."""
-        import export
-        export.save_folder(self.to_hf(dtype), directory)
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint):
-        """The model of a train_gpt2.py checkpoint: a file, a log directory (its latest), or read_checkpoint's dict."""
-        checkpoint = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
-        model = cls(GPTConfig(**checkpoint["model_config"]))
-        model.load_state_dict(checkpoint["model"])
-        return model
-
-
-def load_model(name):
-    """A GPT by name, as the scripts take it: a train_gpt2.py checkpoint or log directory, else a Hugging
-    Face folder or hub name, with GPT-2's vocabulary. What cannot be loaded raises a one-line ValueError."""
-    local = os.path.exists(name)
-    try:
-        ours = local and not os.path.isfile(os.path.join(name, "config.json"))  # not a Hugging Face folder
-        model = GPT.from_checkpoint(name) if ours else GPT.from_pretrained(name)
-    except (OSError, ValueError) as e:  # read_checkpoint's one line; the hub's or transformers' many
-        message = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise ValueError(f"cannot load model {name}: " + (message if local else "not a local path, and the "
-                         f"Hugging Face hub did not give it ({message})")) from None
-    if model.config.vocab_size < GPT2_VOCAB_SIZE:
-        raise ValueError(f"{name} has vocab_size {model.config.vocab_size}; GPT-2's tokenizer needs {GPT2_VOCAB_SIZE}")
-    return model
-
-
-def read_checkpoint(path):
-    """A train_gpt2.py checkpoint file, or a log directory's newest readable one, as a plain dict (weights_only:
-    no code in the file can run). Anything else raises a one-line ValueError."""
-    if os.path.isdir(path):
-        checkpoint_dir = os.path.join(path, "checkpoints")
-        for candidate in sorted(glob.glob(os.path.join(glob.escape(checkpoint_dir), "step_[0-9]*.pt")), reverse=True):
-            with contextlib.suppress(ValueError):
-                return read_checkpoint(candidate)
-        raise ValueError(f"{path} is not a checkpoint file, and {checkpoint_dir} holds no readable checkpoint "
-                         f"(train_gpt2.py --log-dir {path} writes them there)")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} does not exist")
-    try:
-        with warnings.catch_warnings(action="ignore"):  # torch's notes on pickle protocols: not for the user
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip, pickle and format errors each have their own type
-        raise ValueError(f"{path} is not a readable train_gpt2.py checkpoint ({type(e).__name__}: another kind of "
-                         f"file, or a write cut short)") from None
-    if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= set(checkpoint):
-        raise ValueError(f"{path} is not a train_gpt2.py checkpoint (it holds no model and model_config)")
-    return checkpoint
 
 
 def sample_next_token(logits, temperature=1.0, top_k=50, generator=None):

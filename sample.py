@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from common import UserError, parse_settings, pick_device, resolve_dtype, setting
-from model import load_model
+from logdir import load_model
 from tokenizer import EOT, get_tokenizer
 
 SEPARATOR = "-" * 40
@@ -24,25 +24,17 @@ SEPARATOR = "-" * 40
 
 @dataclass
 class SampleConfig:
-    model: str = setting(None, "a train_gpt2.py checkpoint or log directory (its latest checkpoint), a Hugging "
-                         "Face folder or hub name (gpt2 ... gpt2-xl)", flags=("-m", "--model"), required=True)
+    model: str = setting(None, "a train_gpt2.py checkpoint or log directory, a Hugging Face folder or hub name",
+                         flags=("-m", "--model"), required=True)
     prompt: str = setting(None, "the text to continue (default: stdin when it is not a terminal, else none)")
-    num_samples: int = setting(1, "how many samples")
-    max_new_tokens: int = setting(100, "the most tokens each sample adds to the prompt")
-    temperature: float = setting(1.0, "divides the logits: below 1 the likely tokens gain, above 1 they lose")
-    top_k: int = setting(50, "sample among the k most likely tokens; 1 is greedy, 0 all")
+    num_samples: int = setting(1, "how many samples", must="be positive")
+    max_new_tokens: int = setting(100, "the most tokens each sample adds to the prompt", must="not be negative")
+    temperature: float = setting(1.0, "divides the logits: below 1 the likely tokens gain", must="be positive")
+    top_k: int = setting(50, "sample among the k most likely tokens; 1 is greedy, 0 all", must="not be negative")
     seed: int = setting(42, "the same seed gives the same text")
     device: str = setting("auto", "cpu, cuda, cuda:N, mps, or auto: cuda > mps > cpu")
-    dtype: str = setting("auto", "the weights' dtype; auto: bfloat16 on recent GPUs, float16 on older ones, "
-                         "else float32", choices=["auto", "float32", "bfloat16", "float16"])
-
-    def problems(self):
-        lows = {"num-samples": (self.num_samples, 1), "max-new-tokens": (self.max_new_tokens, 0),
-                "top-k": (self.top_k, 0)}
-        found = [f"--{flag} must be at least {low}, got {value}" for flag, (value, low) in lows.items() if value < low]
-        if not 0 < self.temperature < float("inf"):  # nan is not either
-            found.append(f"--temperature must be a positive number, got {self.temperature}")
-        return found
+    dtype: str = setting("auto", "the weights' dtype (auto: bfloat16 on recent GPUs, float16 on older ones, else "
+                         "float32)", choices=["auto", "float32", "bfloat16", "float16"])
 
 
 def sample(model, enc, prompt, config, device):
@@ -71,8 +63,9 @@ def main(argv=None):
     try:
         config = parse_settings(SampleConfig, argv, "Sample text from a GPT-2.")
         device = pick_device(config.device)
-        prompt = config.prompt if config.prompt is not None else \
-            "" if sys.stdin.isatty() else sys.stdin.read().rstrip("\n")
+        prompt = config.prompt
+        if prompt is None:  # a prompt piped in, else none: a new document
+            prompt = "" if sys.stdin.isatty() else sys.stdin.read().rstrip("\n")
         try:
             enc, model = get_tokenizer(), load_model(config.model)
         except (OSError, ValueError) as e:  # tokenizer.py's and load_model's one line

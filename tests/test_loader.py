@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from loader import ShardLoader
-from train_gpt2 import TrainError
+from common import UserError as TrainError
 
 B, T = 4, 48
 
