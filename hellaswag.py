@@ -16,6 +16,7 @@ lowest mean per token. The last line printed is `acc: X acc_norm: Y n: N`; on th
 (lm-evaluation-harness rewrites the text and normalises by characters: acc 0.2892, acc_norm 0.3114 for 124M.)
 """
 
+import functools
 import hashlib
 import http.client
 import json
@@ -49,9 +50,8 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
     first, in batches padded to their longest row, the last filled with dummy rows: little padding, few shapes."""
     ours = isinstance(getattr(model, "_orig_mod", model), GPT)  # maybe compiled
     block_size = model.config.block_size if ours else model.config.n_positions
-    enc, device = get_tokenizer(), torch.device(device)
-    rendered = [(enc.encode_ordinary(e["ctx"]), [enc.encode_ordinary(" " + ending) for ending in e["endings"]])
-                for e in examples]  # an ending is a continuation: it starts with a space
+    device = torch.device(device)
+    rendered = [tokenize(e["ctx"], tuple(e["endings"])) for e in examples]  # each example once a process
     longest_row = [max(len(ctx) + len(ending) for ending in endings) for ctx, endings in rendered]
     indices = sorted(range(rank, len(examples), world_size), key=lambda i: (-longest_row[i], i))
     predictions, was_training = [], model.training
@@ -63,20 +63,29 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
             tensors = build_batch([rendered[i] for i in batch], batch_size, seq_len)
             tokens, positions, targets, rows = (t.to(device) for t in tensors)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(tokens, logit_positions=positions)[0] if ours else \
-                    model(tokens).logits.flatten(0, 1)[positions]  # (n, vocab); ours computes just these
+                if ours:  # (n, vocab): ours computes just these logits
+                    logits = model(tokens, logit_positions=positions)[0]
+                else:
+                    logits = model(tokens).logits.flatten(0, 1)[positions]
             # Over GPT-2's 50,257 tokens only: a checkpoint's padded vocabulary scores like its export.
             losses = F.cross_entropy(logits[:, :GPT2_VOCAB_SIZE].float(), targets, reduction="none")  # (n,)
             sums = torch.zeros(len(tokens), device=device).index_add_(0, rows, losses).view(-1, 4)
             means = sums / torch.bincount(rows, minlength=len(tokens)).clamp(min=1).view(-1, 4)
             picks = zip(batch, sums.argmin(1).tolist(), means.argmin(1).tolist(), means.tolist())  # no dummies
-            predictions += [dict(index=i, label=examples[i]["label"], pred=pred, pred_norm=pred_norm, losses=mean)
-                            for i, pred, pred_norm, mean in picks]
+            for i, pred, pred_norm, mean in picks:
+                predictions.append(dict(index=i, label=examples[i]["label"], pred=pred, pred_norm=pred_norm, losses=mean))
             bar.update(len(batch))
     model.train(was_training)
     predictions.sort(key=lambda p: p["index"])
-    return {"correct": sum(p["pred"] == p["label"] for p in predictions), "total": len(predictions),
-            "correct_norm": sum(p["pred_norm"] == p["label"] for p in predictions), "predictions": predictions}
+    correct, correct_norm = (sum(p[key] == p["label"] for p in predictions) for key in ("pred", "pred_norm"))
+    return dict(correct=correct, correct_norm=correct_norm, total=len(predictions), predictions=predictions)
+
+
+@functools.cache
+def tokenize(ctx, endings):
+    """An example's context and endings as GPT-2 tokens; an ending is a continuation: it starts with a space."""
+    enc = get_tokenizer()
+    return enc.encode_ordinary(ctx), [enc.encode_ordinary(" " + ending) for ending in endings]
 
 
 def build_batch(rendered, batch_size, seq_len):
@@ -125,7 +134,7 @@ def download(url=DATA_URL, directory=None, size=DATA_BYTES, sha256=DATA_SHA256, 
         except (OSError, http.client.HTTPException, UserError) as e:  # URLError and timeouts are OSErrors too
             if attempt == tries:
                 raise UserError(f"could not download HellaSwag from {url} in {tries} tries ({e}); nothing was kept in "
-                                f"{directory}; pass --data FILE with a local copy of {DATA_FILE}") from None
+                                f"{directory}") from None
             print(f"download of {DATA_FILE} failed ({e}); try {attempt + 1} of {tries} in {wait:g} s", file=sys.stderr)
             time.sleep(wait)
             wait *= 2
@@ -174,17 +183,16 @@ def _parse_line(line, where):
 
 @dataclass
 class HellaSwagConfig:
-    model: str = setting("gpt2", "a Hugging Face name (gpt2, gpt2-xl, ...) or directory, or a train_gpt2.py "
-                         "checkpoint .pt", flags=("-m", "--model"))
+    model: str = setting("gpt2", "a Hugging Face name or folder, or a train_gpt2.py checkpoint or log directory",
+                         flags=("-m", "--model"))
     data: str = setting(None, "local HellaSwag .jsonl (default: download the validation set once)")
     device: str = setting("auto", "cpu, cuda, cuda:N, mps, or auto for cuda > mps > cpu")
-    batch_size: int = setting(16, "examples per forward pass, 4 rows each")
-    limit: int = setting(None, "score only the first N examples")
+    batch_size: int = setting(16, "examples per forward pass, 4 rows each", must="be positive")
+    limit: int = setting(None, "score only the first N examples", must="be positive")
     predictions: str = setting(None, "write one JSON line per example: index, label, pred, pred_norm, losses")
 
     def problems(self):
-        found = [f"--{name.replace('_', '-')} {value} must be at least 1" for name in ("batch_size", "limit")
-                 if (value := getattr(self, name)) is not None and value < 1]
+        found = []
         if self.data is not None and not os.path.isfile(self.data):
             found.append(f"--data {self.data} is not a file; give a HellaSwag .jsonl, or leave --data out to download")
         if not os.path.exists(self.model) and (self.model.endswith(".pt") or self.model.startswith((".", "/", "~"))):
@@ -199,17 +207,29 @@ class HellaSwagConfig:
 
 def main(argv=None):
     # Under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE) each process scores its share of the examples
-    # on its own GPU and rank 0 alone prints. Each rank keeps its first error; the ranks agree before scoring.
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1:
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    # on its own GPU and rank 0 alone prints. A rank keeps its first error; the ranks agree before scoring.
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     error = None
     try:
         config = parse_settings(HellaSwagConfig, argv, "Score a GPT-2 on HellaSwag, completion style.")
         device = pick_device(config.device)
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
+        if local_rank == 0 and not config.data:  # one download a machine: the others read its copy after the barrier
+            try:
+                download()
+            except UserError as e:
+                raise UserError(f"{e}; pass --data FILE with a local copy of {DATA_FILE}") from None
+    except UserError as e:
+        error = e
+    if world_size > 1:
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        dist.barrier()
+    try:
+        if error:
+            raise error
         examples = load_examples(config.data or download())[: config.limit]
         model = load_model(config.model)
     except ValueError as e:  # load_model's one line
@@ -221,8 +241,8 @@ def main(argv=None):
         if rank == 0:
             print(f"{config.model}: {model.num_parameters():,} parameters on {device}, {len(examples)} examples over "
                   f"{world_size} process(es)")
-        result = evaluate(model.to(device), examples, device, config.batch_size, rank, world_size,
-                          autocast_dtype_for("auto", device), progress=rank == 0)  # the dtype training scores in
+        dtype = autocast_dtype_for("auto", device)  # the dtype training scores in
+        result = evaluate(model.to(device), examples, device, config.batch_size, rank, world_size, dtype, rank == 0)
         results = agree(value=result)  # every rank's share, in rank order
         correct, correct_norm, total = (sum(r[key] for r in results) for key in ("correct", "correct_norm", "total"))
         if rank == 0:

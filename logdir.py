@@ -190,12 +190,17 @@ class RunLog:
             with open(self.text_path, "a") as f:
                 f.write(line + "\n")
 
+    def line(self, text):
+        """A line printed and written to log.txt."""
+        if self.enabled:
+            print(text, flush=True)
+            self.text(text)
+
     def event(self, record, line):
-        """One event (a dict with a "step"; non-finite values as null) to metrics.jsonl, the dashboards, log.txt,
-        and its line printed."""
+        """One event (a dict with a "step"; non-finite values as null) to metrics.jsonl and the dashboards, and
+        its line printed and written to log.txt."""
         if not self.enabled:
             return
-        print(line, flush=True)
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
@@ -212,7 +217,7 @@ class RunLog:
                 rows = [[step, text] for text in record["samples"]]
                 numbers["samples"] = wandb.Table(columns=["step", "sample"], data=rows)
             self.wandb.log({"step": step, **numbers})
-        self.text(line)
+        self.line(line)
 
     def close(self):
         if self.tensorboard:

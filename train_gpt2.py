@@ -15,12 +15,19 @@ clipped at 1.0. A log directory holds one run: relaunching continues it, and eac
 processes and device, set-up (data, model, optimizer, resume), the loop, evaluation, settings checks, main.
 """
 
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load (torch takes seconds) ends quietly too
+    signal.signal(signal.SIGINT, lambda number, frame: sys.exit(130))
+
+import collections
+import contextlib
 import datetime
 import math
 import os
 import re
-import signal
-import sys
+import statistics
 import threading
 import time
 from contextlib import ExitStack, closing
@@ -130,12 +137,12 @@ def get_lr(step, config):
 # One optimizer step
 
 
-def train_step(model, optimizer, loader, accum, lr, config, device, autocast, scaler=None, stop=False):
+def train_step(model, optimizer, loader, accum, lr, config, device, autocast, scaler=None, wants_stop=bool):
     """One optimizer step over accum micro batches -> (loss, grad norm, skipped, stop).
 
     One small all-reduce at the end tells every rank what the others saw: a loss or gradient norm that is
-    not finite anywhere skips the update on every rank, and a rank that wants to stop (a signal, the time
-    limit) stops them all after this step.
+    not finite anywhere skips the update on every rank, and a rank whose wants_stop() is true at that point
+    (a signal came, the time is up) stops them all after this step.
     """
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
@@ -156,7 +163,7 @@ def train_step(model, optimizer, loader, accum, lr, config, device, autocast, sc
     # With float16's scaler, a non-finite norm under a finite loss is an overflow at the current scale:
     # scaler.step skips that update and scaler.update lowers the scale. It is not a skipped step.
     bad_norm = torch.zeros((), device=device) if scaler else (~torch.isfinite(norm)).float()
-    flags = torch.stack([loss_sum, bad_norm, torch.tensor(float(stop), device=device)])
+    flags = torch.stack([loss_sum, bad_norm, torch.tensor(float(wants_stop()), device=device)])
     if dist.is_initialized():
         dist.all_reduce(flags)  # a sum: gloo has no average
     loss_sum, bad_norm, stop = flags.tolist()
@@ -185,7 +192,7 @@ def train(argv, launch):
     config, error = TrainConfig(), None
     try:
         config = parse_args(argv)
-        launch.log_dir = config.log_dir  # for the message of a second Ctrl-C
+        launch.config = config  # for the messages of main()
         device = common.pick_device(config.device)
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)  # this process's own GPU: its kernels, RNG, memory
@@ -194,12 +201,14 @@ def train(argv, launch):
             launch.enter_context(claim_log_dir(config))  # one run per log directory, one launch at a time
             if config.demo:
                 write_demo_data(config.data_dir)
+        if local_rank == 0 and config.hellaswag_interval:
+            load_hellaswag(config)  # downloads it the first time: one process a machine, the others after the barrier
     except UserError as e:
         error = e
     if world_size > 1:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"  # gloo for CPU tensors
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.dist_timeout))
-        dist.barrier()  # the other ranks wait for rank 0's log directory and demo data
+        dist.barrier()  # the other ranks wait for rank 0's log directory and demo data, and HellaSwag's download
 
     # Set-up, on every rank: the device's settings, data, model, optimizer and the checkpoint to resume.
     # The ranks then agree once: an error on any rank (a file missing on one node) ends every rank with
@@ -211,7 +220,7 @@ def train(argv, launch):
         # Device differences, settled once: bfloat16 autocast on GPUs from Ampere on, float16 with a
         # gradient scaler before them, float32 on MPS and CPU; compile where Triton runs.
         compiled = common.compile_by_default(device) if config.compile is None else config.compile
-        config = replace(config, dtype=common.resolve_dtype(config.dtype, device), compile=compiled)
+        config = launch.config = replace(config, dtype=common.resolve_dtype(config.dtype, device), compile=compiled)
         if config.compile:
             check_compile(device)
         if device.type == "cuda":
@@ -258,43 +267,50 @@ def train(argv, launch):
         print0(f"note: the val split holds {val_loader.num_tokens} tokens: validating on {val_rows * T}")
     flops_per_token, peak = raw_model.flops_per_token(T), device_peak_flops(config, device)
     # For --time-limit: the slowest step and evaluation so far, and a checkpoint's time (until one is
-    # timed: the weights and AdamW's two moments at 100 MB/s).
-    started, slowest_step, slowest_eval = clock(), 0.0, 0.0
-    checkpoint_seconds, skipped_in_a_row = 12 * raw_model.num_parameters() / 100e6, 0
+    # timed: the weights and AdamW's two moments at 100 MB/s). For the ETA: the latest step times.
+    started, slowest_step, slowest_eval, recent = clock(), 0.0, 0.0, collections.deque(maxlen=50)
+    checkpoint_seconds, skipped_in_a_row, last_eval = 12 * raw_model.num_parameters() / 100e6, 0, {}
     while True:
         last, eval_start = step == config.max_steps, clock()
         if due(config.eval_interval, step, last):
-            val_loss = evaluate_val(model, val_loader, val_rows, rank, world_size, device, autocast)
-            log.event({"step": step, "val_loss": val_loss}, f"step {step:5d} | val loss {val_loss:.4f}")
+            last_eval["val loss"] = evaluate_val(model, val_loader, val_rows, rank, world_size, device, autocast)
+            line = f"step {step:5d} | val loss {last_eval['val loss']:.4f} | {clock() - eval_start:.1f} s"
+            log.event({"step": step, "val_loss": last_eval["val loss"]}, line)
         if due(config.hellaswag_interval, step, last):
-            acc = evaluate_hellaswag(model, examples, rank, world_size, device, config)
-            log.event({"step": step, "hellaswag_acc": acc}, f"step {step:5d} | hellaswag acc_norm {acc:.4f}")
+            t0 = clock()
+            last_eval["HellaSwag"] = evaluate_hellaswag(model, examples, rank, world_size, device, config)
+            line = f"step {step:5d} | hellaswag acc_norm {last_eval['HellaSwag']:.4f} | {clock() - t0:.1f} s"
+            log.event({"step": step, "hellaswag_acc": last_eval["HellaSwag"]}, line)
         if due(config.sample_interval, step, last) and master:
             samples = sample(raw_model, config, device, autocast)
             lines = "\n".join(f"step {step:5d} | sample {i}: {text!r}" for i, text in enumerate(samples))
             log.event({"step": step, "samples": samples}, lines)
         if last:
+            print0(summary(config, step, clock() - started, last_eval))
             return 0
         slowest_eval = max(slowest_eval, clock() - eval_start)
 
-        # The step proper, timed alone: evaluations and checkpoints stay out of ms/step and MFU. Going on
-        # past it needs time for it, the next evaluations and step, and a checkpoint.
+        # The step proper, timed alone: evaluations and checkpoints stay out of ms/step, MFU and the ETA.
+        # Going on past it needs time for it, the next evaluations and step, and a checkpoint.
         lr, elapsed = get_lr(step, config), clock() - started
         out_of_time = 0 < config.time_limit < elapsed + 2 * slowest_step + slowest_eval + checkpoint_seconds
+
+        def wants_stop():  # asked at the end of the step: a signal during it stops the run after it
+            return launch.signal is not None or (master and out_of_time)
+
         common.synchronize(device)
         t0 = clock()
-        try:
-            stop = master and out_of_time or launch.signal is not None
-            result = train_step(train_model, optimizer, train_loader, accum, lr, config, device, autocast, scaler, stop)
-        except torch.OutOfMemoryError:
-            raise UserError(out_of_memory(config, device, step), every_rank=False) from None
+        loss, norm, skipped, stop = train_step(train_model, optimizer, train_loader, accum, lr, config, device,
+                                               autocast, scaler, wants_stop)
         common.synchronize(device)
-        loss, norm, skipped, stop = result
         dt = clock() - t0
         slowest_step, tokens_per_sec = max(slowest_step, dt), config.total_batch_size / dt
+        recent.append(dt)
         mfu = flops_per_token * tokens_per_sec / (peak * world_size) if peak else None
-        line = f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | {dt * 1000:.2f} ms | "
-        line += f"{tokens_per_sec:,.0f} tok/s | mfu {'-' if mfu is None else f'{mfu * 100:.1f}%'}"
+        eta = hms(statistics.median(recent) * (config.max_steps - step - 1))
+        line = f"step {step:5d}/{config.max_steps} ({(step + 1) / config.max_steps:.1%}) | loss {loss:.6f} | "
+        line += f"lr {lr:.4e} | norm {norm:.4f} | {dt * 1000:.2f} ms | {tokens_per_sec:,.0f} tok/s | "
+        line += f"mfu {'-' if mfu is None else f'{mfu * 100:.1f}%'} | ETA {eta}"
         record = dict(step=step, train_loss=loss, lr=lr, grad_norm=norm, dt_ms=dt * 1000, tokens_per_sec=tokens_per_sec)
         record["mfu"] = mfu
         if skipped:
@@ -307,8 +323,9 @@ def train(argv, launch):
         stop = (stop or too_many_skipped or step == config.stop_at_step) and step < config.max_steps
         if master and (due(config.checkpoint_interval, step, False) or step == config.max_steps or stop):
             t0 = clock()
-            log.text(f"step {step} checkpoint {save_checkpoint(config, step, state)}")
+            path = save_checkpoint(config, step, state)
             checkpoint_seconds = clock() - t0
+            log.line(f"step {step:5d} | checkpoint {path} | {checkpoint_seconds:.1f} s")
         if too_many_skipped:
             raise UserError(f"{skipped_in_a_row} steps in a row (to step {step - 1}) had a non-finite loss or "
                             f"gradient and were skipped; a checkpoint after them is saved, so a relaunch goes on with "
@@ -335,6 +352,23 @@ def check_same_everywhere(values, config):
 def due(interval, step, last):
     """Whether an every-`interval`-steps event happens at this step (0 turns it off)."""
     return interval > 0 and (step % interval == 0 or last)
+
+
+def hms(seconds):
+    """3h05m, 4m07s or 9s: a duration as people read it."""
+    hours, minutes, seconds = int(seconds // 3600), int(seconds % 3600 // 60), int(seconds % 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def summary(config, step, seconds, last_eval):
+    """What a finished run did, where it is, and what to do with it."""
+    evals = ", ".join(f"{name} {value:.4f}" for name, value in last_eval.items()) or "no evaluation"
+    checkpoints = list_checkpoints(config.log_dir)
+    return (f"done: {step} steps, {step * config.total_batch_size:,} tokens; {hms(seconds)} this launch; last {evals}; "
+            f"latest checkpoint {checkpoints[-1] if checkpoints else 'none'}\nnext: python sample.py -m {config.log_dir}"
+            f" | python export.py {config.log_dir} my-gpt2 | PLAY_LOG_DIR={config.log_dir} jupyter notebook play.ipynb")
 
 
 def why_done(config, step):
@@ -364,6 +398,11 @@ clock = time.perf_counter  # steps, evaluations and --time-limit are timed with 
 def build_model(config, device):
     torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     if config.init_from == "scratch":
+        with torch.device("meta"):  # its shape only: no memory, no time
+            needed, free = 16 * GPT(model_config(config)).num_parameters(), free_memory(device)
+        if free is not None and needed > free:  # a clear refusal now, not an allocator's failure (or a swapping host)
+            raise UserError(f"the model needs {needed / 1e9:.1f} GB for its weights, gradients and AdamW's moments, "
+                            f"and the {device.type} has {free / 1e9:.1f} GB free; choose a smaller model", exit_code=2)
         return GPT(model_config(config)).to(device)
     try:
         model = GPT.from_pretrained(config.init_from, vocab_size=config.vocab_size)
@@ -374,6 +413,14 @@ def build_model(config, device):
         raise UserError(f"invalid settings: seq_len={config.seq_len} is over {config.init_from}'s "
                         f"block_size={model.config.block_size}", exit_code=2)
     return model.to(device)
+
+
+def free_memory(device):
+    """Bytes free on the device: CUDA's count, Linux's MemAvailable for the CPU, None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, StopIteration), open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
 
 
 def write_demo_data(data_dir):
@@ -449,12 +496,19 @@ def sample(raw_model, config, device, autocast):
     return [enc.decode(row.tolist()) for row in out]
 
 
-def out_of_memory(config, device, step):
+def out_of_memory(config):
     """The one line for running out of memory in the middle of training."""
     fix = "use a shorter --seq-len or a smaller model"
     if config.batch_size > 1:
-        fix = f"relaunch with --batch-size {config.batch_size // 2} (same total batch, more micro steps; it resumes)"
-    return f"out of {device.type} memory at step {step} with --batch-size {config.batch_size}; {fix}"
+        fix = f"relaunch with --batch-size {config.batch_size // 2} (the same total batch in more micro steps; it resumes)"
+    return f"out of memory with --batch-size {config.batch_size}; {fix}"
+
+
+def first_to_say(key):
+    """Whether this rank is the first to say `key`: the ranks count in torchrun's store (True without torchrun)."""
+    if not dist.is_initialized():
+        return True
+    return dist.distributed_c10d._get_default_store().add(key, 1) == 1  # private, but the store has no public handle
 
 
 def device_peak_flops(config, device):
@@ -524,7 +578,7 @@ class Launch(ExitStack):
     step, with a checkpoint, on every rank. A second Ctrl-C quits at once."""
 
     def __enter__(self):
-        self.signal, self.log_dir = None, None
+        self.signal, self.config = None, None
         if threading.current_thread() is threading.main_thread():  # Python only lets it set handlers
             for number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 self.callback(signal.signal, number, signal.signal(number, self.stop))  # put back at the end
@@ -556,10 +610,14 @@ def main(argv=None):
                 print(f"error: {f'rank {rank}: ' if rank else ''}{e}", file=sys.stderr, flush=True)
             return e.exit_code
         except KeyboardInterrupt:
-            saved = list_checkpoints(launch.log_dir) if launch.log_dir else []
+            saved = list_checkpoints(launch.config.log_dir) if launch.config else []
             last = f"the last checkpoint is {saved[-1]}" if saved else "no checkpoint was saved"
             print0(f"interrupted; {last}; relaunch the same command to resume", file=sys.stderr)
             return 130
+        except torch.OutOfMemoryError:  # a training step, an evaluation, sampling
+            if first_to_say("out of memory"):  # every rank may run out at once: one line for them all
+                print(f"error: {out_of_memory(launch.config)}", file=sys.stderr, flush=True)
+            return 1
         except RuntimeError as e:
             lost = re.search(r"timed out|closed by peer|connection reset|NCCL", str(e), re.IGNORECASE)
             if not (dist.is_initialized() and lost):
