@@ -131,15 +131,23 @@ class GPT(nn.Module):
         n_matmul = self.num_parameters() - self.transformer.wpe.weight.numel()
         return 6 * n_matmul + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8):
-        """AdamW, weight decay on matmul weights and embeddings (2+ dims) only -> (optimizer, info)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay, no_decay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8, muon=None):
+        """AdamW with weight decay on matmul weights and embeddings (2+ dims) only -> ([optimizers], info). With
+        muon, a dict of torch.optim.Muon's settings: Muon for the 2-D weights inside the blocks, their updates
+        scaled to AdamW's size (match_rms_adamw) so that one lr serves both, and AdamW for the rest."""
+        def for_muon(name, p):  # the matmul weights inside the blocks; not the embeddings (nor the tied head)
+            return muon is not None and name.startswith("transformer.h.") and p.dim() == 2
+
+        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        hidden, rest = [p for n, p in named if for_muon(n, p)], [p for n, p in named if not for_muon(n, p)]
+        decay, no_decay = [p for p in rest if p.dim() >= 2], [p for p in rest if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = params[0].device.type in ("cuda", "cpu", "mps")  # the whole update in a few kernel launches
-        optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
-        counts = dict(num_decay_params=sum(map(torch.numel, decay)), num_nodecay_params=sum(map(torch.numel, no_decay)))
-        return optimizer, counts
+        fused = rest[0].device.type in ("cuda", "cpu", "mps")  # the whole update in a few kernel launches
+        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)]
+        if hidden:
+            optimizers.append(torch.optim.Muon(hidden, lr=learning_rate, adjust_lr_fn="match_rms_adamw", **muon))
+        sizes = [sum(map(torch.numel, params)) for params in (decay, no_decay, hidden)]
+        return optimizers, dict(zip(("decay", "no_decay", "muon"), sizes))
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
         """idx (B, T) and max_new_tokens sampled after it; top_k=1 is greedy, None or 0 samples from all."""

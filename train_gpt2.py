@@ -49,6 +49,7 @@ from tokenizer import get_tokenizer
 # Settings: one dataclass, one flag per field (`python train_gpt2.py --help`)
 
 POSITIVE, NOT_NEGATIVE, DTYPES = "be positive", "not be negative", ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -78,6 +79,10 @@ class TrainConfig:
     adam_eps: float = setting(1e-8, "AdamW epsilon", must=POSITIVE)
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0: no clipping)", must=NOT_NEGATIVE)
     max_skipped_steps: int = setting(5, "stop after this many non-finite steps in a row", must=POSITIVE)
+    optimizer: str = setting("adamw", "adamw, or muon for the blocks' matrices (AdamW for the rest)", choices=OPTIMIZERS)
+    muon_momentum: float = setting(0.95, "Muon's Nesterov momentum", must="be in [0, 1)")
+    muon_weight_decay: float = setting(0.1, "Muon's weight decay (decoupled, as AdamW's)", must=NOT_NEGATIVE)
+    muon_ns_steps: int = setting(5, "Muon's Newton-Schulz iterations", must=POSITIVE)
     # evaluation, sampling and checkpoints (an interval of 0 turns that event off)
     eval_interval: int = setting(250, "steps between validation losses", must=NOT_NEGATIVE, section="evaluation")
     val_tokens: int = setting(10485760, "tokens of each validation, whatever the device count", must=NOT_NEGATIVE)
@@ -137,14 +142,15 @@ def get_lr(step, config):
 # One optimizer step
 
 
-def train_step(model, optimizer, loader, accum, lr, config, device, autocast, scaler=None, wants_stop=bool):
+def train_step(model, optimizers, loader, accum, lr, config, device, autocast, scaler=None, wants_stop=bool):
     """One optimizer step over accum micro batches -> (loss, grad norm, skipped, stop).
 
     One small all-reduce at the end tells every rank what the others saw: a loss or gradient norm that is
     not finite anywhere skips the update on every rank, and a rank whose wants_stop() is true at that point
     (a signal came, the time is up) stops them all after this step.
     """
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum):
         x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
@@ -157,7 +163,7 @@ def train_step(model, optimizer, loader, accum, lr, config, device, autocast, sc
         loss = loss / accum  # the step's loss is the mean of the micro batches' mean losses
         (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += loss.detach()
-    if scaler:
+    for optimizer in optimizers if scaler else []:
         scaler.unscale_(optimizer)  # the true gradients, for their norm and the clipping
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
     # With float16's scaler, a non-finite norm under a finite loss is an overflow at the current scale:
@@ -169,9 +175,9 @@ def train_step(model, optimizer, loader, accum, lr, config, device, autocast, sc
     loss_sum, bad_norm, stop = flags.tolist()
     loss = loss_sum / (dist.get_world_size() if dist.is_initialized() else 1)
     skipped = not math.isfinite(loss) or bad_norm > 0
-    if not skipped:
+    for optimizer in [] if skipped else optimizers:
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr  # one schedule: Muon's updates are scaled to AdamW's size
         scaler.step(optimizer) if scaler else optimizer.step()
     if scaler:
         scaler.update()  # after a skipped step too: it matches unscale_
@@ -234,9 +240,13 @@ def train(argv, launch):
             val_loader = ShardLoader(config.data_dir, "val", B, T, vocab_size=V, min_rows=1)
         examples = load_hellaswag(config) if config.hellaswag_interval else []
         raw_model = build_model(config, device)
-        betas = (config.beta1, config.beta2)
-        optimizer, info = raw_model.configure_optimizers(config.weight_decay, config.max_lr, betas, config.adam_eps)
-        state = {"model": raw_model, "optimizer": optimizer, "loader": train_loader, "scaler": scaler}
+        betas, muon = (config.beta1, config.beta2), None
+        if config.optimizer == "muon":
+            muon = dict(momentum=config.muon_momentum, weight_decay=config.muon_weight_decay, ns_steps=config.muon_ns_steps)
+        optimizers, info = raw_model.configure_optimizers(config.weight_decay, config.max_lr, betas, config.adam_eps, muon)
+        # What a checkpoint holds and a resume puts back, each by its state_dict()
+        state = {"model": raw_model, "optimizer": optimizers[0], "muon": optimizers[1] if muon else None,
+                 "loader": train_loader, "scaler": scaler}
         step = resume(config, state, check_resumable)  # the checkpoint's step, or 0 for a new run
         shards = train_loader.shard_list()
     except UserError as e:
@@ -260,8 +270,7 @@ def train(argv, launch):
     auto = {name: " (auto)" if getattr(given, name) in ("auto", None) else "" for name in ("dtype", "compile")}
     print0(f"dtype {config.dtype}{auto['dtype']}, compile {'on' if config.compile else 'off'}{auto['compile']}; "
            f"{raw_model.num_parameters():,} parameters; {config.total_batch_size:,} tokens per step = {B} x {T} x "
-           f"{world_size} devices x {accum} micro steps; AdamW with weight decay on {info['num_decay_params']:,} "
-           f"parameters, without on {info['num_nodecay_params']:,}; {'resuming at' if step else 'starting at'} "
+           f"{world_size} devices x {accum} micro steps; {optimizer_line(info)}; {'resuming at' if step else 'starting at'} "
            f"step {step}")
     if config.eval_interval and val_rows < config.val_tokens // T:
         print0(f"note: the val split holds {val_loader.num_tokens} tokens: validating on {val_rows * T}")
@@ -300,7 +309,7 @@ def train(argv, launch):
 
         common.synchronize(device)
         t0 = clock()
-        loss, norm, skipped, stop = train_step(train_model, optimizer, train_loader, accum, lr, config, device,
+        loss, norm, skipped, stop = train_step(train_model, optimizers, train_loader, accum, lr, config, device,
                                                autocast, scaler, wants_stop)
         common.synchronize(device)
         dt = clock() - t0
@@ -334,6 +343,11 @@ def train(argv, launch):
         if stop:
             print0(stopped(config, step, launch, out_of_time))
             return 130 if launch.signal == signal.SIGINT else 0
+
+
+def optimizer_line(info):
+    muon = f"Muon on {info['muon']:,} parameters, " if info["muon"] else ""
+    return f"{muon}AdamW with weight decay on {info['decay']:,} parameters, without on {info['no_decay']:,}"
 
 
 def check_same_everywhere(values, config):
@@ -524,7 +538,7 @@ def device_peak_flops(config, device):
 # batch and device count too (the loader counts rows), and the lr schedule (RETUNABLE: a rollback after
 # a loss spike may lower it; the change is printed).
 LEARNING = ("model n_layer n_head n_embd block_size vocab_size init_from seq_len shuffle total_batch_size max_steps "
-            "weight_decay beta1 beta2 adam_eps dtype seed").split()
+            "weight_decay beta1 beta2 adam_eps optimizer muon_momentum muon_weight_decay muon_ns_steps dtype seed").split()
 RETUNABLE = ["max_lr", "min_lr", "warmup_steps", "grad_clip"]
 
 
