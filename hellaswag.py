@@ -58,7 +58,7 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
     model.eval()  # and no_grad, not inference_mode: inference tensors would break a compiled model that trains next
     with torch.no_grad(), tqdm(total=len(indices), unit="ex", desc="hellaswag", disable=not progress) as bar:
         for start in range(0, len(indices), batch_size):
-            batch = indices[start:start + batch_size]
+            batch = indices[start : start + batch_size]
             seq_len = min(-(-max(longest_row[i] for i in batch) // 32) * 32, block_size)  # friendlier kernels
             tensors = build_batch([rendered[i] for i in batch], batch_size, seq_len)
             tokens, positions, targets, rows = (t.to(device) for t in tensors)
@@ -73,7 +73,9 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
             means = sums / torch.bincount(rows, minlength=len(tokens)).clamp(min=1).view(-1, 4)
             picks = zip(batch, sums.argmin(1).tolist(), means.argmin(1).tolist(), means.tolist())  # no dummies
             for i, pred, pred_norm, mean in picks:
-                predictions.append(dict(index=i, label=examples[i]["label"], pred=pred, pred_norm=pred_norm, losses=mean))
+                predictions.append(
+                    dict(index=i, label=examples[i]["label"], pred=pred, pred_norm=pred_norm, losses=mean)
+                )
             bar.update(len(batch))
     model.train(was_training)
     predictions.sort(key=lambda p: p["index"])
@@ -97,7 +99,7 @@ def build_batch(rendered, batch_size, seq_len):
     for i, (ctx, endings) in enumerate(rendered):
         for j, ending in enumerate(endings):
             r, row = 4 * i + j, (ctx + ending)[-seq_len:]
-            tokens[r, :len(row)] = torch.tensor(row)
+            tokens[r, : len(row)] = torch.tensor(row)
             # Position t predicts token t + 1. A row's first token has no prediction, so an ending
             # that starts the row (its context cut off entirely) loses its first token.
             first = max(len(row) - len(ending), 1)
@@ -124,8 +126,10 @@ def download(url=DATA_URL, directory=None, size=DATA_BYTES, sha256=DATA_SHA256, 
     os.makedirs(directory, exist_ok=True)
     for attempt in range(1, tries + 1):
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, tqdm.wrapattr(
-                    response, "read", total=size, desc=f"downloading {DATA_FILE}") as reader:
+            with (
+                urllib.request.urlopen(url, timeout=60) as response,
+                tqdm.wrapattr(response, "read", total=size, desc=f"downloading {DATA_FILE}") as reader,
+            ):
                 data = b"".join(iter(lambda: reader.read(1 << 20), b""))
             if problem := _failed_check(data, size, sha256):
                 raise UserError(problem)
@@ -133,8 +137,9 @@ def download(url=DATA_URL, directory=None, size=DATA_BYTES, sha256=DATA_SHA256, 
             return path
         except (OSError, http.client.HTTPException, UserError) as e:  # URLError and timeouts are OSErrors too
             if attempt == tries:
-                raise UserError(f"could not download HellaSwag from {url} in {tries} tries ({e}); nothing was kept in "
-                                f"{directory}") from None
+                raise UserError(
+                    f"could not download HellaSwag from {url} in {tries} tries ({e}); nothing was kept in {directory}"
+                ) from None
             print(f"download of {DATA_FILE} failed ({e}); try {attempt + 1} of {tries} in {wait:g} s", file=sys.stderr)
             time.sleep(wait)
             wait *= 2
@@ -183,8 +188,9 @@ def _parse_line(line, where):
 
 @dataclass
 class HellaSwagConfig:
-    model: str = setting("gpt2", "a Hugging Face name or folder, or a train_gpt2.py checkpoint or log directory",
-                         flags=("-m", "--model"))
+    model: str = setting(
+        "gpt2", "a Hugging Face name or folder, or a train_gpt2.py checkpoint or log directory", flags=("-m", "--model")
+    )
     data: str = setting(None, "local HellaSwag .jsonl (default: download the validation set once)")
     device: str = setting("auto", "cpu, cuda, cuda:N, mps, or auto for cuda > mps > cpu")
     batch_size: int = setting(16, "examples per forward pass, 4 rows each", must="be positive")
@@ -239,8 +245,10 @@ def main(argv=None):
     try:
         agree(error, prefix="hellaswag.py: error: ")  # an error on one rank ends them all, printed once
         if rank == 0:
-            print(f"{config.model}: {model.num_parameters():,} parameters on {device}, {len(examples)} examples over "
-                  f"{world_size} process(es)")
+            print(
+                f"{config.model}: {model.num_parameters():,} parameters on {device}, {len(examples)} examples over "
+                f"{world_size} process(es)"
+            )
         dtype = autocast_dtype_for("auto", device)  # the dtype training scores in
         result = evaluate(model.to(device), examples, device, config.batch_size, rank, world_size, dtype, rank == 0)
         results = agree(value=result)  # every rank's share, in rank order

@@ -34,8 +34,10 @@ def find_shards(data_dir, split):
     names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(data_dir), "*.npy")))
     shards = [match for name in names if (match := re.fullmatch(r"(.+)_(val|train)_\d{6}\.npy", name))]
     if len(prefixes := sorted({match[1] for match in shards})) > 1:
-        raise UserError(f"{data_dir} holds shards of {len(prefixes)} datasets ({', '.join(prefixes)}); keep one "
-                        f"prefix a directory: move the others into a directory of their own")
+        raise UserError(
+            f"{data_dir} holds shards of {len(prefixes)} datasets ({', '.join(prefixes)}); keep one "
+            f"prefix a directory: move the others into a directory of their own"
+        )
     paths = [os.path.join(data_dir, match[0]) for match in shards if match[2] == split]
     if not paths:
         raise UserError(f"no {split} shards (*_{split}_NNNNNN.npy) in {data_dir}; make them with `python fineweb.py`")
@@ -55,8 +57,20 @@ def open_shard(path):
 
 
 class ShardLoader:
-    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, vocab_size=None, seed=0,
-                 shuffle=False, pin_memory=False, min_rows=None):
+    def __init__(
+        self,
+        data_dir,
+        split,
+        batch_size,
+        seq_len,
+        rank=0,
+        world_size=1,
+        vocab_size=None,
+        seed=0,
+        shuffle=False,
+        pin_memory=False,
+        min_rows=None,
+    ):
         self.paths = find_shards(data_dir, split)
         self.shards = [open_shard(p) for p in self.paths]
         self.split, self.B, self.T, self.rank, self.world_size = split, batch_size, seq_len, rank, world_size
@@ -65,9 +79,11 @@ class ShardLoader:
         self.rows_per_epoch = max(0, (self.num_tokens - 1) // seq_len)  # each window needs T+1 tokens
         min_rows = batch_size * world_size if min_rows is None else min_rows  # one micro step on all ranks
         if self.rows_per_epoch < min_rows:
-            raise UserError(f"the {split} split of {data_dir} holds {self.num_tokens} tokens, fewer than one batch "
-                            f"of {min_rows} windows of {seq_len}+1 tokens; use more data or a smaller "
-                            f"--batch-size/--seq-len")
+            raise UserError(
+                f"the {split} split of {data_dir} holds {self.num_tokens} tokens, fewer than one batch "
+                f"of {min_rows} windows of {seq_len}+1 tokens; use more data or a smaller "
+                f"--batch-size/--seq-len"
+            )
         self.row, self._epoch = 0, None  # the next row to read (counted over epochs), the epoch _order holds
         self._ahead = None  # (first row, the future of its micro batch), read on READER
 
@@ -106,9 +122,12 @@ class ShardLoader:
                     windows[j] = np.concatenate(pieces)[: self.T + 1]
                 # Ids are checked on every read: a max over the batch costs nothing next to the forward.
                 if self.vocab_size is not None and (largest := windows[here].max()) >= self.vocab_size:
-                    raise UserError(f"{self.paths[shard_order[i]]} holds token id {largest}, beyond the model's "
-                                    f"vocab_size={self.vocab_size}; raise --vocab-size or re-tokenize with GPT-2's "
-                                    f"tokenizer", every_rank=False)
+                    raise UserError(
+                        f"{self.paths[shard_order[i]]} holds token id {largest}, beyond the model's "
+                        f"vocab_size={self.vocab_size}; raise --vocab-size or re-tokenize with GPT-2's "
+                        f"tokenizer",
+                        every_rank=False,
+                    )
         windows = torch.from_numpy(windows)
         x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
         return (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
@@ -136,7 +155,9 @@ class ShardLoader:
 
     def load_state_dict(self, state):
         if (state["num_tokens"], state["seq_len"]) != (self.num_tokens, self.T):
-            raise UserError(f"the checkpoint's loader read {state['num_tokens']} {self.split} tokens as windows of "
-                            f"{state['seq_len']}, but the data holds {self.num_tokens} tokens and --seq-len is "
-                            f"{self.T}; resume with the same data, or start a new run with --overwrite")
+            raise UserError(
+                f"the checkpoint's loader read {state['num_tokens']} {self.split} tokens as windows of "
+                f"{state['seq_len']}, but the data holds {self.num_tokens} tokens and --seq-len is "
+                f"{self.T}; resume with the same data, or start a new run with --overwrite"
+            )
         self.row = state["epoch"] * self.rows_per_epoch + state["row"]

@@ -16,11 +16,11 @@ import json
 import math
 import os
 import platform
-import warnings
 import shutil
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict
 
@@ -93,7 +93,9 @@ def read_checkpoint(path):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip, pickle and format errors each have their own type
         kind = type(e).__name__
-        raise ValueError(f"{path} is not a readable checkpoint ({kind}: another kind of file, or a write cut short)") from None
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({kind}: another kind of file, or a write cut short)"
+        ) from None
     if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= set(checkpoint):
         raise ValueError(f"{path} is not a train_gpt2.py checkpoint (it holds no model and model_config)")
     return checkpoint
@@ -129,8 +131,11 @@ def claim_log_dir(config):
     earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(config.log_dir, name))]
     holds_run = list_checkpoints(config.log_dir) or os.path.exists(os.path.join(config.log_dir, "metrics.jsonl"))
     if holds_run and config.resume == "never" and not config.overwrite:  # refused before anything is touched
-        raise UserError(f"{config.log_dir} holds a run ({', '.join(earlier)}); continue it with --resume auto, start "
-                        f"a new run there with --overwrite (deletes those), or use another --log-dir", exit_code=2)
+        raise UserError(
+            f"{config.log_dir} holds a run ({', '.join(earlier)}); continue it with --resume auto, start "
+            f"a new run there with --overwrite (deletes those), or use another --log-dir",
+            exit_code=2,
+        )
     try:
         os.makedirs(config.log_dir, exist_ok=True)
     except OSError as e:
@@ -151,16 +156,18 @@ class RunLog:
     past S to abandoned/. W&B continues one run over every launch (its id in wandb_run_id) but keeps both branches."""
 
     def __init__(self, config, start_step, enabled):
-        self.enabled, self.tensorboard, self.wandb = enabled, None, None
+        self.config, self.enabled, self.tensorboard, self.wandb = config, enabled, None, None
         self.metrics_path, self.text_path = (os.path.join(config.log_dir, n) for n in ("metrics.jsonl", "log.txt"))
         if not enabled:
             return
         try:
             if config.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self.tensorboard = SummaryWriter(os.path.join(config.log_dir, "tensorboard"), purge_step=start_step)
             if config.wandb:
                 import wandb
+
                 id_path = os.path.join(config.log_dir, "wandb_run_id")
                 run_id = open(id_path).read().strip() if os.path.exists(id_path) else None  # one W&B run, every launch
                 settings = dict(config=asdict(config), allow_val_change=True)  # a resumed run may change some
@@ -213,17 +220,37 @@ class RunLog:
             self.tensorboard.flush()
         if self.wandb:
             import wandb
+
             if "samples" in record:
                 rows = [[step, text] for text in record["samples"]]
                 numbers["samples"] = wandb.Table(columns=["step", "sample"], data=rows)
             self.wandb.log({"step": step, **numbers})
         self.line(line)
 
+    def summary(self, step, seconds, last_eval):
+        """What a finished run did, where it is, and what to do with it."""
+        evals = ", ".join(f"{name} {value:.4f}" for name, value in last_eval.items()) or "no evaluation"
+        checkpoints, log_dir = list_checkpoints(self.config.log_dir), self.config.log_dir
+        done = f"done: {step} steps, {step * self.config.total_batch_size:,} tokens, {hms(seconds)} this launch"
+        return (
+            f"{done}; last {evals}; latest checkpoint {checkpoints[-1] if checkpoints else 'none'}\nnext: python "
+            f"sample.py -m {log_dir} | python export.py {log_dir} my-gpt2 | PLAY_LOG_DIR={log_dir} jupyter notebook "
+            f"play.ipynb"
+        )
+
     def close(self):
         if self.tensorboard:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def hms(seconds):
+    """3h05m, 4m07s or 9s: a duration as people read it."""
+    hours, minutes, seconds = int(seconds // 3600), int(seconds % 3600 // 60), int(seconds % 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def event_step(line):

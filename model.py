@@ -41,7 +41,11 @@ class GPTConfig:
 
 
 GPT2_SIZES = {  # n_layer, n_head and n_embd of GPT-2's four sizes: 124M, 350M, 774M and 1558M parameters
-    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
 
 
 class CausalSelfAttention(nn.Module):
@@ -54,8 +58,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, kv_cache=None, layer=0):
         B, T, C = x.size()
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs) each
-                   for t in self.c_attn(x).split(self.n_embd, dim=2))
+        q, k, v = (
+            t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs) each
+            for t in self.c_attn(x).split(self.n_embd, dim=2)
+        )
         # Causal, but a token after cached ones sees them all. A Python bool: compile would guard on a size test.
         is_causal = kv_cache is None or kv_cache.length == 0
         if kv_cache is not None:  # sampling: the keys and values of the positions before these too
@@ -69,10 +75,13 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1, self.attn = nn.LayerNorm(config.n_embd), CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = nn.Sequential(OrderedDict(
-            c_fc=nn.Linear(config.n_embd, 4 * config.n_embd),
-            gelu=nn.GELU(approximate="tanh"),  # GPT-2 used the tanh approximation
-            c_proj=nn.Linear(4 * config.n_embd, config.n_embd)))
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                c_fc=nn.Linear(config.n_embd, 4 * config.n_embd),
+                gelu=nn.GELU(approximate="tanh"),  # GPT-2 used the tanh approximation
+                c_proj=nn.Linear(4 * config.n_embd, config.n_embd),
+            )
+        )
         self.mlp.c_proj.RESIDUAL_PROJECTION = True
 
     def forward(self, x, kv_cache=None, layer=0):
@@ -84,11 +93,14 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd)))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         # GPT-2's initialisation: N(0, 0.02) everywhere, zero biases, and the projections into the residual
@@ -131,10 +143,14 @@ class GPT(nn.Module):
         n_matmul = self.num_parameters() - self.transformer.wpe.weight.numel()
         return 6 * n_matmul + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8, muon=None):
-        """AdamW with weight decay on matmul weights and embeddings (2+ dims) only -> ([optimizers], info). With
-        muon, a dict of torch.optim.Muon's settings: Muon for the 2-D weights inside the blocks, their updates
-        scaled to AdamW's size (match_rms_adamw) so that one lr serves both, and AdamW for the rest."""
+    def configure_optimizers(self, learning_rate, adamw, muon=None):
+        """The optimizers by name, and a line saying which parameters each updates. AdamW (adamw: its weight_decay,
+        betas and eps) with weight decay on matmul weights and embeddings (2+ dims) only. With muon (Muon's
+        settings): torch.optim.Muon for the 2-D weights inside the blocks, its updates scaled to AdamW's size
+        (match_rms_adamw) so that one lr serves both, and AdamW for the rest."""
+        adamw = dict(adamw)
+        weight_decay = adamw.pop("weight_decay")
+
         def for_muon(name, p):  # the matmul weights inside the blocks; not the embeddings (nor the tied head)
             return muon is not None and name.startswith("transformer.h.") and p.dim() == 2
 
@@ -143,11 +159,12 @@ class GPT(nn.Module):
         decay, no_decay = [p for p in rest if p.dim() >= 2], [p for p in rest if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = rest[0].device.type in ("cuda", "cpu", "mps")  # the whole update in a few kernel launches
-        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)]
+        optimizers = {"optimizer": torch.optim.AdamW(groups, lr=learning_rate, fused=fused, **adamw)}
         if hidden:
-            optimizers.append(torch.optim.Muon(hidden, lr=learning_rate, adjust_lr_fn="match_rms_adamw", **muon))
-        sizes = [sum(map(torch.numel, params)) for params in (decay, no_decay, hidden)]
-        return optimizers, dict(zip(("decay", "no_decay", "muon"), sizes))
+            optimizers["muon"] = torch.optim.Muon(hidden, lr=learning_rate, adjust_lr_fn="match_rms_adamw", **muon)
+        decay, no_decay, hidden = (f"{sum(map(torch.numel, params)):,}" for params in (decay, no_decay, hidden))
+        muon_line = f"Muon on {hidden} parameters, " if muon is not None else ""
+        return optimizers, f"{muon_line}AdamW with weight decay on {decay} parameters, without on {no_decay}"
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
         """idx (B, T) and max_new_tokens sampled after it; top_k=1 is greedy, None or 0 samples from all."""
@@ -164,7 +181,7 @@ class GPT(nn.Module):
         block_size, kv_cache = self.config.block_size, KVCache(self.config.n_layer, self.config.block_size)
         for _ in range(max_new_tokens):
             if idx.size(1) <= block_size:  # the whole prompt once, then only the newest token
-                logits, _ = self(idx[:, kv_cache.length:], kv_cache=kv_cache)
+                logits, _ = self(idx[:, kv_cache.length :], kv_cache=kv_cache)
             else:
                 logits, _ = self(idx[:, -block_size:])
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
@@ -176,6 +193,7 @@ class GPT(nn.Module):
         """GPT-2 from the hub ("gpt2" ... "gpt2-xl") or a local HF folder. vocab_size pads (e.g. 50304) with
         rows at the mean embedding: ordinary logits, not the zero that would outrank GPT-2's negative ones."""
         from transformers import GPT2LMHeadModel
+
         hf_model = GPT2LMHeadModel.from_pretrained(name_or_path)
         c = hf_model.config
         if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -201,6 +219,7 @@ def sample_next_token(logits, temperature=1.0, top_k=50, generator=None):
 class KVCache:
     """Keys and values of every layer while sampling, so that each new token runs one position: per layer
     (2, B, nh, capacity, hs), made on first use. length: the positions filled so far (GPT.forward's count)."""
+
     def __init__(self, n_layer, capacity):
         self.kv, self.capacity, self.length = [None] * n_layer, capacity, 0
 
@@ -208,7 +227,7 @@ class KVCache:
         if self.kv[layer] is None:
             self.kv[layer] = k.new_empty(2, *k.shape[:2], self.capacity, k.size(3))
         end = self.length + k.size(2)
-        self.kv[layer][0, :, :, self.length:end], self.kv[layer][1, :, :, self.length:end] = k, v
+        self.kv[layer][0, :, :, self.length : end], self.kv[layer][1, :, :, self.length : end] = k, v
         return self.kv[layer][0, :, :, :end], self.kv[layer][1, :, :, :end]
 
 
@@ -222,5 +241,5 @@ def copy_weights(source, target):
                 value = value.t()
             if key in ("transformer.wte.weight", "lm_head.weight"):
                 padding = value.mean(dim=0, keepdim=True).expand(max(len(tensor) - len(value), 0), -1)
-                value = torch.cat([value[:len(tensor)], padding])
+                value = torch.cat([value[: len(tensor)], padding])
             tensor.copy_(value)

@@ -24,8 +24,12 @@ SEPARATOR = "-" * 40
 
 @dataclass
 class SampleConfig:
-    model: str = setting(None, "a train_gpt2.py checkpoint or log directory, a Hugging Face folder or hub name",
-                         flags=("-m", "--model"), required=True)
+    model: str = setting(
+        None,
+        "a train_gpt2.py checkpoint or log directory, a Hugging Face folder or hub name",
+        flags=("-m", "--model"),
+        required=True,
+    )
     prompt: str = setting(None, "the text to continue (default: stdin when it is not a terminal, else none)")
     num_samples: int = setting(1, "how many samples", must="be positive")
     max_new_tokens: int = setting(100, "the most tokens each sample adds to the prompt", must="not be negative")
@@ -33,8 +37,11 @@ class SampleConfig:
     top_k: int = setting(50, "sample among the k most likely tokens; 1 is greedy, 0 all", must="not be negative")
     seed: int = setting(42, "the same seed gives the same text")
     device: str = setting("auto", "cpu, cuda, cuda:N, mps, or auto: cuda > mps > cpu")
-    dtype: str = setting("auto", "the weights' dtype (auto: bfloat16 on recent GPUs, float16 on older ones, else "
-                         "float32)", choices=["auto", "float32", "bfloat16", "float16"])
+    dtype: str = setting(
+        "auto",
+        "the weights' dtype (auto: bfloat16 on recent GPUs, float16 on older ones, else float32)",
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )
 
 
 def sample(model, enc, prompt, config, device):
@@ -49,12 +56,12 @@ def sample(model, enc, prompt, config, device):
             row.append(token)
         text = decode(enc, rows[0])
         if streaming and not text.endswith("\ufffd"):  # else wait for the rest of a multi-byte character
-            print(text[len(shown):], end="", flush=True)
+            print(text[len(shown) :], end="", flush=True)
             shown = text
         if all(EOT in row for row in rows):  # every sample has ended its document
             break
     if streaming:
-        print(decode(enc, rows[0])[len(shown):])
+        print(decode(enc, rows[0])[len(shown) :])
     else:
         print(f"\n{SEPARATOR}\n".join(prompt + decode(enc, row) for row in rows))
 
@@ -82,7 +89,7 @@ def main(argv=None):
 
 
 def decode(enc, row):  # a sample's text: its new tokens up to the <|endoftext|> that ends it
-    return enc.decode(row[:row.index(EOT)] if EOT in row else row)
+    return enc.decode(row[: row.index(EOT)] if EOT in row else row)
 
 
 if __name__ == "__main__":

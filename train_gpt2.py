@@ -8,11 +8,8 @@
         --rdzv-endpoint=HOST:29500 --rdzv-id=gpt2 train_gpt2.py     # the same on each of 2 machines
     python train_gpt2.py --config configs/gpt2-124m-1gpu-24gb.toml  # settings from a file (flags win)
 
-The defaults are the GPT-3 small recipe on 10B tokens: 524,288 tokens per step, AdamW (0.9, 0.95),
-weight decay 0.1, lr 6e-4 warmed up over 715 steps, cosine-decayed to 6e-5 at step 19,073, gradients
-clipped at 1.0. A log directory holds one run: relaunching continues it, and each step goes into
-<log dir>/metrics.jsonl, which play.ipynb plots. The file reads in the order a run happens: settings,
-processes and device, set-up (data, model, optimizer, resume), the loop, evaluation, settings checks, main.
+The defaults are the GPT-3 small recipe on 10B tokens (TrainConfig). A log directory holds one run: relaunching
+continues it. The file reads in the order a run happens: settings, processes and device, set-up, the loop.
 """
 
 import signal
@@ -37,11 +34,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import hellaswag
 import common
+import hellaswag
 from common import UserError, duration, print0, setting
 from loader import ShardLoader
-from logdir import RunLog, claim_log_dir, list_checkpoints, resume, run_header, save_checkpoint
+from logdir import RunLog, claim_log_dir, hms, list_checkpoints, resume, run_header, save_checkpoint
 from model import GPT, GPT2_SIZES, GPTConfig
 from tokenizer import get_tokenizer
 
@@ -66,10 +63,14 @@ class TrainConfig:
     vocab_size: int = setting(50304, "vocabulary; 50304 pads GPT-2's 50257 to a multiple of 128 for speed")
     init_from: str = setting("scratch", "'scratch', or a Hugging Face GPT-2 name or local directory to fine-tune")
     # batch: total_batch_size tokens per step = batch_size * seq_len * devices * micro steps
-    batch_size: int = setting(64, "micro batch per device; out of memory? try 32, 16, 8", must=POSITIVE, section="batch")
+    batch_size: int = setting(
+        64, "micro batch per device; out of memory? try 32, 16, 8", must=POSITIVE, section="batch"
+    )
     seq_len: int = setting(1024, "sequence length T", must=POSITIVE)
     total_batch_size: int = setting(524288, "tokens per optimizer step, over all devices", must=POSITIVE)
-    max_steps: int = setting(19073, "optimizer steps; 19073 * 524288 = 10B tokens", must=POSITIVE, section="optimization")
+    max_steps: int = setting(
+        19073, "optimizer steps; 19073 * 524288 = 10B tokens", must=POSITIVE, section="optimization"
+    )
     warmup_steps: int = setting(715, "steps of linear lr warmup", must=NOT_NEGATIVE)
     max_lr: float = setting(6e-4, "peak learning rate, reached at the end of warmup", must=POSITIVE)
     min_lr: float = setting(6e-5, "learning rate at the end of the cosine decay", must=NOT_NEGATIVE)
@@ -79,7 +80,9 @@ class TrainConfig:
     adam_eps: float = setting(1e-8, "AdamW epsilon", must=POSITIVE)
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0: no clipping)", must=NOT_NEGATIVE)
     max_skipped_steps: int = setting(5, "stop after this many non-finite steps in a row", must=POSITIVE)
-    optimizer: str = setting("adamw", "adamw, or muon for the blocks' matrices (AdamW for the rest)", choices=OPTIMIZERS)
+    optimizer: str = setting(
+        "adamw", "adamw, or muon for the blocks' matrices (AdamW for the rest)", choices=OPTIMIZERS
+    )
     muon_momentum: float = setting(0.95, "Muon's Nesterov momentum", must="be in [0, 1)")
     muon_weight_decay: float = setting(0.1, "Muon's weight decay (decoupled, as AdamW's)", must=NOT_NEGATIVE)
     muon_ns_steps: int = setting(5, "Muon's Newton-Schulz iterations", must=POSITIVE)
@@ -143,13 +146,13 @@ def get_lr(step, config):
 
 
 def train_step(model, optimizers, loader, accum, lr, config, device, autocast, scaler=None, wants_stop=bool):
-    """One optimizer step over accum micro batches -> (loss, grad norm, skipped, stop).
+    """One optimizer step over accum micro batches -> (loss, grad norm, skipped, stop). optimizers: by name.
 
     One small all-reduce at the end tells every rank what the others saw: a loss or gradient norm that is
     not finite anywhere skips the update on every rank, and a rank whose wants_stop() is true at that point
     (a signal came, the time is up) stops them all after this step.
     """
-    for optimizer in optimizers:
+    for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum):
@@ -163,8 +166,9 @@ def train_step(model, optimizers, loader, accum, lr, config, device, autocast, s
         loss = loss / accum  # the step's loss is the mean of the micro batches' mean losses
         (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += loss.detach()
-    for optimizer in optimizers if scaler else []:
-        scaler.unscale_(optimizer)  # the true gradients, for their norm and the clipping
+    if scaler:
+        for optimizer in optimizers.values():
+            scaler.unscale_(optimizer)  # the true gradients, for their norm and the clipping
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
     # With float16's scaler, a non-finite norm under a finite loss is an overflow at the current scale:
     # scaler.step skips that update and scaler.update lowers the scale. It is not a skipped step.
@@ -175,10 +179,11 @@ def train_step(model, optimizers, loader, accum, lr, config, device, autocast, s
     loss_sum, bad_norm, stop = flags.tolist()
     loss = loss_sum / (dist.get_world_size() if dist.is_initialized() else 1)
     skipped = not math.isfinite(loss) or bad_norm > 0
-    for optimizer in [] if skipped else optimizers:
+    for optimizer in optimizers.values():
         for group in optimizer.param_groups:
-            group["lr"] = lr  # one schedule: Muon's updates are scaled to AdamW's size
-        scaler.step(optimizer) if scaler else optimizer.step()
+            group["lr"] = lr  # one schedule for both: Muon's updates are scaled to AdamW's size
+        if not skipped:
+            scaler.step(optimizer) if scaler else optimizer.step()
     if scaler:
         scaler.update()  # after a skipped step too: it matches unscale_
     return loss, norm.item(), skipped, stop > 0
@@ -234,27 +239,27 @@ def train(argv, launch):
         autocast, scaler = common.autocast_and_scaler(config.dtype, device)
         if config.demo or config.sample_interval or config.hellaswag_interval:
             get_tokenizer()  # samples and HellaSwag need GPT-2's vocabulary: fail now, not mid-run
-        B, T, V, pinned = config.batch_size, config.seq_len, config.vocab_size, device.type == "cuda"  # pinned: copies
-        train_loader = ShardLoader(config.data_dir, "train", B, T, rank, world_size, V, config.seed, config.shuffle, pinned)
+        B, T, V, pinned = config.batch_size, config.seq_len, config.vocab_size, device.type == "cuda"
+        shuffle = dict(seed=config.seed, shuffle=config.shuffle)
+        train_loader = ShardLoader(config.data_dir, "train", B, T, rank, world_size, V, **shuffle, pin_memory=pinned)
         if config.eval_interval:
             val_loader = ShardLoader(config.data_dir, "val", B, T, vocab_size=V, min_rows=1)
         examples = load_hellaswag(config) if config.hellaswag_interval else []
         raw_model = build_model(config, device)
-        betas, muon = (config.beta1, config.beta2), None
-        if config.optimizer == "muon":
-            muon = dict(momentum=config.muon_momentum, weight_decay=config.muon_weight_decay, ns_steps=config.muon_ns_steps)
-        optimizers, info = raw_model.configure_optimizers(config.weight_decay, config.max_lr, betas, config.adam_eps, muon)
+        adamw = dict(weight_decay=config.weight_decay, betas=(config.beta1, config.beta2), eps=config.adam_eps)
+        muon = dict(momentum=config.muon_momentum, weight_decay=config.muon_weight_decay, ns_steps=config.muon_ns_steps)
+        muon = muon if config.optimizer == "muon" else None  # None: AdamW alone, the recipe
+        optimizers, info = raw_model.configure_optimizers(config.max_lr, adamw, muon)
         # What a checkpoint holds and a resume puts back, each by its state_dict()
-        state = {"model": raw_model, "optimizer": optimizers[0], "muon": optimizers[1] if muon else None,
-                 "loader": train_loader, "scaler": scaler}
+        state = {"model": raw_model, "loader": train_loader, "scaler": scaler, **optimizers}
         step = resume(config, state, check_resumable)  # the checkpoint's step, or 0 for a new run
         shards = train_loader.shard_list()
     except UserError as e:
         error = e
     check_same_everywhere(common.agree(error, (step, shards)), config)
     if step >= (config.stop_at_step or config.max_steps):
-        print0(f"nothing to do: {config.log_dir} holds a run at step {step}, {why_done(config, step)}; --overwrite "
-               f"or another --log-dir starts a new run")
+        limits = f"--max-steps {config.max_steps}, --stop-at-step {config.stop_at_step}"
+        print0(f"nothing to do: {config.log_dir} holds a run at step {step} ({limits}); --overwrite starts a new one")
         return 0
     log = launch.enter_context(closing(RunLog(config, step, enabled=master)))  # one history: events before step
     if master:
@@ -268,13 +273,16 @@ def train(argv, launch):
     accum = config.total_batch_size // (B * T * world_size)
     val_rows = min(config.val_tokens // T, val_loader.rows_per_epoch) if config.eval_interval else 0
     auto = {name: " (auto)" if getattr(given, name) in ("auto", None) else "" for name in ("dtype", "compile")}
-    print0(f"dtype {config.dtype}{auto['dtype']}, compile {'on' if config.compile else 'off'}{auto['compile']}; "
-           f"{raw_model.num_parameters():,} parameters; {config.total_batch_size:,} tokens per step = {B} x {T} x "
-           f"{world_size} devices x {accum} micro steps; {optimizer_line(info)}; {'resuming at' if step else 'starting at'} "
-           f"step {step}")
+    print0(
+        f"dtype {config.dtype}{auto['dtype']}, compile {'on' if config.compile else 'off'}{auto['compile']}; "
+        f"{raw_model.num_parameters():,} parameters; {config.total_batch_size:,} tokens per step = {B} x {T} x "
+        f"{world_size} devices x {accum} micro steps; {info}; {'resuming at' if step else 'starting at'} step {step}"
+    )
     if config.eval_interval and val_rows < config.val_tokens // T:
         print0(f"note: the val split holds {val_loader.num_tokens} tokens: validating on {val_rows * T}")
-    flops_per_token, peak = raw_model.flops_per_token(T), device_peak_flops(config, device)
+    flops_per_token, peak = raw_model.flops_per_token(T), config.peak_flops  # no peak, no MFU: CPU, MPS, unknown GPUs
+    if peak is None and device.type == "cuda":
+        peak = common.peak_flops_of(torch.cuda.get_device_name(device), config.dtype)
     # For --time-limit: the slowest step and evaluation so far, and a checkpoint's time (until one is
     # timed: the weights and AdamW's two moments at 100 MB/s). For the ETA: the latest step times.
     started, slowest_step, slowest_eval, recent = clock(), 0.0, 0.0, collections.deque(maxlen=50)
@@ -295,7 +303,7 @@ def train(argv, launch):
             lines = "\n".join(f"step {step:5d} | sample {i}: {text!r}" for i, text in enumerate(samples))
             log.event({"step": step, "samples": samples}, lines)
         if last:
-            print0(summary(config, step, clock() - started, last_eval))
+            log.line(log.summary(step, clock() - started, last_eval))
             return 0
         slowest_eval = max(slowest_eval, clock() - eval_start)
 
@@ -309,8 +317,9 @@ def train(argv, launch):
 
         common.synchronize(device)
         t0 = clock()
-        loss, norm, skipped, stop = train_step(train_model, optimizers, train_loader, accum, lr, config, device,
-                                               autocast, scaler, wants_stop)
+        loss, norm, skipped, stop = train_step(
+            train_model, optimizers, train_loader, accum, lr, config, device, autocast, scaler, wants_stop
+        )
         common.synchronize(device)
         dt = clock() - t0
         slowest_step, tokens_per_sec = max(slowest_step, dt), config.total_batch_size / dt
@@ -336,59 +345,31 @@ def train(argv, launch):
             checkpoint_seconds = clock() - t0
             log.line(f"step {step:5d} | checkpoint {path} | {checkpoint_seconds:.1f} s")
         if too_many_skipped:
-            raise UserError(f"{skipped_in_a_row} steps in a row (to step {step - 1}) had a non-finite loss or "
-                            f"gradient and were skipped; a checkpoint after them is saved, so a relaunch goes on with "
-                            f"new batches; to roll back instead, relaunch with --resume <an earlier checkpoint> and "
-                            f"a lower --max-lr or a longer --warmup-steps")
+            why = f"{skipped_in_a_row} steps in a row (to step {step - 1}) had a non-finite loss or gradient"
+            fix = (
+                "relaunch to go on with new batches, or roll back with --resume <an earlier checkpoint> and a lower lr"
+            )
+            raise UserError(f"{why} and were skipped; {fix}")
         if stop:
             print0(stopped(config, step, launch, out_of_time))
             return 130 if launch.signal == signal.SIGINT else 0
-
-
-def optimizer_line(info):
-    muon = f"Muon on {info['muon']:,} parameters, " if info["muon"] else ""
-    return f"{muon}AdamW with weight decay on {info['decay']:,} parameters, without on {info['no_decay']:,}"
 
 
 def check_same_everywhere(values, config):
     """Every rank's (resume step, train shards), from the agreement: they must be the same everywhere."""
     steps, shards = [step for step, _ in values], [shards for _, shards in values]
     if len(set(steps)) > 1:
-        raise UserError(f"the ranks would resume at different steps ({', '.join(map(str, steps))}, by rank); does "
-                        f"every node see the same --log-dir {config.log_dir}?")
+        raise UserError(f"the ranks would resume at steps {steps}; does every node see the same --log-dir?")
     for rank, theirs in enumerate(shards):
         if theirs != shards[0]:
             missing, other = sorted(set(shards[0]) - set(theirs)), sorted(set(theirs) - set(shards[0]))
-            raise UserError(f"rank {rank} sees other train shards than rank 0 in --data-dir {config.data_dir} "
-                            f"(missing: {missing[:2]}, other: {other[:2]}); give every node the same shards")
+            differ = f"missing {missing[:2]}, other {other[:2]}"
+            raise UserError(f"rank {rank} sees other train shards than rank 0 ({differ}); give every node the same")
 
 
 def due(interval, step, last):
     """Whether an every-`interval`-steps event happens at this step (0 turns it off)."""
     return interval > 0 and (step % interval == 0 or last)
-
-
-def hms(seconds):
-    """3h05m, 4m07s or 9s: a duration as people read it."""
-    hours, minutes, seconds = int(seconds // 3600), int(seconds % 3600 // 60), int(seconds % 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
-
-
-def summary(config, step, seconds, last_eval):
-    """What a finished run did, where it is, and what to do with it."""
-    evals = ", ".join(f"{name} {value:.4f}" for name, value in last_eval.items()) or "no evaluation"
-    checkpoints = list_checkpoints(config.log_dir)
-    return (f"done: {step} steps, {step * config.total_batch_size:,} tokens; {hms(seconds)} this launch; last {evals}; "
-            f"latest checkpoint {checkpoints[-1] if checkpoints else 'none'}\nnext: python sample.py -m {config.log_dir}"
-            f" | python export.py {config.log_dir} my-gpt2 | PLAY_LOG_DIR={config.log_dir} jupyter notebook play.ipynb")
-
-
-def why_done(config, step):
-    if step >= config.max_steps:
-        return f"complete (--max-steps {config.max_steps})"
-    return f"and --stop-at-step is {config.stop_at_step}: raise it, or leave it out to go on"
 
 
 def stopped(config, step, launch, out_of_time):
@@ -415,17 +396,18 @@ def build_model(config, device):
         with torch.device("meta"):  # its shape only: no memory, no time
             needed, free = 16 * GPT(model_config(config)).num_parameters(), free_memory(device)
         if free is not None and needed > free:  # a clear refusal now, not an allocator's failure (or a swapping host)
-            raise UserError(f"the model needs {needed / 1e9:.1f} GB for its weights, gradients and AdamW's moments, "
-                            f"and the {device.type} has {free / 1e9:.1f} GB free; choose a smaller model", exit_code=2)
+            sizes = f"{needed / 1e9:.1f} GB for weights, gradients and AdamW's moments; {free / 1e9:.1f} GB are free"
+            raise UserError(f"the model is too big for the {device.type}: it needs {sizes}; choose a smaller one", 2)
         return GPT(model_config(config)).to(device)
     try:
         model = GPT.from_pretrained(config.init_from, vocab_size=config.vocab_size)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load --init-from {config.init_from} ({str(e).splitlines()[0]}); give a GPT-2 "
-                        f"name (gpt2, gpt2-medium, ...) or a local Hugging Face directory")
+        why = str(e).strip().splitlines()[0]
+        raise UserError(f"cannot load --init-from {config.init_from} ({why}); give a GPT-2 name or a local HF folder")
     if config.seq_len > model.config.block_size:
-        raise UserError(f"invalid settings: seq_len={config.seq_len} is over {config.init_from}'s "
-                        f"block_size={model.config.block_size}", exit_code=2)
+        raise UserError(
+            f"seq_len={config.seq_len} is over {config.init_from}'s block_size={model.config.block_size}", 2
+        )
     return model.to(device)
 
 
@@ -457,9 +439,9 @@ def check_compile(device):
     try:
         torch.compile(lambda x: (x * 2).sin())(torch.ones(2, device=device))
     except Exception as e:  # inductor's errors have many types; each ends here as one line
-        raise UserError(f"torch.compile does not work here ({type(e).__name__}: {str(e).strip().splitlines()[0]}); "
-                        f"install a C compiler and Python's headers (apt install build-essential python3-dev), or "
-                        f"pass --no-compile", exit_code=2) from None
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        fix = "install a C compiler and Python's headers (apt install build-essential python3-dev), or --no-compile"
+        raise UserError(f"torch.compile does not work here ({why}); {fix}", exit_code=2) from None
 
 
 # -----------------------------------------------------------------------------
@@ -514,7 +496,7 @@ def out_of_memory(config):
     """The one line for running out of memory in the middle of training."""
     fix = "use a shorter --seq-len or a smaller model"
     if config.batch_size > 1:
-        fix = f"relaunch with --batch-size {config.batch_size // 2} (the same total batch in more micro steps; it resumes)"
+        fix = f"relaunch with --batch-size {config.batch_size // 2} (the same total batch in more micro steps)"
     return f"out of memory with --batch-size {config.batch_size}; {fix}"
 
 
@@ -525,20 +507,16 @@ def first_to_say(key):
     return dist.distributed_c10d._get_default_store().add(key, 1) == 1  # private, but the store has no public handle
 
 
-def device_peak_flops(config, device):
-    if config.peak_flops or device.type != "cuda":
-        return config.peak_flops  # none on cpu and mps: no reliable number, so no MFU
-    return common.peak_flops_of(torch.cuda.get_device_name(device), config.dtype)
-
-
 # -----------------------------------------------------------------------------
 # Settings that cannot work together, and what a resumed run must keep
 
 # A resumed run keeps what it learns (LEARNING); where and how it runs and reports may change, the micro
 # batch and device count too (the loader counts rows), and the lr schedule (RETUNABLE: a rollback after
 # a loss spike may lower it; the change is printed).
-LEARNING = ("model n_layer n_head n_embd block_size vocab_size init_from seq_len shuffle total_batch_size max_steps "
-            "weight_decay beta1 beta2 adam_eps optimizer muon_momentum muon_weight_decay muon_ns_steps dtype seed").split()
+LEARNING = (
+    "model n_layer n_head n_embd block_size vocab_size init_from seq_len shuffle total_batch_size max_steps "
+    "weight_decay beta1 beta2 adam_eps optimizer muon_momentum muon_weight_decay muon_ns_steps dtype seed"
+).split()
 RETUNABLE = ["max_lr", "min_lr", "warmup_steps", "grad_clip"]
 
 
@@ -550,8 +528,9 @@ def config_problems(c, world_size):
     if os.path.isfile(c.log_dir):
         found.append(f"log_dir={c.log_dir} is a file, not a directory")
     if os.path.isfile(c.init_from):
-        found.append(f"init_from={c.init_from} is a file, not a Hugging Face GPT-2: continue a train_gpt2.py "
-                     f"checkpoint with --resume {c.init_from}, or fine-tune from its `python export.py` folder")
+        found.append(
+            f"init_from={c.init_from} is a file: --resume a checkpoint, or fine-tune from its export.py folder"
+        )
     if c.init_from.startswith(("/", "./", "../", "~")) and not os.path.exists(c.init_from):
         found.append(f"init_from={c.init_from} does not exist (give a local Hugging Face folder or a hub name)")
     if c.overwrite and c.resume not in ("auto", "never"):
@@ -565,8 +544,10 @@ def config_problems(c, world_size):
     if c.eval_interval and 0 <= c.val_tokens < c.seq_len:
         found.append(f"val_tokens={c.val_tokens} is less than one sequence of seq_len={c.seq_len}")
     if micro_step > 0 and c.total_batch_size % micro_step:
-        found.append(f"total_batch_size={c.total_batch_size} is not divisible by batch_size * seq_len * world_size "
-                     f"= {c.batch_size} * {c.seq_len} * {world_size} = {micro_step}")
+        found.append(
+            f"total_batch_size={c.total_batch_size} is not divisible by batch_size * seq_len * world_size "
+            f"= {c.batch_size} * {c.seq_len} * {world_size} = {micro_step}"
+        )
     return found
 
 
@@ -575,8 +556,11 @@ def check_resumable(saved, config):
     now = asdict(config)
     differ = [f"{k}={saved.get(k)!r} in the checkpoint but {now[k]!r} now" for k in LEARNING if saved.get(k) != now[k]]
     if differ:
-        raise UserError(f"the checkpoint's settings differ from the flags: {'; '.join(differ)}; relaunch with the "
-                        f"checkpoint's settings, or another --log-dir / --overwrite for a new run", exit_code=2)
+        raise UserError(
+            f"the checkpoint's settings differ from the flags: {'; '.join(differ)}; relaunch with the "
+            f"checkpoint's settings, or another --log-dir / --overwrite for a new run",
+            exit_code=2,
+        )
     retuned = [f"{k}={saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in RETUNABLE if saved.get(k) != now[k]]
     if retuned:
         print0(f"note: {'; '.join(retuned)}: the lr schedule goes on with the new values")
@@ -637,8 +621,8 @@ def main(argv=None):
             if not (dist.is_initialized() and lost):
                 raise  # a bug, not a lost rank
             why = str(e).strip().splitlines()[0]
-            print(f"error: rank {rank}: lost contact with another rank ({why}); its message, if any, is above; "
-                  f"relaunch to resume from the last checkpoint", file=sys.stderr, flush=True)
+            message = f"lost contact with another rank ({why}); its message, if any, is above; relaunch to resume"
+            print(f"error: rank {rank}: {message}", file=sys.stderr, flush=True)
             return 1
 
 
