@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -57,22 +58,22 @@ def save_checkpoint(config, step, state):
 
 
 def resume(config, state, check_settings):
-    """Put the run's state back from the checkpoint to continue -> its step, or 0 for a new run. Every rank
-    chooses alike: --resume's file, else the log directory's latest readable checkpoint (a crash mid-write
-    leaves an unreadable one: the one before is taken). check_settings(saved config, config) may refuse it."""
+    """Put the run's state back from the checkpoint to continue -> (its step, its path), or (0, None) for a new
+    run. Every rank chooses alike: --resume's file, else the log directory's latest readable checkpoint (a crash
+    mid-write leaves an unreadable one: the one before is taken). check_settings(saved, config) may refuse it."""
     if config.resume == "never" or config.overwrite:
-        return 0
+        return 0, None
     try:
         checkpoint = read_checkpoint(config.log_dir if config.resume == "auto" else config.resume)
     except ValueError as e:
         if config.resume == "auto":
-            return 0  # no checkpoint yet (or none readable: each cut short by a crash)
+            return 0, None  # no checkpoint yet (or none readable: each cut short by a crash)
         raise UserError(f"--resume {e}; pass a checkpoint path, or --resume auto")
     check_settings(checkpoint["config"], config)
     for name, thing in state.items():
         if thing is not None:
             thing.load_state_dict(checkpoint[name])
-    return checkpoint["step"]
+    return checkpoint["step"], checkpoint["path"]
 
 
 def read_checkpoint(path):
@@ -98,7 +99,7 @@ def read_checkpoint(path):
         ) from None
     if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= set(checkpoint):
         raise ValueError(f"{path} is not a train_gpt2.py checkpoint (it holds no model and model_config)")
-    return checkpoint
+    return checkpoint | {"path": path}
 
 
 def model_from_checkpoint(checkpoint):
@@ -151,11 +152,11 @@ def claim_log_dir(config):
 
 
 class RunLog:
-    """Rank 0's metrics.jsonl, log.txt and dashboards (on other ranks it writes nothing). A launch that starts at
-    step S tells one history: it drops the events of steps >= S (metrics.jsonl, TensorBoard) and moves checkpoints
-    past S to abandoned/. W&B continues one run over every launch (its id in wandb_run_id) but keeps both branches."""
+    """Rank 0's metrics.jsonl, log.txt and dashboards (on other ranks it writes nothing), from a launch that starts
+    at step S from checkpoint `source`: one history (keep_one_history), TensorBoard's too. W&B continues one run over
+    every launch (its id in wandb_run_id) but shows both branches of a rollback."""
 
-    def __init__(self, config, start_step, enabled):
+    def __init__(self, config, start_step, source, enabled):
         self.config, self.enabled, self.tensorboard, self.wandb = config, enabled, None, None
         self.metrics_path, self.text_path = (os.path.join(config.log_dir, n) for n in ("metrics.jsonl", "log.txt"))
         if not enabled:
@@ -178,19 +179,7 @@ class RunLog:
         except ImportError as e:
             fix = "pip install -r requirements-tracking.txt"
             raise UserError(f"--tensorboard and --wandb need their packages: {fix} ({e})", exit_code=2) from None
-        # Checkpoints past S belong to a branch this launch abandons (a rollback, an unreadable latest one):
-        # moved aside, so that --resume auto and pruning never mix them in.
-        later = [p for p in list_checkpoints(config.log_dir) if int(os.path.basename(p)[5:-3]) > start_step]
-        if later:
-            aside = os.path.join(config.log_dir, "abandoned", time.strftime("%Y%m%d-%H%M%S"))
-            os.makedirs(aside, exist_ok=True)
-            for path in later:
-                os.replace(path, os.path.join(aside, os.path.basename(path)))
-            print0(f"resuming at step {start_step}: moved {len(later)} later checkpoint(s) to {aside}")
-        if os.path.exists(self.metrics_path):
-            with open(self.metrics_path, "rb") as f:
-                kept = [line.rstrip(b"\n") + b"\n" for line in f if event_step(line) < start_step]
-            atomic_write(self.metrics_path, lambda f: f.writelines(kept))
+        keep_one_history(config, start_step, source)
 
     def text(self, line):
         if self.enabled:
@@ -243,6 +232,41 @@ class RunLog:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def keep_one_history(config, step, source):
+    """Before a launch at `step` from checkpoint `source` (None: a new run) writes anything, the log directory is
+    made to tell the history of the branch it continues, each step once. Checkpoints past the fork go with a copy
+    of their metrics.jsonl to abandoned/<time>-after-step-<fork>/, so that --resume auto and pruning never mix them
+    in; resuming from a checkpoint there brings its branch back (and moves the current one aside)."""
+    log_dir, branch = config.log_dir, os.path.dirname(os.path.abspath(source or "."))
+    from_aside = os.path.dirname(branch) == os.path.abspath(os.path.join(log_dir, "abandoned"))
+    fork = re.fullmatch(r".*-after-step-(\d+)", branch) if from_aside else None
+    fork = int(fork[1]) if fork else step  # the last step that the branch left and the branch taken share
+    metrics = os.path.join(log_dir, "metrics.jsonl")
+    history = os.path.join(branch, "metrics.jsonl") if from_aside else metrics
+    if source and not from_aside and os.path.dirname(branch) != os.path.abspath(log_dir):
+        print0(f"note: {log_dir} starts at step {step} from another run's {source}; its history before stays there")
+    if later := [path for path in list_checkpoints(log_dir) if checkpoint_step(path) > fork]:
+        aside = os.path.join(log_dir, "abandoned", f"{time.strftime('%Y%m%d-%H%M%S')}-after-step-{fork}")
+        os.makedirs(aside, exist_ok=True)
+        for path in later:
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
+        if os.path.exists(metrics):
+            shutil.copy(metrics, os.path.join(aside, "metrics.jsonl"))  # the history of the branch set aside
+        print0(f"resuming at step {step}: moved {len(later)} later checkpoint(s) to {aside}")
+    if from_aside:  # the branch taken gets its checkpoints up to `step` back
+        for path in glob.glob(os.path.join(branch, "step_*.pt")):
+            if checkpoint_step(path) <= step:
+                os.replace(path, os.path.join(log_dir, "checkpoints", os.path.basename(path)))
+    if os.path.exists(history):
+        with open(history, "rb") as f:
+            kept = [line.rstrip(b"\n") + b"\n" for line in f if event_step(line) < step]
+        atomic_write(metrics, lambda f: f.writelines(kept))
+
+
+def checkpoint_step(path):
+    return int(os.path.basename(path)[len("step_") : -len(".pt")])
 
 
 def hms(seconds):

@@ -252,7 +252,7 @@ def train(argv, launch):
         optimizers, info = raw_model.configure_optimizers(config.max_lr, adamw, muon)
         # What a checkpoint holds and a resume puts back, each by its state_dict()
         state = {"model": raw_model, "loader": train_loader, "scaler": scaler, **optimizers}
-        step = resume(config, state, check_resumable)  # the checkpoint's step, or 0 for a new run
+        step, source = resume(config, state, check_resumable)  # the checkpoint's step and path, or 0 and None
         shards = train_loader.shard_list()
     except UserError as e:
         error = e
@@ -261,7 +261,7 @@ def train(argv, launch):
         limits = f"--max-steps {config.max_steps}, --stop-at-step {config.stop_at_step}"
         print0(f"nothing to do: {config.log_dir} holds a run at step {step} ({limits}); --overwrite starts a new one")
         return 0
-    log = launch.enter_context(closing(RunLog(config, step, enabled=master)))  # one history: events before step
+    log = launch.enter_context(closing(RunLog(config, step, source, enabled=master)))  # one history: events before step
     if master:
         common.write_settings(given, os.path.join(config.log_dir, "config.toml"), leave_out=("overwrite", "resume"))
     log.text(run_header(config, device, world_size))
