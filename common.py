@@ -60,11 +60,11 @@ class SettingsParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)", exit_code=2)
 
 
-def parse_settings(config_class, argv=None, description=None, presets=None):
+def parse_settings(config_class, argv=None, description=None, preset=None):
     """The command line -> a config_class, a dataclass of setting()s: max_lr is --max-lr, a bool --x/--no-x,
     the metadata goes to argparse, plus flags=("-m", "--model") for other names and positional=True.
-    --config FILE reads the same settings from TOML (max_lr = 6e-4); flags given win. presets: {flag: TOML
-    file} whose settings are the defaults when that flag is given. Bad values: one UserError (exit 2)."""
+    --config FILE reads the same settings from TOML (max_lr = 6e-4); flags given win. preset(given) may give
+    flags that come first (defaults of its own). Bad values: one UserError (exit 2)."""
     parser = SettingsParser(description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", metavar="FILE", help="a TOML file of these settings; flags given here win")
     group = parser
@@ -85,11 +85,12 @@ def parse_settings(config_class, argv=None, description=None, presets=None):
         group.add_argument(*names, **kwargs, **({} if names == [f.name] else {"dest": f.name}))
     argv = sys.argv[1:] if argv is None else list(argv)
     given = vars(parser.parse_args(argv))
-    files = [path for flag, path in (presets or {}).items() if given.get(flag)] + [given.pop("config", None)]
-    if any(files):  # the files' settings as flags before the command line's: one way in for every value
-        flags = [flag for path in files if path for flag in config_file_flags(path, config_class)]
+    flags = preset(given) if preset else []  # a preset's and a file's settings as flags: one way in for every value
+    if "config" in given:
+        flags += config_file_flags(given["config"], config_class)
+    if flags:
         given = vars(parser.parse_args(flags + argv))
-        given.pop("config", None)
+    given.pop("config", None)
     config = config_class(**given)
     if problems := problems_of(config):
         raise UserError("invalid settings: " + "; ".join(problems), exit_code=2)
@@ -121,15 +122,20 @@ def config_file_flags(path, config_class):
 def write_settings(config, path, leave_out=()):
     """config's settings as a TOML file that --config reads back (None, "not set", is left out)."""
     values = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in leave_out}
-    lines = [f"{name} = {json.dumps(value)}\n" for name, value in values.items() if value is not None]  # JSON is TOML
-    atomic_write(path, lambda f: f.write("".join(lines).encode()))
+    values = {name: value for name, value in values.items() if value is not None}
+    # A JSON value is a TOML value, but for DEL, which TOML wants escaped and JSON leaves as it is
+    lines = [f"{name} = {json.dumps(value, ensure_ascii=False)}\n" for name, value in values.items()]
+    text = "".join(lines).replace("\x7f", "\\u007f")
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def duration(text):
-    """Seconds from '3h50m', '90m', '45s' or a number of seconds."""
-    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?", text.strip())
+    """Seconds from '3h50m', '90m', '45s' or a plain number of seconds ('1h30' is refused: 30 what?)."""
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text.strip())
+    if text.strip().isdigit():
+        return int(text)
     if not text.strip() or not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 3h50m, 90m or 600")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 3h50m, 90m, 45s or 600")
     return sum(int(n or 0) * s for n, s in zip(match.groups(), (3600, 60, 1)))
 
 

@@ -49,18 +49,29 @@ class FinewebConfig:
     disk_check: bool = setting(True, "refuse to start when the tokens will not fit on the output disk")
 
     def problems(self):  # write_shards checks its arguments here too
-        found = [f"{name}={value} (--{name.replace('_', '-')} {value}) must be at least 1" for name in
-                 ("shard_size", "num_proc", "max_tokens") if (value := getattr(self, name)) is not None and value < 1]
+        found = [
+            f"{name}={value} (--{name.replace('_', '-')} {value}) must be at least 1"
+            for name in ("shard_size", "num_proc", "max_tokens")
+            if (value := getattr(self, name)) is not None and value < 1
+        ]
         if not self.prefix or self.prefix != self.prefix.strip().lstrip(".") or set("/\\*?[]") & set(self.prefix):
-            found.append(f"--prefix {self.prefix!r} must be a plain file-name start (no path separators, wildcards, "
-                         f"leading dot or surrounding spaces), e.g. edufineweb")
+            found.append(
+                f"--prefix {self.prefix!r} must be a plain file-name start (no path separators, wildcards, "
+                f"leading dot or surrounding spaces), e.g. edufineweb"
+            )
         parent = nearest_existing(self.output_dir)
         if not self.output_dir or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
             found.append(f"--output-dir {self.output_dir!r} must be a directory you can write in")
         for path in self.input or []:
             if os.path.isdir(path) or not os.path.exists(path):  # a named pipe is fine
-                found.append(f"--input {path} " + ("is not a file (pass the files inside a directory, e.g. "
-                             "DIR/*.parquet)" if os.path.isdir(path) else "does not exist"))
+                found.append(
+                    f"--input {path} "
+                    + (
+                        "is not a file (pass the files inside a directory, e.g. DIR/*.parquet)"
+                        if os.path.isdir(path)
+                        else "does not exist"
+                    )
+                )
             elif (extension := os.path.splitext(path)[1].lower()) not in (".jsonl", ".json", ".parquet", ".txt"):
                 found.append(f"--input {path}: unknown format {extension or '(none)'}; use .jsonl/.json/.parquet/.txt")
         return found
@@ -71,12 +82,22 @@ def tokenize_document(text):
     return np.concatenate(([EOT], get_tokenizer().encode_to_numpy(text, disallowed_special=()))).astype(np.uint16)
 
 
-def write_shards(documents, output_dir, prefix="edufineweb", shard_size=100_000_000, num_proc=CORES,
-                 max_tokens=None, progress=True, source=None, expected_tokens=None):
+def write_shards(
+    documents,
+    output_dir,
+    prefix="edufineweb",
+    shard_size=100_000_000,
+    num_proc=CORES,
+    max_tokens=None,
+    progress=True,
+    source=None,
+    expected_tokens=None,
+):
     """Tokenize `documents` (strings, or a HubDocuments) into shards in `output_dir`; return their paths. Raises
     UserError; a rerun with the same arguments (`source`: where the documents come from, as JSON) resumes."""
-    if problems := FinewebConfig(output_dir=output_dir, prefix=prefix, shard_size=shard_size, num_proc=num_proc,
-                                 max_tokens=max_tokens).problems():
+    if problems := FinewebConfig(
+        output_dir=output_dir, prefix=prefix, shard_size=shard_size, num_proc=num_proc, max_tokens=max_tokens
+    ).problems():
         raise UserError("; ".join(problems), exit_code=2)
     get_tokenizer()  # loaded once here; forked workers inherit it
     with directory_lock(output_dir, "fineweb.py run"):
@@ -95,21 +116,32 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
     behind = document - (hub.positions[0]["document"] if hub else 0)  # documents to read past, untokenized
     total, filled, buffer = sum(shard["tokens"] for shard in shards), 0, np.empty(shard_size, np.uint16)
     # Not multiprocessing.Pool: it wakes on every result (a fifth of the speed on 2 cores), hangs on a dead worker.
-    pool = ProcessPoolExecutor(num_proc, multiprocessing.get_context("fork" if sys.platform == "linux" else None),
-                               initializer=_init_worker)
+    pool = ProcessPoolExecutor(
+        num_proc, multiprocessing.get_context("fork" if sys.platform == "linux" else None), initializer=_init_worker
+    )
     pool.submit(int).result()  # forked now (on Linux: with the tokenizer), as forking once threads run is unsafe
     try:
-        with tqdm(total=expected_tokens or max_tokens, initial=total, unit="tok", unit_scale=True, desc="tokenizing",
-                  disable=not progress, smoothing=0.1, postfix=f"reading past {behind:,} documents") as bar:
+        with tqdm(
+            total=expected_tokens or max_tokens,
+            initial=total,
+            unit="tok",
+            unit_scale=True,
+            desc="tokenizing",
+            disable=not progress,
+            smoothing=0.1,
+            postfix=f"reading past {behind:,} documents",
+        ) as bar:
             documents = iter(documents)
             if sum(1 for _ in itertools.islice(documents, behind)) < behind:
-                raise UserError(f"the input has fewer documents than the {document} of the finished shards in "
-                                f"{shards.output_dir}: it changed; delete {shards.output_dir} and start over")
+                raise UserError(
+                    f"the input has fewer documents than the {document} of the finished shards in "
+                    f"{shards.output_dir}: it changed; delete {shards.output_dir} and start over"
+                )
             for document, tokens in enumerate(_tokenize_in_order(documents, pool, num_proc), start=document):
                 offset, skip = skip, 0
                 while offset < tokens.size and total != max_tokens:
                     take = min(tokens.size - offset, shard_size - filled, (max_tokens or np.inf) - total)
-                    buffer[filled:filled + take] = tokens[offset:offset + take]
+                    buffer[filled : filled + take] = tokens[offset : offset + take]
                     filled, offset, total = filled + take, offset + take, total + take
                     bar.update(take)
                     if filled == shard_size:
@@ -129,8 +161,14 @@ def _write(documents, shards, shard_size, num_proc, max_tokens, progress, expect
     shards.log({"complete": True})
 
 
+def write_python_docs(output_dir):
+    """Python's reference manual, in shards of 16,384 tokens: the demo's data."""
+    return write_shards(python_docs_documents(), output_dir, "pydocs", 16384, 1, progress=False, source="python-docs")
+
+
 def python_docs_documents():
     from pydoc_data.topics import topics  # Python's reference manual: real English text that ships with Python
+
     return [topics[name] for name in sorted(topics)]
 
 
@@ -157,23 +195,24 @@ def _json_text(line, path, number):
     except json.JSONDecodeError as e:
         raise UserError(f"{path} line {number}: malformed JSON ({e.msg}, column {e.colno}); fix or remove it") from None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise UserError(f"{path} line {number}: no \"text\" string; each line must be an object with a \"text\" field")
+        raise UserError(f'{path} line {number}: no "text" string; each line must be an object with a "text" field')
     return record["text"]
 
 
 def _parquet(path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path} is not a readable Parquet file ({e})") from None
     schema, row = parquet.schema_arrow, 0
     if "text" not in schema.names or schema.field("text").type not in (pa.string(), pa.large_string()):
-        raise UserError(f"{path} has no \"text\" column of strings (columns: {', '.join(schema.names)})")
+        raise UserError(f'{path} has no "text" column of strings (columns: {", ".join(schema.names)})')
     for texts in (batch.column(0).to_pylist() for batch in parquet.iter_batches(batch_size=1024, columns=["text"])):
         if None in texts:
-            raise UserError(f"{path} row {row + texts.index(None)}: \"text\" is null; drop or fill that row")
+            raise UserError(f'{path} row {row + texts.index(None)}: "text" is null; drop or fill that row')
         row += len(texts)
         yield from texts
 
@@ -192,6 +231,7 @@ class HubDocuments:
     def __iter__(self):
         import datasets
         from huggingface_hub.utils import logging
+
         verbosity, start = logging.get_verbosity(), self.positions[0]
         try:
             logging.set_verbosity_error()  # while connecting: retry warnings would bury the one-line error below
@@ -207,9 +247,11 @@ class HubDocuments:
                 self.positions.append({"document": document, "state": rows.state_dict()})  # document: how many before
                 yield from batch["text"]
         except Exception as e:  # network, hub or name errors from datasets and huggingface_hub: one fix
-            raise UserError(f"could not stream {self.dataset} ({self.subset}) from the Hugging Face hub: "
-                            f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}; check the network "
-                            f"and the names, or tokenize local files with --input") from None
+            raise UserError(
+                f"could not stream {self.dataset} ({self.subset}) from the Hugging Face hub: "
+                f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}; check the network "
+                f"and the names, or tokenize local files with --input"
+            ) from None
 
 
 def main(argv=None):
@@ -219,28 +261,46 @@ def main(argv=None):
     def error_line(message, exit_code):
         kept = exit_code != 2 and config and os.path.exists(f"{config.output_dir}/{config.prefix}_progress.jsonl")
         return f"fineweb.py: error: {' '.join(str(message).split())}" + (
-            f"; finished shards in {config.output_dir} are kept: rerun the same command to resume" if kept else "")
+            f"; finished shards in {config.output_dir} are kept: rerun the same command to resume" if kept else ""
+        )
 
     def stop(number, frame):  # at once: every finished shard is fsync'd and recorded; unwinding the pool could hang
         line = error_line(f"stopped by {signal.Signals(number).name}", 128 + number)
         os.write(sys.stderr.fileno(), f"{line}\n".encode())  # not print: it could land inside another print
         os._exit(128 + number)
+
     previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         config = parse_settings(FinewebConfig, argv, "Tokenize FineWeb-Edu (or local text) into GPT-2 token shards.")
         local, demo = config.input, config.dataset == "python-docs"
-        source = {"input": list(map(os.path.abspath, local))} if local else {"dataset": config.dataset} if demo \
+        source = (
+            {"input": list(map(os.path.abspath, local))}
+            if local
+            else {"dataset": config.dataset}
+            if demo
             else {"dataset": config.dataset, "subset": config.subset}
+        )
         documents = local_documents(local) if local else python_docs_documents() if demo else HubDocuments(**source)
         expected = min(filter(None, (SUBSET_TOKENS.get(source.get("subset")), config.max_tokens)), default=None)
         shards = glob.glob(os.path.join(glob.escape(config.output_dir), f"{config.prefix}_*.npy"))
         needed = 2 * (expected or 0) - sum(map(os.path.getsize, shards))  # 2 bytes a token, less the shards on disk
         free = shutil.disk_usage(nearest_existing(config.output_dir)).free
         if config.disk_check and needed > free:
-            raise UserError(f"{config.output_dir} needs {needed / 1e9:.1f} GB more but has {free / 1e9:.1f} GB free; "
-                            f"free space, or choose another --output-dir, a smaller --max-tokens or --no-disk-check")
-        paths = write_shards(documents, config.output_dir, config.prefix, config.shard_size, config.num_proc,
-                             config.max_tokens, config.progress, source, expected)
+            raise UserError(
+                f"{config.output_dir} needs {needed / 1e9:.1f} GB more but has {free / 1e9:.1f} GB free; "
+                f"free space, or choose another --output-dir, a smaller --max-tokens or --no-disk-check"
+            )
+        paths = write_shards(
+            documents,
+            config.output_dir,
+            config.prefix,
+            config.shard_size,
+            config.num_proc,
+            config.max_tokens,
+            config.progress,
+            source,
+            expected,
+        )
     except (UserError, OSError) as e:
         print(error_line(e, getattr(e, "exit_code", 1)), file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 1))
@@ -248,11 +308,16 @@ def main(argv=None):
         for number, handler in previous.items():  # main() may run inside another program (the tests)
             signal.signal(number, handler)
     tokens = sum(np.load(path, mmap_mode="r").size for path in paths)
-    print(f"{config.output_dir}: {len(paths)} shards (1 val, {len(paths) - 1} train), {tokens:,} tokens "
-          f"({time.time() - started:.0f} s)")
+    print(
+        f"{config.output_dir}: {len(paths)} shards (1 val, {len(paths) - 1} train), {tokens:,} tokens "
+        f"({time.time() - started:.0f} s)"
+    )
     if len(paths) == 1:
-        print(f"fineweb.py: warning: all {tokens:,} tokens fit in the val shard, leaving no train shard; rerun "
-              f"into a new --output-dir with a smaller --shard-size, e.g. {max(tokens // 10, 1)}", file=sys.stderr)
+        print(
+            f"fineweb.py: warning: all {tokens:,} tokens fit in the val shard, leaving no train shard; rerun "
+            f"into a new --output-dir with a smaller --shard-size, e.g. {max(tokens // 10, 1)}",
+            file=sys.stderr,
+        )
 
 
 def nearest_existing(path):  # where a run will create `path`
@@ -269,8 +334,11 @@ class Progress(list):
         self.path = os.path.join(output_dir, f"{self.prefix}_progress.jsonl")
         if not os.path.exists(self.path):  # made with the first shard: a run that fails before leaves nothing
             if strays := glob.glob(os.path.join(glob.escape(output_dir), f"{glob.escape(self.prefix)}_*_[0-9]*.npy")):
-                raise UserError(f"{output_dir} holds shards ({os.path.basename(min(strays))}, ...) but no "
-                                f"{os.path.basename(self.path)}: delete them, or use another --output-dir", exit_code=2)
+                raise UserError(
+                    f"{output_dir} holds shards ({os.path.basename(min(strays))}, ...) but no "
+                    f"{os.path.basename(self.path)}: delete them, or use another --output-dir",
+                    exit_code=2,
+                )
             return
         try:
             with open(self.path, "rb") as f:  # [:-1]: a line torn by a crash is left out
@@ -278,10 +346,16 @@ class Progress(list):
             earlier = header["arguments"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{self.path} is unreadable ({e}); delete {output_dir} and start over") from None
-        if changes := [f"{key} {json.dumps(earlier.get(key))} then, {json.dumps(self.arguments.get(key))} now"
-                       for key in sorted(earlier | self.arguments) if earlier.get(key) != self.arguments.get(key)]:
-            raise UserError(f"{output_dir} holds shards made with other arguments ({', '.join(changes)}); rerun with "
-                            f"the same arguments to resume, or choose another --output-dir", exit_code=2)
+        if changes := [
+            f"{key} {json.dumps(earlier.get(key))} then, {json.dumps(self.arguments.get(key))} now"
+            for key in sorted(earlier | self.arguments)
+            if earlier.get(key) != self.arguments.get(key)
+        ]:
+            raise UserError(
+                f"{output_dir} holds shards made with other arguments ({', '.join(changes)}); rerun with "
+                f"the same arguments to resume, or choose another --output-dir",
+                exit_code=2,
+            )
         finished = [record for record in records if "file" in record]
         self.extend(itertools.takewhile(self.is_whole, finished))  # up to the first damaged shard
         self.complete = {"complete": True} in records and len(self) == len(finished)
@@ -341,6 +415,7 @@ def _init_worker():
     def exit_with_parent():  # a worker never outlives the run, however it ends (SIGKILL, the out-of-memory killer)
         multiprocessing.parent_process().join()  # returns once the main process is gone
         os._exit(1)
+
     threading.Thread(target=exit_with_parent, daemon=True).start()
 
 

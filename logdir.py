@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import warnings
+import contextlib
 from contextlib import contextmanager
 from dataclasses import asdict
 
@@ -137,6 +138,10 @@ def claim_log_dir(config):
             f"a new run there with --overwrite (deletes those), or use another --log-dir",
             exit_code=2,
         )
+    new = [config.log_dir]  # the directories this launch creates, deepest first
+    while not os.path.exists(new[-1]) and os.path.dirname(new[-1]) != new[-1]:
+        new.append(os.path.dirname(os.path.abspath(new[-1])))
+    lock_was_there = os.path.exists(os.path.join(config.log_dir, ".lock"))
     try:
         os.makedirs(config.log_dir, exist_ok=True)
     except OSError as e:
@@ -148,7 +153,15 @@ def claim_log_dir(config):
             print0(f"--overwrite: removed the earlier run's {', '.join(earlier)} from {config.log_dir}")
         for stale in glob.glob(os.path.join(config.log_dir, "checkpoints", ".*.tmp")):
             os.remove(stale)  # a launch killed mid-write left it; the lock says no one else writes here
-        yield
+        try:
+            yield
+        except BaseException:  # a launch that fails leaves behind nothing it made: its lock, its empty directories
+            if not lock_was_there:
+                os.remove(os.path.join(config.log_dir, ".lock"))
+            for directory in new[:-1]:
+                with contextlib.suppress(OSError):  # not empty: the run wrote there
+                    os.rmdir(directory)
+            raise
 
 
 class RunLog:

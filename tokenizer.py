@@ -26,29 +26,44 @@ def get_tokenizer() -> tiktoken.Encoding:
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # requests' connection and HTTP errors, a proxy, a read-only cache...
-            raise OSError(f"cannot download GPT-2's vocabulary ({type(e).__name__}); offline, `pip install --no-deps "
-                          "openai-whisper==20250625` or set GPT2_TIKTOKEN_FILE to a gpt2.tiktoken file") from None
+            raise OSError(
+                f"cannot download GPT-2's vocabulary ({type(e).__name__}); offline, `pip install --no-deps "
+                "openai-whisper==20250625` or set GPT2_TIKTOKEN_FILE to a gpt2.tiktoken file"
+            ) from None
     try:
         ranks = load_tiktoken_bpe(path, expected_hash=GPT2_RANKS_SHA256)
     except ValueError:  # the hash differs, or a line is not "<base64 token> <rank>"
-        raise OSError(f"{path} is not GPT-2's vocabulary; unset GPT2_TIKTOKEN_FILE or name a gpt2.tiktoken "
-                      "file") from None
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
+        raise OSError(
+            f"{path} is not GPT-2's vocabulary; unset GPT2_TIKTOKEN_FILE or name a gpt2.tiktoken file"
+        ) from None
+    return tiktoken.Encoding(
+        "gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": EOT},
+        explicit_n_vocab=EOT + 1,
+    )
 
 
 def save_for_transformers(directory, model_max_length):
     """Write GPT-2's tokenizer into `directory` for AutoTokenizer: tokenizer.json, converted by transformers from
     the same ranks and split pattern (so the same ids), and its config, <|endoftext|> as bos, eos and pad."""
     from transformers.convert_slow_tokenizer import TikTokenConverter
+
     get_tokenizer()  # the same checks and one-line errors as every other use
     eot = "<|endoftext|>"  # transformers 5 reads extra_special_tokens, 4 additional_special_tokens
     ranks_file = local_ranks_file() or "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
-    TikTokenConverter(vocab_file=ranks_file, pattern=r50k_pat_str, extra_special_tokens=[eot],
-                      additional_special_tokens=[eot]).converted().save(os.path.join(directory, "tokenizer.json"))
-    config = dict(tokenizer_class="PreTrainedTokenizerFast",  # tokenizer.json as it is, in transformers 4 and 5
-                  bos_token=eot, eos_token=eot, pad_token=eot, model_max_length=model_max_length,
-                  clean_up_tokenization_spaces=False)  # decode gives back the exact text, as tiktoken does
+    TikTokenConverter(
+        vocab_file=ranks_file, pattern=r50k_pat_str, extra_special_tokens=[eot], additional_special_tokens=[eot]
+    ).converted().save(os.path.join(directory, "tokenizer.json"))
+    config = dict(
+        tokenizer_class="PreTrainedTokenizerFast",  # tokenizer.json as it is, in transformers 4 and 5
+        bos_token=eot,
+        eos_token=eot,
+        pad_token=eot,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )  # decode gives back the exact text, as tiktoken does
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
 

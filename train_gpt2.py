@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
+import fineweb
 import hellaswag
 from common import UserError, duration, print0, setting
 from loader import ShardLoader
@@ -101,8 +102,8 @@ class TrainConfig:
     stop_at_step: int = setting(0, "end this launch with a checkpoint after this step (0: don't)", must=NOT_NEGATIVE)
     time_limit: int = setting(0, "end this launch cleanly within this time, e.g. 3h50m (0: none)", type=duration)
     dist_timeout: int = setting(600, "under torchrun, how long a rank waits for another", type=duration, must=POSITIVE)
-    wandb: str = setting(None, "also log to this Weights & Biases project (pip install wandb)")
-    tensorboard: bool = setting(False, "also write TensorBoard events to <log dir>/tensorboard")
+    wandb: str = setting(None, "also log to this Weights & Biases project (pip install -r requirements-tracking.txt)")
+    tensorboard: bool = setting(False, "also write TensorBoard events to <log dir>/tensorboard (the same install)")
     device: str = setting("auto", "auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps", section="system")
     dtype: str = setting("auto", "autocast dtype (auto: see resolve_dtype)", choices=["auto", *DTYPES])
     compile: bool = setting(None, "torch.compile the model (default: on for CUDA with Triton)")
@@ -119,7 +120,17 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"
 
 def parse_args(argv=None):
     """The settings: the defaults (--demo: configs/demo.toml's), then a --config file's, then the flags given."""
-    return common.parse_settings(TrainConfig, argv, "Train GPT-2 on token shards.", presets={"demo": DEMO_CONFIG})
+    return common.parse_settings(TrainConfig, argv, "Train GPT-2 on token shards.", demo_settings)
+
+
+def demo_settings(given):
+    """--demo's settings as flags: configs/demo.toml's, its warmup a tenth of a --max-steps given (as it is there)."""
+    if not given.get("demo"):
+        return []
+    flags = common.config_file_flags(DEMO_CONFIG, TrainConfig)
+    if "max_steps" in given and "warmup_steps" not in given:
+        flags.append(f"--warmup-steps={given['max_steps'] // 10}")
+    return flags
 
 
 def model_config(config):
@@ -146,12 +157,9 @@ def get_lr(step, config):
 
 
 def train_step(model, optimizers, loader, accum, lr, config, device, autocast, scaler=None, wants_stop=bool):
-    """One optimizer step over accum micro batches -> (loss, grad norm, skipped, stop). optimizers: by name.
-
-    One small all-reduce at the end tells every rank what the others saw: a loss or gradient norm that is
-    not finite anywhere skips the update on every rank, and a rank whose wants_stop() is true at that point
-    (a signal came, the time is up) stops them all after this step.
-    """
+    """One optimizer step over accum micro batches -> (loss, grad norm, skipped, stop). One small all-reduce at
+    the end tells every rank what the others saw: a loss or gradient norm not finite anywhere skips the update
+    everywhere, and a rank whose wants_stop() is then true (a signal came, time is up) stops all after this step."""
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
@@ -210,8 +218,8 @@ def train(argv, launch):
             torch.cuda.set_device(device)
         if master:
             launch.enter_context(claim_log_dir(config))  # one run per log directory, one launch at a time
-            if config.demo:
-                write_demo_data(config.data_dir)
+            if config.demo:  # the demo's data, made once: Python's reference manual, which ships with Python
+                fineweb.write_python_docs(config.data_dir)
         if local_rank == 0 and config.hellaswag_interval:
             load_hellaswag(config)  # downloads it the first time: one process a machine, the others after the barrier
     except UserError as e:
@@ -256,12 +264,12 @@ def train(argv, launch):
         shards = train_loader.shard_list()
     except UserError as e:
         error = e
-    check_same_everywhere(common.agree(error, (step, shards)), config)
+    check_same_everywhere(common.agree(error, (step, shards)))
     if step >= (config.stop_at_step or config.max_steps):
         limits = f"--max-steps {config.max_steps}, --stop-at-step {config.stop_at_step}"
         print0(f"nothing to do: {config.log_dir} holds a run at step {step} ({limits}); --overwrite starts a new one")
         return 0
-    log = launch.enter_context(closing(RunLog(config, step, source, enabled=master)))  # one history: events before step
+    log = launch.enter_context(closing(RunLog(config, step, source, enabled=master)))  # one history from here
     if master:
         common.write_settings(given, os.path.join(config.log_dir, "config.toml"), leave_out=("overwrite", "resume"))
     log.text(run_header(config, device, world_size))
@@ -346,25 +354,22 @@ def train(argv, launch):
             log.line(f"step {step:5d} | checkpoint {path} | {checkpoint_seconds:.1f} s")
         if too_many_skipped:
             why = f"{skipped_in_a_row} steps in a row (to step {step - 1}) had a non-finite loss or gradient"
-            fix = (
-                "relaunch to go on with new batches, or roll back with --resume <an earlier checkpoint> and a lower lr"
-            )
+            fix = "relaunch to go on with new batches, or roll back: --resume <an earlier checkpoint> and a lower lr"
             raise UserError(f"{why} and were skipped; {fix}")
         if stop:
             print0(stopped(config, step, launch, out_of_time))
             return 130 if launch.signal == signal.SIGINT else 0
 
 
-def check_same_everywhere(values, config):
-    """Every rank's (resume step, train shards), from the agreement: they must be the same everywhere."""
-    steps, shards = [step for step, _ in values], [shards for _, shards in values]
-    if len(set(steps)) > 1:
-        raise UserError(f"the ranks would resume at steps {steps}; does every node see the same --log-dir?")
-    for rank, theirs in enumerate(shards):
-        if theirs != shards[0]:
-            missing, other = sorted(set(shards[0]) - set(theirs)), sorted(set(theirs) - set(shards[0]))
-            differ = f"missing {missing[:2]}, other {other[:2]}"
-            raise UserError(f"rank {rank} sees other train shards than rank 0 ({differ}); give every node the same")
+def check_same_everywhere(values):
+    """Every rank's (resume step, train shards), from the agreement: a rank that differs from rank 0 ends the run."""
+    for rank, (step, shards) in enumerate(values):
+        if step != values[0][0]:
+            where = f"rank {rank} would resume at step {step}, rank 0 at {values[0][0]}"
+            raise UserError(f"{where}: does every node see the same --log-dir?")
+        if shards != values[0][1]:
+            differ = sorted(set(shards) ^ set(values[0][1]))[:2]
+            raise UserError(f"rank {rank} sees other train shards than rank 0 ({differ} differ): give each the same")
 
 
 def due(interval, step, last):
@@ -417,14 +422,6 @@ def free_memory(device):
         return torch.cuda.mem_get_info(device)[0]
     with contextlib.suppress(OSError, StopIteration), open("/proc/meminfo") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-
-
-def write_demo_data(data_dir):
-    """The demo's data, made once: Python's reference manual, which ships with every Python, as shards."""
-    import fineweb
-
-    documents, source = fineweb.python_docs_documents(), "python-docs"
-    fineweb.write_shards(documents, data_dir, "pydocs", shard_size=16384, num_proc=1, progress=False, source=source)
 
 
 def load_hellaswag(config):
@@ -575,8 +572,11 @@ class Launch(ExitStack):
     SIGTERM, SIGUSR1 (what SLURM and spot instances send before a kill) and Ctrl-C end the run after this
     step, with a checkpoint, on every rank. A second Ctrl-C quits at once."""
 
+    def __init__(self):
+        super().__init__()
+        self.signal, self.config = None, None  # config: the run's, once it is known
+
     def __enter__(self):
-        self.signal, self.config = None, None
         if threading.current_thread() is threading.main_thread():  # Python only lets it set handlers
             for number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 self.callback(signal.signal, number, signal.signal(number, self.stop))  # put back at the end
@@ -594,36 +594,36 @@ class Launch(ExitStack):
 
 def main(argv=None):
     """Run training -> the exit code: 0, 1 for a run-time problem, 2 for bad settings, 130 after Ctrl-C."""
-    rank = int(os.environ.get("RANK", 0))
-    with Launch() as launch:
-        try:
+    rank, launch = int(os.environ.get("RANK", 0)), Launch()
+    try:
+        with launch:  # an error leaves it too: what the launch holds sees it (a failed launch leaves nothing behind)
             exit_code = train(argv, launch)
-            if dist.is_initialized():
-                dist.destroy_process_group()  # on a clean exit only: after an error another rank may never join
-            return exit_code
-        except UserError as e:
-            # An error every rank met was printed once by common.agree(); a rank's own error is printed by that
-            # rank, which then exits (and torchrun stops the others).
-            if not e.reported:
-                print(f"error: {f'rank {rank}: ' if rank else ''}{e}", file=sys.stderr, flush=True)
-            return e.exit_code
-        except KeyboardInterrupt:
-            saved = list_checkpoints(launch.config.log_dir) if launch.config else []
-            last = f"the last checkpoint is {saved[-1]}" if saved else "no checkpoint was saved"
-            print0(f"interrupted; {last}; relaunch the same command to resume", file=sys.stderr)
-            return 130
-        except torch.OutOfMemoryError:  # a training step, an evaluation, sampling
-            if first_to_say("out of memory"):  # every rank may run out at once: one line for them all
-                print(f"error: {out_of_memory(launch.config)}", file=sys.stderr, flush=True)
-            return 1
-        except RuntimeError as e:
-            lost = re.search(r"timed out|closed by peer|connection reset|NCCL", str(e), re.IGNORECASE)
-            if not (dist.is_initialized() and lost):
-                raise  # a bug, not a lost rank
-            why = str(e).strip().splitlines()[0]
-            message = f"lost contact with another rank ({why}); its message, if any, is above; relaunch to resume"
-            print(f"error: rank {rank}: {message}", file=sys.stderr, flush=True)
-            return 1
+        if dist.is_initialized():
+            dist.destroy_process_group()  # on a clean exit only: after an error another rank may never join it
+        return exit_code
+    except UserError as e:
+        # An error every rank met was printed once by common.agree(); a rank's own error is printed by that
+        # rank, which then exits (and torchrun stops the others).
+        if not e.reported:
+            print(f"error: {f'rank {rank}: ' if rank else ''}{e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        saved = list_checkpoints(launch.config.log_dir) if launch.config else []
+        last = f"the last checkpoint is {saved[-1]}" if saved else "no checkpoint was saved"
+        print0(f"interrupted; {last}; relaunch the same command to resume", file=sys.stderr)
+        return 130
+    except torch.OutOfMemoryError:  # a training step, an evaluation, sampling
+        if first_to_say("out of memory"):  # every rank may run out at once: one line for them all
+            print(f"error: {out_of_memory(launch.config)}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as e:
+        lost = re.search(r"timed out|closed by peer|connection reset|NCCL", str(e), re.IGNORECASE)
+        if not (dist.is_initialized() and lost):
+            raise  # a bug, not a lost rank
+        why = str(e).strip().splitlines()[0]
+        message = f"lost contact with another rank ({why}); its message, if any, is above; relaunch to resume"
+        print(f"error: rank {rank}: {message}", file=sys.stderr, flush=True)
+        return 1
 
 
 def cli():
