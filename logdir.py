@@ -11,6 +11,7 @@ Only rank 0 writes here; every rank reads the checkpoint it resumes from. Each f
 (atomic_write). Also here: reading a checkpoint as a model (load_model), for sample.py, hellaswag.py, export.py.
 """
 
+import contextlib
 import glob
 import json
 import math
@@ -22,7 +23,6 @@ import subprocess
 import sys
 import time
 import warnings
-import contextlib
 from contextlib import contextmanager
 from dataclasses import asdict
 
