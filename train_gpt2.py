@@ -38,7 +38,7 @@ import common
 import fineweb
 import hellaswag
 from common import UserError, duration, print0, setting
-from loader import ShardLoader
+from loader import ShardLoader, find_shards
 from logdir import RunLog, claim_log_dir, hms, list_checkpoints, resume, run_header, save_checkpoint
 from model import GPT, GPT2_SIZES, GPTConfig
 from tokenizer import get_tokenizer
@@ -220,6 +220,7 @@ def train(argv, launch):
             launch.enter_context(claim_log_dir(config))  # one run per log directory, one launch at a time
             if config.demo:  # the demo's data, made once: Python's reference manual, which ships with Python
                 fineweb.write_python_docs(config.data_dir)
+        find_shards(config.data_dir, "train")  # a missing data directory fails in seconds, not after a download
         if local_rank == 0 and config.hellaswag_interval:
             load_hellaswag(config)  # downloads it the first time: one process a machine, the others after the barrier
     except UserError as e:
