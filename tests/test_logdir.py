@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import types
 from dataclasses import asdict
 
@@ -429,7 +430,7 @@ def test_tensorboard_tells_one_history(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    config = settings(tmp_path, "--tensorboard")
+    config, threads = settings(tmp_path, "--tensorboard"), set(threading.enumerate())
     log = RunLog(config, 0, enabled=True)
     for step in range(6):
         log.event({"step": step, "train_loss": float(step), "mfu": None, "skipped": True}, f"step {step}")
@@ -439,6 +440,7 @@ def test_tensorboard_tells_one_history(tmp_path):
     for step in (3, 4):
         log.event({"step": step, "train_loss": 100.0 + step, "lr": 1e-3}, f"step {step}")
     log.close()
+    assert set(threading.enumerate()) <= threads  # each launch's close() ended its writer's thread
     accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
     accumulator.Reload()
     assert sorted(accumulator.Tags()["scalars"]) == ["lr", "train_loss"]  # no step, None, True or text
