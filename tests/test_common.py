@@ -748,10 +748,15 @@ def test_a_signal_asks_the_launch_to_stop_and_the_handlers_are_put_back(monkeypa
     before = [signal.getsignal(n) for n in numbers]
     with Launch() as launch:
         assert launch.signal is None
+        # a handler of its own for each (SIGUSR1 unhandled would end this test process)
+        assert all(callable(signal.getsignal(n)) and signal.getsignal(n) != old for n, old in zip(numbers, before))
         os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM sends before its time limit
         assert launch.signal == signal.SIGUSR1
         os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C after another signal does not quit at once
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            pytest.fail("a Ctrl-C after another signal quit at once")
         assert launch.signal == signal.SIGUSR1
     assert [signal.getsignal(n) for n in numbers] == before
     assert capfd.readouterr().err == "SIGUSR1: stopping after this step, with a checkpoint\n"
