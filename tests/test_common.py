@@ -93,31 +93,8 @@ def test_no_flags_give_the_defaults():
 
 def test_flags_of_every_kind():
     config = parse(
-        "--name",
-        "x",
-        "--steps",
-        "5",
-        "--lr",
-        "1e-3",
-        "--limit",
-        "7",
-        "--ratio",
-        "0.5",
-        "--label",
-        "y",
-        "--no-shuffle",
-        "--overwrite",
-        "--sizes",
-        "1",
-        "2",
-        "--time-limit",
-        "1h30m",
-        "--batch",
-        "16",
-        "--no-compile",
-        "-m",
-        "gpt2-xl",
-        "ckpt.pt",
+        *"--name x --steps 5 --lr 1e-3 --limit 7 --ratio 0.5 --label y --no-shuffle --overwrite --sizes 1 2 "
+        "--time-limit 1h30m --batch 16 --no-compile -m gpt2-xl ckpt.pt".split()
     )
     assert config == Settings(
         name="x",
@@ -136,13 +113,8 @@ def test_flags_of_every_kind():
         path="ckpt.pt",
     )
     # the types, not just equal values (5.0 == 5)
-    assert [type(getattr(config, k)) for k in ("steps", "lr", "limit", "ratio", "batch")] == [
-        int,
-        float,
-        int,
-        float,
-        int,
-    ]
+    types = [type(getattr(config, k)) for k in ("steps", "lr", "limit", "ratio", "batch")]
+    assert types == [int, float, int, float, int]
     assert parse("--shuffle", "--model", "gpt2").shuffle is True
 
 

@@ -51,45 +51,16 @@ def shards(tmp_path_factory):
     return str(path)
 
 
+# A tiny model on the CPU, nothing downloaded (no HellaSwag, no samples).
+TINY_RUN = (
+    "--n-layer 1 --n-head 2 --n-embd 8 --block-size 16 --vocab-size 64 --seq-len 8 --batch-size 2 "
+    "--total-batch-size 16 --max-steps 10 --warmup-steps 1 --device cpu --dtype float32 --no-compile "
+    "--hellaswag-interval 0 --sample-interval 0"
+).split()
+
+
 def settings(log_dir, *flags, data_dir="data"):
-    return parse_args(
-        [
-            "--data-dir",
-            data_dir,
-            "--log-dir",
-            str(log_dir),
-            "--n-layer",
-            "1",
-            "--n-head",
-            "2",
-            "--n-embd",
-            "8",
-            "--block-size",
-            "16",
-            "--vocab-size",
-            "64",
-            "--seq-len",
-            "8",
-            "--batch-size",
-            "2",
-            "--total-batch-size",
-            "16",
-            "--max-steps",
-            "10",
-            "--warmup-steps",
-            "1",
-            "--device",
-            "cpu",
-            "--dtype",
-            "float32",
-            "--no-compile",
-            "--hellaswag-interval",
-            "0",
-            "--sample-interval",
-            "0",
-            *map(str, flags),
-        ]
-    )
+    return parse_args(["--data-dir", data_dir, "--log-dir", str(log_dir), *TINY_RUN, *map(str, flags)])
 
 
 def tiny_model(seed):
