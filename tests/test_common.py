@@ -673,6 +673,7 @@ def test_ranks_agree_on_values_and_errors(tmp_path):
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": "",  # gloo on CPUs, also on a machine with fewer GPUs than ranks
         }
         processes.append(
             subprocess.Popen(
