@@ -25,7 +25,7 @@ def find_shards(data_dir, split):
         raise UserError(f"--data-dir {data_dir} is a file; give the directory of shards that fineweb.py wrote")
     if not os.path.isdir(data_dir):
         raise UserError(f"data directory {data_dir} does not exist; make it with `python fineweb.py` (or try --demo)")
-    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].npy")))
+    paths = sorted(glob.glob(os.path.join(glob.escape(data_dir), f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].npy")))
     if not paths:
         raise UserError(f"no {split} shards (*_{split}_NNNNNN.npy) in {data_dir}; make them with `python fineweb.py`")
     return paths
