@@ -262,6 +262,13 @@ def test_only_files_named_as_shards_of_the_split_are_read(tmp_path):
     assert [os.path.basename(p) for p in loader.paths] == [f"tiny_train_{i:06d}.npy" for i in (1, 2, 3)]
 
 
+def test_a_data_dir_named_with_glob_characters(tmp_path):
+    stream = small_shards(tmp_path / "tokens[gpt2]", [40, 30])
+    loader = ShardLoader(str(tmp_path / "tokens[gpt2]"), "train", 2, 8)
+    x, _ = loader.read_rows(range(loader.rows_per_epoch))
+    assert loader.num_tokens == 70 and torch.equal(x.flatten(), torch.from_numpy(stream[:64]))
+
+
 def test_a_split_of_a_multiple_of_t_tokens(tmp_path):
     # 8 * T tokens hold 7 windows of T + 1 (an 8th would need token 8T as its last target)
     stream = small_shards(tmp_path, [5 * 8, 3 * 8])

@@ -300,6 +300,28 @@ def test_resume_from_a_given_checkpoint(tmp_path):
     assert error.value.exit_code == 1
 
 
+def test_a_log_dir_named_with_glob_characters(tmp_path, shards):
+    log_dir = tmp_path / "lr[6e-4]"  # the checkpoints must still be found, or a relaunch starts over
+    paths = [write_checkpoint(log_dir, step) for step in (3, 6)]
+    stale = log_dir / "checkpoints" / ".step_00000009.pt.host.1.tmp"
+    stale.write_bytes(b"half")
+    assert list_checkpoints(str(log_dir)) == paths
+    with claim_log_dir(settings(log_dir)):
+        pass
+    assert not stale.exists()
+    path, checkpoint = choose_checkpoint(settings(log_dir))
+    assert path == paths[1] and checkpoint["step"] == 6
+    model = tiny_model(0)
+    save_checkpoint(
+        settings(log_dir, "--keep-checkpoints", 2, data_dir=shards),
+        9,
+        model,
+        torch.optim.AdamW(model.parameters()),
+        ShardLoader(shards, "train", 2, 8),
+    )
+    assert sorted(os.listdir(log_dir / "checkpoints")) == ["step_00000006.pt", "step_00000009.pt"]
+
+
 # -----------------------------------------------------------------------------
 # RunLog: one history, whole lines, null for what is not finite, the dashboards
 
