@@ -111,7 +111,7 @@ def test_the_shuffled_order_is_the_seeded_permutation_of_shards_then_rows(data_d
         windows = torch.from_numpy(shuffled_windows(data_dir, 7, epoch))
         x, y = loader.read_rows(range(epoch * rows, (epoch + 1) * rows))
         assert torch.equal(x, windows[:, :-1]) and torch.equal(y, windows[:, 1:])
-    # rank 1 of 2, first micro batches of epoch 1: rows rows + B.. of the single process's order
+    # rank 1 of 2 from the start of epoch 1: each step, the second B of the 2B rows the ranks read together
     rank1 = ShardLoader(data_dir, "train", B, T, rank=1, world_size=2, seed=7, shuffle=True)
     rank1.load_state_dict({"epoch": 1, "row": 0, "num_tokens": loader.num_tokens, "seq_len": T})
     windows = torch.from_numpy(shuffled_windows(data_dir, 7, 1))
