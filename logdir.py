@@ -38,7 +38,7 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "log.txt", "config.toml", "abandone
 
 def list_checkpoints(log_dir):
     """Checkpoint paths, oldest first (the zero-padded step makes name order step order)."""
-    return sorted(glob.glob(os.path.join(log_dir, "checkpoints", "step_[0-9]*.pt")))
+    return sorted(glob.glob(os.path.join(glob.escape(log_dir), "checkpoints", "step_[0-9]*.pt")))
 
 
 def save_checkpoint(config, step, state):
@@ -151,7 +151,7 @@ def claim_log_dir(config):
             for path in (os.path.join(config.log_dir, name) for name in earlier):
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             print0(f"--overwrite: removed the earlier run's {', '.join(earlier)} from {config.log_dir}")
-        for stale in glob.glob(os.path.join(config.log_dir, "checkpoints", ".*.tmp")):
+        for stale in glob.glob(os.path.join(glob.escape(config.log_dir), "checkpoints", ".*.tmp")):
             os.remove(stale)  # a launch killed mid-write left it; the lock says no one else writes here
         try:
             yield

@@ -8,13 +8,16 @@
   the offline stand-in for OpenAI's weights.
 - `data_dir`: that corpus as train_gpt2.py's shards (fineweb.write_shards, 4,096 tokens each).
 - `run_main`: a script's main(argv) run in-process, giving (exit code, stdout, stderr).
+- `lock_in_another_process`: common.directory_lock tried from a second Python process.
 - `trained_log`: the log directory of a real 6-step train_gpt2.py run of a tiny GPT, and
   `exported_run`: export.py's folder of its latest checkpoint (the notebook, export and sample tests).
 """
 
 import json
 import os
+import subprocess
 import sys
+import textwrap
 
 # No test may touch the network: without these a hub call retries for ~25 s before failing.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -73,6 +76,29 @@ def run_main(capsys):
         captured = capsys.readouterr()
         return code, captured.out, captured.err
     return run
+
+
+@pytest.fixture
+def lock_in_another_process():
+    """take(directory, what) -> "locked", or "refused: <the UserError> (exit code N)", from a new Python process
+    (an fcntl lock belongs to a process: this one would always get its own). hold=True: it dies holding it."""
+    def take(directory, what="test run", hold=False):
+        code = textwrap.dedent(f"""
+            import os, sys
+            sys.path.insert(0, {ROOT!r})
+            from common import UserError, directory_lock
+            try:
+                with directory_lock({str(directory)!r}, {what!r}):
+                    print("locked", flush=True)
+                    if {hold}:
+                        os._exit(0)
+            except UserError as e:
+                print(f"refused: {{e}} (exit code {{e.exit_code}})")
+            """)
+        run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+    return take
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 
 Shards are real (conftest.py's data_dir): Python's reference manual tokenized by fineweb.write_shards
 into shards of 4,096 tokens, and windows of T = 48 so that many windows span two shards. The
-reference is the plain concatenation of the shard files read back with numpy.
+reference is the plain concatenation of the shard files read back with numpy (shuffled: in the
+order a numpy generator seeded with (seed, epoch) gives, written out in `shuffled_windows`).
+Small hand-made shards test the edges: lengths, an empty shard, an id beyond the vocabulary.
 """
 
 import os
@@ -12,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from common import UserError
 from loader import ShardLoader
-from common import UserError as TrainError
 
 B, T = 4, 48
 
@@ -89,6 +91,66 @@ def test_shuffle_covers_the_split_once_per_epoch_in_a_new_order(data_dir, stream
     assert not torch.equal(other.read_rows(range(rows))[0], epochs[0])
 
 
+def shuffled_windows(data_dir, seed, epoch):
+    """An epoch's windows (rows, T + 1) as the module docstring says: the shards in the order of a permutation
+    drawn from np.random.default_rng((seed, epoch)), then the rows in the order of its next permutation."""
+    names = sorted(n for n in os.listdir(data_dir) if "_train_" in n)
+    rng = np.random.default_rng((seed, epoch))
+    shard_order = rng.permutation(len(names))
+    stream = np.concatenate([np.load(os.path.join(data_dir, names[i])) for i in shard_order]).astype(np.int64)
+    rows = (len(stream) - 1) // T
+    return np.stack([stream[r * T:r * T + T + 1] for r in rng.permutation(rows)])
+
+
+def test_the_shuffled_order_is_the_seeded_permutation_of_shards_then_rows(data_dir):
+    # The order is part of a checkpoint: the loader's state is only (epoch, row), so a resumed run (or
+    # a new version of this file) must draw the same order from (seed, epoch).
+    loader = ShardLoader(data_dir, "train", B, T, seed=7, shuffle=True)
+    rows = loader.rows_per_epoch
+    for epoch in (0, 1, 2):
+        windows = torch.from_numpy(shuffled_windows(data_dir, 7, epoch))
+        x, y = loader.read_rows(range(epoch * rows, (epoch + 1) * rows))
+        assert torch.equal(x, windows[:, :-1]) and torch.equal(y, windows[:, 1:])
+    # rank 1 of 2 from the start of epoch 1: each step, the second B of the 2B rows the ranks read together
+    rank1 = ShardLoader(data_dir, "train", B, T, rank=1, world_size=2, seed=7, shuffle=True)
+    rank1.load_state_dict({"epoch": 1, "row": 0, "num_tokens": loader.num_tokens, "seq_len": T})
+    windows = torch.from_numpy(shuffled_windows(data_dir, 7, 1))
+    for step in range(3):
+        x, y = rank1.next_batch()
+        first = step * 2 * B + B
+        assert torch.equal(x, windows[first:first + B, :-1]) and torch.equal(y, windows[first:first + B, 1:])
+
+
+def test_the_state_is_the_next_row_for_any_batch_size_and_rank_count(data_dir, stream):
+    loader = ShardLoader(data_dir, "train", B, T, seed=3, shuffle=True)
+    rows = loader.rows_per_epoch
+    steps = rows // B + 3  # into the second epoch
+    batches(loader, steps)
+    state = loader.state_dict()
+    assert state == {"epoch": 1, "row": steps * B - rows, "num_tokens": len(stream), "seq_len": T}
+    # Resumed with half the micro batch on 2 ranks: rank 1 reads rows [B/2, B) past the saved row.
+    rank1 = ShardLoader(data_dir, "train", B // 2, T, rank=1, world_size=2, seed=3, shuffle=True)
+    rank1.load_state_dict(state)
+    windows = torch.from_numpy(shuffled_windows(data_dir, 3, 1))
+    x, y = rank1.next_batch()
+    first = state["row"] + B // 2
+    assert torch.equal(x, windows[first:first + B // 2, :-1]) and torch.equal(y, windows[first:first + B // 2, 1:])
+    assert rank1.state_dict() == {**state, "row": state["row"] + B}  # every rank moves on by both ranks' rows
+
+
+def test_a_state_from_other_data_of_the_same_seq_len_is_refused(data_dir, tmp_path):
+    state = ShardLoader(data_dir, "train", B, T).state_dict()
+    names = sorted(n for n in os.listdir(data_dir) if "_train_" in n)
+    for name in names[:-1]:  # the same data less its last shard
+        np.save(tmp_path / name, np.load(os.path.join(data_dir, name)))
+    fewer = ShardLoader(str(tmp_path), "train", B, T)
+    with pytest.raises(UserError) as error:
+        fewer.load_state_dict(state)
+    assert str(error.value) == (f"the checkpoint's loader read {state['num_tokens']} train tokens as windows of {T}, "
+                                f"but the data holds {fewer.num_tokens} tokens and --seq-len is {T}; resume with the "
+                                f"same data, or start a new run with --overwrite")
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_a_restored_loader_continues_exactly(data_dir, tmp_path, shuffle):
     original = ShardLoader(data_dir, "train", B, T, seed=3, shuffle=shuffle)
@@ -105,7 +167,7 @@ def test_a_restored_loader_continues_exactly(data_dir, tmp_path, shuffle):
 def test_a_state_from_other_data_is_refused(data_dir):
     loader = ShardLoader(data_dir, "train", B, T)
     state = loader.state_dict()
-    with pytest.raises(TrainError, match="--seq-len"):
+    with pytest.raises(UserError, match="--seq-len"):
         ShardLoader(data_dir, "train", B, T + 1).load_state_dict(state)
 
 
@@ -121,28 +183,28 @@ def copy_split(src, dst, split):
 
 
 def test_missing_directory_names_the_command_that_makes_it(tmp_path):
-    with pytest.raises(TrainError, match=r"does not exist; make it with `python fineweb.py`.*--demo"):
+    with pytest.raises(UserError, match=r"does not exist; make it with `python fineweb.py`.*--demo"):
         ShardLoader(str(tmp_path / "nowhere"), "train", B, T)
 
 
 def test_a_split_without_shards(data_dir, tmp_path):
     copy_split(data_dir, tmp_path, "val")  # val only
-    with pytest.raises(TrainError, match=r"no train shards .* in .*python fineweb.py"):
+    with pytest.raises(UserError, match=r"no train shards .* in .*python fineweb.py"):
         ShardLoader(str(tmp_path), "train", B, T)
 
 
 def test_a_split_shorter_than_one_batch(data_dir, tmp_path):
     np.save(tmp_path / "pydocs_train_000001.npy", np.load(os.path.join(data_dir, "pydocs_train_000001.npy"))[:B * T])
-    with pytest.raises(TrainError, match=f"holds {B * T} tokens, fewer than one batch of {B} windows"):
+    with pytest.raises(UserError, match=f"holds {B * T} tokens, fewer than one batch of {B} windows"):
         ShardLoader(str(tmp_path), "train", B, T)
-    with pytest.raises(TrainError, match="fewer than one batch of 8 windows"):  # 4 ranks x 2 rows
+    with pytest.raises(UserError, match="fewer than one batch of 8 windows"):  # 4 ranks x 2 rows
         ShardLoader(str(tmp_path), "train", B // 2, T, rank=1, world_size=4)
 
 
 def test_a_shard_that_is_not_uint16(data_dir, tmp_path):
     copy_split(data_dir, tmp_path, "train")
     np.save(tmp_path / "pydocs_train_000002.npy", np.load(tmp_path / "pydocs_train_000002.npy").astype(np.int32))
-    with pytest.raises(TrainError, match=r"pydocs_train_000002.npy holds a int32 array .* not uint16"):
+    with pytest.raises(UserError, match=r"pydocs_train_000002.npy holds a int32 array .* not uint16"):
         ShardLoader(str(tmp_path), "train", B, T)
 
 
@@ -150,22 +212,114 @@ def test_a_truncated_shard(data_dir, tmp_path):
     copy_split(data_dir, tmp_path, "train")
     path = tmp_path / "pydocs_train_000003.npy"
     os.truncate(path, os.path.getsize(path) - 100)
-    with pytest.raises(TrainError, match=r"pydocs_train_000003.npy is not a readable token shard"):
+    with pytest.raises(UserError, match=r"pydocs_train_000003.npy is not a readable token shard"):
         ShardLoader(str(tmp_path), "train", B, T)
 
 
 def test_a_file_that_is_not_npy(data_dir, tmp_path):
     copy_split(data_dir, tmp_path, "train")
     (tmp_path / "pydocs_train_000004.npy").write_text("these are not tokens")
-    with pytest.raises(TrainError, match=r"pydocs_train_000004.npy is not a readable token shard"):
+    with pytest.raises(UserError, match=r"pydocs_train_000004.npy is not a readable token shard"):
         ShardLoader(str(tmp_path), "train", B, T)
 
 
 def test_token_ids_beyond_the_vocabulary(data_dir, stream):
     # every document starts with <|endoftext|> = 50256: a model of 50,000 tokens cannot read it
     loader = ShardLoader(data_dir, "train", B, T, vocab_size=50000)
-    with pytest.raises(TrainError, match=r"pydocs_train_\d+.npy holds token id \d+, beyond .*vocab_size=50000"):
+    with pytest.raises(UserError, match=r"pydocs_train_\d+.npy holds token id \d+, beyond .*vocab_size=50000"):
         for _ in range(loader.rows_per_epoch // B):
             loader.next_batch()
     fine = ShardLoader(data_dir, "train", B, T, vocab_size=int(stream.max()) + 1)
     assert len(batches(fine, 3)) == 3
+
+
+def small_shards(directory, lengths, split="train", bad=None):
+    """Shards of the given lengths holding 0, 1, 2, ... (ids below 50); bad=(shard, position, id) plants an id."""
+    os.makedirs(directory, exist_ok=True)
+    stream = np.arange(sum(lengths), dtype=np.uint16) % 50
+    arrays = np.split(stream, np.cumsum(lengths)[:-1])
+    if bad is not None:
+        shard, position, token = bad
+        arrays[shard][position] = token
+    for index, array in enumerate(arrays, start=1):
+        np.save(os.path.join(directory, f"tiny_{split}_{index:06d}.npy"), array)
+    return np.concatenate(arrays).astype(np.int64)
+
+
+def test_a_data_dir_that_is_a_file(tmp_path):
+    (tmp_path / "shards.npy").write_bytes(b"")
+    with pytest.raises(UserError, match=r"--data-dir .*shards.npy is a file; give the directory of shards"):
+        ShardLoader(str(tmp_path / "shards.npy"), "train", B, T)
+
+
+def test_only_files_named_as_shards_of_the_split_are_read(tmp_path):
+    stream = small_shards(tmp_path, [40, 30, 20])
+    np.save(tmp_path / "tiny_train_1.npy", np.arange(7, dtype=np.uint16))  # not six digits
+    np.save(tmp_path / "tiny_train_000004.npy.npy", np.arange(7, dtype=np.uint16))
+    np.save(tmp_path / "tiny_val_000000.npy", np.arange(5, dtype=np.uint16))
+    loader = ShardLoader(str(tmp_path), "train", 2, 8)
+    assert loader.num_tokens == 90 == len(stream)
+    assert [os.path.basename(p) for p in loader.paths] == [f"tiny_train_{i:06d}.npy" for i in (1, 2, 3)]
+
+
+def test_a_data_dir_named_with_glob_characters(tmp_path):
+    stream = small_shards(tmp_path / "tokens[gpt2]", [40, 30])
+    loader = ShardLoader(str(tmp_path / "tokens[gpt2]"), "train", 2, 8)
+    x, _ = loader.read_rows(range(loader.rows_per_epoch))
+    assert loader.num_tokens == 70 and torch.equal(x.flatten(), torch.from_numpy(stream[:64]))
+
+
+def test_a_split_of_a_multiple_of_t_tokens(tmp_path):
+    # 8 * T tokens hold 7 windows of T + 1 (an 8th would need token 8T as its last target)
+    stream = small_shards(tmp_path, [5 * 8, 3 * 8])
+    loader = ShardLoader(str(tmp_path), "train", 2, 8)
+    assert loader.rows_per_epoch == 7
+    x, y = loader.read_rows(range(7))
+    assert torch.equal(x.flatten(), torch.from_numpy(stream[:56]))
+    assert torch.equal(y.flatten(), torch.from_numpy(stream[1:57]))
+
+
+def test_a_split_of_exactly_one_batch_and_a_smaller_minimum(tmp_path):
+    small_shards(tmp_path / "one", [B * T + 1])  # B windows: one micro batch, and no more
+    assert ShardLoader(str(tmp_path / "one"), "train", B, T).rows_per_epoch == B
+    assert ShardLoader(str(tmp_path / "one"), "train", B // 2, T, rank=1, world_size=2).rows_per_epoch == B
+    with pytest.raises(UserError, match=f"fewer than one batch of {2 * B} windows"):
+        ShardLoader(str(tmp_path / "one"), "train", B, T, rank=1, world_size=2)
+    # the val loader needs one window, whatever the batch (train_gpt2.py passes min_rows=1)
+    small_shards(tmp_path / "val", [2 * T + 1], split="val")
+    val = ShardLoader(str(tmp_path / "val"), "val", B, T, world_size=2, min_rows=1)
+    assert val.rows_per_epoch == 2 and val.read_rows(range(2))[0].shape == (2, T)
+
+
+def test_a_shard_of_the_wrong_shape(data_dir, tmp_path):
+    copy_split(data_dir, tmp_path, "train")
+    tokens = np.load(tmp_path / "pydocs_train_000002.npy")
+    np.save(tmp_path / "pydocs_train_000002.npy", tokens[:len(tokens) // 2 * 2].reshape(2, -1))
+    with pytest.raises(UserError, match=r"pydocs_train_000002.npy holds a uint16 array of shape \(2, \d+\), not "):
+        ShardLoader(str(tmp_path), "train", B, T)
+
+
+def test_a_short_shard_and_an_empty_one_are_crossed(tmp_path):
+    # the first window starts in a shard shorter than itself and runs through an empty one
+    stream = small_shards(tmp_path, [3, 0, 30])
+    loader = ShardLoader(str(tmp_path), "train", 2, 4, vocab_size=50)
+    x, y = loader.read_rows(range(loader.rows_per_epoch))
+    assert loader.rows_per_epoch == 8 and torch.equal(x.flatten(), torch.from_numpy(stream[:32]))
+    assert torch.equal(y.flatten(), torch.from_numpy(stream[1:33]))
+
+
+def test_an_id_beyond_the_vocabulary_is_found_wherever_it_is(tmp_path):
+    # The id opens shard 2 at stream position 8: row 1 (positions 4..8) has it as its last target only.
+    small_shards(tmp_path, [8, 7, 9], bad=(1, 0, 99))
+    loader = ShardLoader(str(tmp_path), "train", 2, 4, vocab_size=99)
+    loader.read_rows([0])
+    with pytest.raises(UserError) as error:
+        loader.read_rows([1])
+    assert str(error.value) == (f"{tmp_path / 'tiny_train_000002.npy'} holds token id 99, beyond the model's "
+                                f"vocab_size=99; raise --vocab-size or re-tokenize with GPT-2's tokenizer")
+    assert error.value.every_rank is False  # only the rank that read it knows: it prints it
+    assert len(ShardLoader(str(tmp_path), "train", 2, 4, vocab_size=100).read_rows(range(5))[0]) == 5
+    for seed in range(4):  # shuffled, the message still names the shard that holds the id
+        shuffled = ShardLoader(str(tmp_path), "train", 2, 4, vocab_size=99, seed=seed, shuffle=True)
+        with pytest.raises(UserError, match="tiny_train_000002.npy holds token id 99"):
+            shuffled.read_rows(range(shuffled.rows_per_epoch))
