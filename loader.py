@@ -113,24 +113,27 @@ class ShardLoader:
                 offsets = begin[shard_at == i] - starts[i]
                 inside = offsets + self.T + 1 <= len(shard)
                 if inside.any():  # a view of every window of the shard; indexing it reads just these
-                    windows[here[inside]] = np.lib.stride_tricks.sliding_window_view(shard, self.T + 1)[offsets[inside]]
+                    view = np.lib.stride_tricks.sliding_window_view(shard, self.T + 1)
+                    windows[here[inside]] = self._checked(shard_order[i], view[offsets[inside]])
                 for j, offset in zip(here[~inside], offsets[~inside]):  # windows that run on into the next shards
-                    pieces, k = [shard[offset:]], i + 1
-                    while sum(map(len, pieces)) < self.T + 1:
-                        pieces.append(self.shards[shard_order[k]][: self.T + 1])
+                    pieces, k = [self._checked(shard_order[i], shard[offset:])], i + 1
+                    while (need := self.T + 1 - sum(map(len, pieces))) > 0:
+                        pieces.append(self._checked(shard_order[k], self.shards[shard_order[k]][:need]))
                         k += 1
-                    windows[j] = np.concatenate(pieces)[: self.T + 1]
-                # Ids are checked on every read: a max over the batch costs nothing next to the forward.
-                if self.vocab_size is not None and (largest := windows[here].max()) >= self.vocab_size:
-                    raise UserError(
-                        f"{self.paths[shard_order[i]]} holds token id {largest}, beyond the model's "
-                        f"vocab_size={self.vocab_size}; raise --vocab-size or re-tokenize with GPT-2's "
-                        f"tokenizer",
-                        every_rank=False,
-                    )
+                    windows[j] = np.concatenate(pieces)
         windows = torch.from_numpy(windows)
         x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
         return (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
+
+    def _checked(self, shard, tokens):
+        """tokens of shard `shard`, refused if one is beyond the vocabulary: a max costs nothing next to a forward."""
+        if self.vocab_size is not None and tokens.size and (largest := int(tokens.max())) >= self.vocab_size:
+            raise UserError(
+                f"{self.paths[shard]} holds token id {largest}, beyond the model's vocab_size="
+                f"{self.vocab_size}; raise --vocab-size or re-tokenize with GPT-2's tokenizer",
+                every_rank=False,
+            )
+        return tokens
 
     def next_batch(self):
         """This rank's next micro batch (x, y), each (B, T); all ranks move on by W*B rows. The batch after it

@@ -269,7 +269,7 @@ def keep_one_history(config, step, source):
             shutil.copy(metrics, os.path.join(aside, "metrics.jsonl"))  # the history of the branch set aside
         print0(f"resuming at step {step}: moved {len(later)} later checkpoint(s) to {aside}")
     if from_aside:  # the branch taken gets its checkpoints up to `step` back
-        for path in glob.glob(os.path.join(branch, "step_*.pt")):
+        for path in glob.glob(os.path.join(glob.escape(branch), "step_*.pt")):
             if checkpoint_step(path) <= step:
                 os.replace(path, os.path.join(log_dir, "checkpoints", os.path.basename(path)))
     if os.path.exists(history):
