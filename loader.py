@@ -15,6 +15,7 @@ reads the next micro batch while the GPU works on this one.
 import glob
 import os
 import re
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -84,24 +85,28 @@ class ShardLoader:
                 f"of {min_rows} windows of {seq_len}+1 tokens; use more data or a smaller "
                 f"--batch-size/--seq-len"
             )
-        self.row, self._epoch = 0, None  # the next row to read (counted over epochs), the epoch _order holds
+        self.row, self._order_of = 0, None  # the next row to read (counted over epochs); _order's last epoch
         self._ahead = None  # (first row, the future of its micro batch), read on READER
+        # For read-ahead advice to the OS (POSIX only): the shards' files, open for as long as the loader lives
+        self.files = [os.open(path, os.O_RDONLY) for path in self.paths] if hasattr(os, "posix_fadvise") else None
+        weakref.finalize(self, lambda files: [os.close(fd) for fd in files or []], self.files)
 
     def _order(self, epoch):
         """The epoch's shard order, each shard's start in its stream, and its row order (None: in order)."""
-        if self._epoch != epoch:  # once an epoch: a permutation of every row is not free
+        if (
+            self._order_of is None or self._order_of[0] != epoch
+        ):  # once an epoch: a permutation of every row is not free
             shard_order, rows = np.arange(len(self.shards)), None
             if self.shuffle:
                 rng = np.random.default_rng((self.seed, epoch))
                 shard_order, rows = rng.permutation(len(self.shards)), rng.permutation(self.rows_per_epoch)
             starts = np.cumsum([0] + [len(self.shards[i]) for i in shard_order])
-            self._epoch, self._cached = epoch, (shard_order, starts, rows)
-        return self._cached
+            self._order_of = (epoch, shard_order, starts, rows)  # one assignment: the reading thread may ask too
+        return self._order_of[1:]
 
-    def read_rows(self, rows):
-        """(x, y) int64 tensors of shape (len(rows), T) for rows counted over epochs: one gather per shard."""
-        windows = np.empty((len(rows), self.T + 1), dtype=np.int64)
-        rows = np.asarray(rows, dtype=np.int64)
+    def _places(self, rows):
+        """Where the windows of rows (counted over epochs) start: (their indices in rows, the epoch's shard order,
+        the shard's place in it, the offsets in that shard), a tuple per shard."""
         for epoch in np.unique(rows // self.rows_per_epoch):
             shard_order, starts, row_order = self._order(epoch)
             mine = np.flatnonzero(rows // self.rows_per_epoch == epoch)
@@ -109,18 +114,23 @@ class ShardLoader:
             begin = (index if row_order is None else row_order[index]) * self.T  # each window's place in the stream
             shard_at = np.searchsorted(starts, begin, side="right") - 1
             for i in np.unique(shard_at):
-                shard, here = self.shards[shard_order[i]], mine[shard_at == i]
-                offsets = begin[shard_at == i] - starts[i]
-                inside = offsets + self.T + 1 <= len(shard)
-                if inside.any():  # a view of every window of the shard; indexing it reads just these
-                    view = np.lib.stride_tricks.sliding_window_view(shard, self.T + 1)
-                    windows[here[inside]] = self._checked(shard_order[i], view[offsets[inside]])
-                for j, offset in zip(here[~inside], offsets[~inside]):  # windows that run on into the next shards
-                    pieces, k = [self._checked(shard_order[i], shard[offset:])], i + 1
-                    while (need := self.T + 1 - sum(map(len, pieces))) > 0:
-                        pieces.append(self._checked(shard_order[k], self.shards[shard_order[k]][:need]))
-                        k += 1
-                    windows[j] = np.concatenate(pieces)
+                yield mine[shard_at == i], shard_order, i, begin[shard_at == i] - starts[i]
+
+    def read_rows(self, rows):
+        """(x, y) int64 tensors of shape (len(rows), T) for rows counted over epochs: one gather per shard."""
+        windows, rows = np.empty((len(rows), self.T + 1), dtype=np.int64), np.asarray(rows, dtype=np.int64)
+        for here, shard_order, i, offsets in self._places(rows):
+            shard = self.shards[shard_order[i]]
+            inside = offsets + self.T + 1 <= len(shard)
+            if inside.any():  # a view of every window of the shard; indexing it reads just these
+                view = np.lib.stride_tricks.sliding_window_view(shard, self.T + 1)
+                windows[here[inside]] = self._checked(shard_order[i], view[offsets[inside]])
+            for j, offset in zip(here[~inside], offsets[~inside]):  # windows that run on into the next shards
+                pieces, k = [self._checked(shard_order[i], shard[offset:])], i + 1
+                while (need := self.T + 1 - sum(map(len, pieces))) > 0:
+                    pieces.append(self._checked(shard_order[k], self.shards[shard_order[k]][:need]))
+                    k += 1
+                windows[j] = np.concatenate(pieces)
         windows = torch.from_numpy(windows)
         x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
         return (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
@@ -137,7 +147,8 @@ class ShardLoader:
 
     def next_batch(self):
         """This rank's next micro batch (x, y), each (B, T); all ranks move on by W*B rows. The batch after it
-        is read meanwhile on a thread (into pinned memory for a GPU: its copy can overlap the compute)."""
+        is read meanwhile on a thread (into pinned memory for a GPU: its copy can overlap the compute), and the
+        OS is asked to fetch the one after that from disk: even a cold read then finds its pages cached."""
         first = self.row + self.rank * self.B
         self.row += self.B * self.world_size
         if self._ahead is not None and self._ahead[0] == first:
@@ -145,8 +156,19 @@ class ShardLoader:
         else:  # the first batch, or the first after load_state_dict
             batch = self.read_rows(range(first, first + self.B))
         following = self.row + self.rank * self.B
-        self._ahead = (following, READER.submit(self.read_rows, range(following, following + self.B)))
+        self._ahead = (following, READER.submit(self._read_ahead, following))
         return batch
+
+    def _read_ahead(self, first):
+        """The micro batch at row `first`, after asking the OS (POSIX_FADV_WILLNEED) to read the next one's windows
+        in: a page fault in the gather would hold Python's lock, and the training loop waits for that lock."""
+        if self.files is not None:
+            after = np.arange(first, first + self.B) + self.B * self.world_size
+            for _, shard_order, i, offsets in self._places(after):
+                for offset in offsets:
+                    start = self.shards[shard_order[i]].offset + 2 * int(offset)  # 2 bytes a token
+                    os.posix_fadvise(self.files[shard_order[i]], start, 2 * (self.T + 1), os.POSIX_FADV_WILLNEED)
+        return self.read_rows(range(first, first + self.B))
 
     def shard_list(self):
         """[(file name, tokens)] of the split's shards: what the ranks compare before they train."""
