@@ -440,8 +440,8 @@ def text_tokens(count):
 
 
 class RepeatedBatch:
-    """Stands in for loader.py's ShardLoader: the same real (x, y) batch every micro step, so
-    no disk read is in the measurement (the loader's reads are a memory map, minor at any size)."""
+    """Stands in for loader.py's ShardLoader: the same real (x, y) batch every micro step, so no disk read is
+    in the measurement (the data section measures the loader's)."""
 
     def __init__(self, tokens, batch_size, seq_len):
         window = tokens[: batch_size * seq_len + 1]
@@ -738,7 +738,7 @@ def bench_ddp(config, device):
 def ddp_rows(config):
     """Under torchrun: a row for each mode x gradient_as_bucket_view x bucket size, train_gpt2.py's step on its
     DDP wrapper. The dtype is the one --dtype auto picks (float32 on CPU). Rank 0 gets the rows, the others []."""
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     device = pick_device(config.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
