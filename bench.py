@@ -21,7 +21,9 @@ The sections (--sections, default all of them, in this order):
              for Muon + AdamW (train_gpt2.py --optimizer muon's split), as a fraction of the whole step,
              in the dtype and mode train_gpt2.py picks here (--dtype auto, --compile by default). Also
              the arithmetic: Newton-Schulz FLOPs of a Muon step against a 524,288-token step, for the
-             model measured and for GPT-2 124M.
+             model measured and for GPT-2 124M. Muon runs Newton-Schulz in bfloat16 whatever the run's
+             dtype: on a CPU without bf16 units (AVX512-BF16, AMX) that is a slow path (0.5 GFLOP/s on
+             an AVX2 EPYC) and a 124M Muon step takes most of an hour; use --preset demo there.
   ddp        DistributedDataParallel's gradient_as_bucket_view (False, True) and bucket_cap_mb
              (--ddp-bucket-mb) for every --modes: ms/step and peak memory of train_gpt2.py's step on
              --ddp-processes ranks. bench.py starts itself under torch.distributed.run for it (gloo on
@@ -651,6 +653,7 @@ def bench_optimizer_at(config, device, dtype_name, mode, tokens, batch_size, opt
     }
     muon = optimizers.get("muon")
     muon_shapes = [tuple(p.shape) for group in muon.param_groups for p in group["params"]] if muon else []
+    ns_flops = newton_schulz_flops(muon_shapes, tc.muon_ns_steps)
     parameters = {
         name: sum(p.numel() for g in opt.param_groups for p in g["params"]) for name, opt in optimizers.items()
     }
@@ -668,7 +671,9 @@ def bench_optimizer_at(config, device, dtype_name, mode, tokens, batch_size, opt
         recipe_fraction_1_device=recipe_fraction[1],
         recipe_fraction_8_devices=recipe_fraction[8],
         muon_matrices=len(muon_shapes),
-        newton_schulz_flops=newton_schulz_flops(muon_shapes, tc.muon_ns_steps),
+        newton_schulz_flops=ns_flops,
+        # Muon runs Newton-Schulz in bfloat16, whatever the run's dtype: CPUs without bf16 units crawl
+        newton_schulz_flops_per_sec=ns_flops / optimizer_ms["muon"] * 1000 if muon else None,
     )
 
 
@@ -1127,6 +1132,7 @@ TABLES = {  # section -> [(column title, how to show a row's value)]
             "Muon ms",
             lambda r: f"{r['optimizer_ms_by_name']['muon']:.1f}" if "muon" in r["optimizer_ms_by_name"] else "-",
         ),
+        ("NS FLOP/s", lambda r: si(r["newton_schulz_flops_per_sec"])),
         ("of the step", lambda r: percent(r["step_fraction"])),
         (f"of {RECIPE_TOKENS:,} tokens, 1 device", lambda r: percent(r["recipe_fraction_1_device"])),
         ("8 devices", lambda r: percent(r["recipe_fraction_8_devices"])),
