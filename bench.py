@@ -754,10 +754,11 @@ def ddp_rows(config):
     batch_size = batch_sizes(config, device)[0]
     tokens = text_tokens(batch_size * config.seq_len + 1)
     dtype_name = common.resolve_dtype("auto", device)
-    # The first row would pay what a process pays once (gloo's buffers, autograd's threads): a row untimed first.
-    ddp_row(config, device, dtype_name, "eager", batch_size, tokens, dict(gradient_as_bucket_view=False))
     rows = []
     for mode in split(config.modes):
+        # The first row of a mode would pay what a process pays once (gloo's buffers, autograd's threads, inductor's
+        # caches) in its memory: an untimed row first.
+        ddp_row(config, device, dtype_name, mode, batch_size, tokens, dict(gradient_as_bucket_view=False))
         for bucket_view in (False, True):
             for bucket_mb in map(int, split(config.ddp_bucket_mb)):
                 if rank == 0:
