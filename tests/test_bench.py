@@ -257,6 +257,19 @@ def test_bad_flags_exit_2_with_one_line():
     assert "--ddp-bucket-mb 25,0 must be positive whole megabytes" in line
 
 
+def test_demo_preset_is_train_gpt2_demo_model_and_flags_win():
+    import tomllib
+
+    import bench
+
+    with open(os.path.join(ROOT, "configs", "demo.toml"), "rb") as f:
+        demo = tomllib.load(f)  # what train_gpt2.py --demo trains
+    config = bench.parse_args(["--preset", "demo", "--n-layer", "3"])
+    assert (config.n_layer, config.max_new_tokens) == (3, 128)  # a flag given wins over the preset
+    for key in ("n_head", "n_embd", "block_size", "batch_size", "seq_len"):
+        assert getattr(config, key) == demo[key], key
+
+
 def test_missing_hellaswag_file_is_a_usage_error(tmp_path):
     proc = run_bench("--preset", "test", "--sections", "hellaswag", "--hellaswag-file", str(tmp_path / "none.jsonl"))
     assert proc.returncode == 2 and "--hellaswag-file" in proc.stderr and "Traceback" not in proc.stderr
