@@ -139,6 +139,44 @@ def test_data_rows_count_the_tokens_and_prefetch_the_rows_read_directly(eager_re
         assert 0 <= r["wait_ms_median"] <= r["wait_ms_max"] and r["wait_ms_mean"] <= r["wait_ms_max"]
 
 
+def resident_pages(path):
+    """Pages of the file in the page cache, by mincore(2) on a mapping of our own (Linux)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = os.path.getsize(path)
+    pages = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+    with open(path, "rb") as f:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+    try:
+        assert libc.mincore(address, size, pages) == 0, os.strerror(ctypes.get_errno())
+    finally:
+        libc.munmap(address, size)
+    return sum(page & 1 for page in pages)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="posix_fadvise and mincore: Linux")
+def test_evict_drops_the_shards_the_loader_has_read_from_the_page_cache(data_dir):
+    import bench
+    from loader import ShardLoader
+
+    with open("/proc/mounts") as f:  # tmpfs holds its files in the page cache: nothing to evict there
+        mounts = [line.split() for line in f]
+    filesystem = max((m for m in mounts if data_dir.startswith(m[1])), key=lambda m: len(m[1]))[2]
+    if filesystem == "tmpfs":
+        pytest.skip(f"{data_dir} is on tmpfs")
+    loader = ShardLoader(data_dir, "train", 2, 32)
+    loader.read_rows(range(loader.rows_per_epoch))  # every window: every page of every shard, through the map
+    assert all(resident_pages(path) > 0 for path in loader.paths)
+    bench.evict(loader)
+    assert [resident_pages(path) for path in loader.paths] == [0] * len(loader.paths)
+
+
 def test_sampling_with_and_without_cache_agree(eager_result):
     (r,) = eager_result["sample"]
     assert r["new_tokens"] == 24 and r["prompt_tokens"] == 8
