@@ -838,7 +838,8 @@ def bench_data(config, device):
                 continue
             for read in ("prefetch", "sync"):
                 log(f"data: {cache} page cache, {read} ...")
-                waits, batches[cache, read] = wait_for_batches(config, device, directory, read, cache == "cold")
+                waits, batches[cache, read], cached = wait_for_batches(config, device, directory, read, cache == "cold")
+                gc.collect()  # the loader and its prefetch refer to each other: its memory maps go now, not later
                 rows.append(
                     dict(
                         cache=cache,
@@ -851,17 +852,22 @@ def bench_data(config, device):
                         wait_ms_median=1000 * statistics.median(waits),
                         wait_ms_max=1000 * max(waits),
                         same_batches=batches[cache, read] == batches["warm", "prefetch"],
+                        # mincore's count, None where unknown: all of the shards when warm, none when cold
+                        cached_bytes_min=None if None in cached else min(cached),
+                        cached_bytes_max=None if None in cached else max(cached),
                     )
                 )
         train = ShardLoader(directory, "train", config.data_batch_size, config.data_seq_len)
         for row in rows:
             row.update(train_shards=len(train.paths), train_tokens=train.num_tokens, data_tokens=config.data_tokens)
+            row.update(train_bytes=sum(os.path.getsize(path) for path in train.paths))
     return rows
 
 
 def wait_for_batches(config, device, directory, read, cold):
-    """-> (seconds each micro batch kept the step waiting, a checksum of each batch). The loader is train_gpt2.py's
-    (shuffled, pinned memory on CUDA) on rank 0 of 1; a sync read takes read_rows of the rows next_batch takes."""
+    """-> (seconds each micro batch kept the step waiting, a checksum of each batch, the shards' bytes in the page
+    cache before each read). The loader is train_gpt2.py's (shuffled, pinned memory on CUDA) on rank 0 of 1; a sync
+    read takes read_rows of the rows next_batch takes."""
     B, T = config.data_batch_size, config.data_seq_len
     loader = ShardLoader(
         directory, "train", B, T, vocab_size=config.vocab_size, seed=0, shuffle=True, pin_memory=device.type == "cuda"
@@ -880,16 +886,43 @@ def wait_for_batches(config, device, directory, read, cold):
     if cold:
         evict(loader)
     fetch(0)  # the first batch has nothing read ahead: a run waits for it once, not every step
-    waits, checksums = [], []
+    waits, checksums, cached = [], [], []
     for i in range(1, config.data_batches + 1):
         time.sleep(config.data_step_ms / 1000)  # the step, while the next batch is read on the loader's thread
         if cold:
             evict(loader)
+        cached.append(page_cache_bytes(loader.paths))  # what the next read finds in the page cache
         start = time.perf_counter()
         x, y = (t.to(device, non_blocking=True) for t in fetch(i))  # as train_step takes them
         waits.append(time.perf_counter() - start)
         checksums.append((x.sum().item(), y.sum().item()))
-    return waits, checksums
+    return waits, checksums, cached
+
+
+def page_cache_bytes(paths):
+    """Bytes of the files in the page cache, by mincore(2) on a mapping of our own (None where there is none)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mincore = libc.mincore
+    except (OSError, AttributeError):
+        return None
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    total = 0
+    for path in paths:
+        size = os.path.getsize(path)
+        pages = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+        with open(path, "rb") as f:
+            address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        try:
+            if mincore(address, size, pages) != 0:
+                return None
+        finally:
+            libc.munmap(address, size)
+        total += min(size, sum(page & 1 for page in pages) * mmap.PAGESIZE)  # the last page may be partial
+    return total
 
 
 def evict(loader):
@@ -1171,6 +1204,10 @@ TABLES = {  # section -> [(column title, how to show a row's value)]
         ("median", lambda r: f"{r['wait_ms_median']:.3f}"),
         ("max", lambda r: f"{r['wait_ms_max']:.3f}"),
         ("same batches", lambda r: "yes" if r["same_batches"] else "NO"),
+        (
+            "in page cache",
+            lambda r: "-" if r["cached_bytes_max"] is None else percent(r["cached_bytes_max"] / r["train_bytes"]),
+        ),
         ("train shards", lambda r: str(r["train_shards"])),
     ],
     "sample": [

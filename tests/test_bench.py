@@ -136,6 +136,11 @@ def test_data_rows_count_the_tokens_and_prefetch_the_rows_read_directly(eager_re
         # 20,000 tokens in shards of 4,096: the val shard, then 15,904 train tokens in 4 shards (3 full, 1 not).
         assert (r["data_tokens"], r["train_tokens"], r["train_shards"]) == (20_000, 20_000 - 4096, 4)
         assert r["same_batches"]  # the prefetched batches are the rows read_rows gives, warm or cold
+        assert 2 * r["train_tokens"] < r["train_bytes"] < 2 * r["train_tokens"] + 4096 * 4  # uint16 + .npy headers
+        if r["cache"] == "warm":  # every page of the shards is in the page cache before each read...
+            assert r["cached_bytes_min"] == r["train_bytes"]
+        else:  # ...and none of them when cold
+            assert r["cached_bytes_max"] == 0
         assert 0 <= r["wait_ms_median"] <= r["wait_ms_max"] and r["wait_ms_mean"] <= r["wait_ms_max"]
 
 
