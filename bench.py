@@ -5,6 +5,7 @@
     python bench.py --preset demo                     # train_gpt2.py --demo's small GPT
     python bench.py --json > bench.json               # one JSON object, for scripts
     python bench.py --preset test --json              # a few seconds: what tests/test_bench.py runs
+    torchrun --nproc-per-node 8 bench.py --sections ddp   # the ddp section on 8 GPUs
 
 The sections (--sections, default all of them, in this order):
   matmul     the device's own ceiling: a large square matmul in each dtype, FLOP/s.
@@ -16,6 +17,23 @@ The sections (--sections, default all of them, in this order):
              device's dense peak in that dtype (common.py's table, or --peak-flops; none on CPU). The
              ceiling ratio divides it by the median of matmuls in the same dtype timed between the
              training steps, so both saw the same machine at the same moment.
+  optimizer  optimizer.step() alone (after a training step: its gradients in place) for AdamW alone and
+             for Muon + AdamW (train_gpt2.py --optimizer muon's split), as a fraction of the whole step,
+             in the dtype and mode train_gpt2.py picks here (--dtype auto, --compile by default). Also
+             the arithmetic: Newton-Schulz FLOPs of a Muon step against a 524,288-token step, for the
+             model measured and for GPT-2 124M. Muon runs Newton-Schulz in bfloat16 whatever the run's
+             dtype: on a CPU without bf16 units (AVX512-BF16, AMX) that is a slow path (0.5 GFLOP/s on
+             an AVX2 EPYC) and a 124M Muon step takes most of an hour; use --preset demo there.
+  ddp        DistributedDataParallel's gradient_as_bucket_view (False, True) and bucket_cap_mb
+             (--ddp-bucket-mb) for every --modes: ms/step and peak memory of train_gpt2.py's step on
+             --ddp-processes ranks. bench.py starts itself under torch.distributed.run for it (gloo on
+             CPU; on CUDA one GPU a rank, so it needs that many GPUs); under torchrun it runs this alone.
+  data       how long a step waits for its next micro batch (--data-batch-size x --data-seq-len tokens)
+             from shards on disk, read by loader.ShardLoader as train_gpt2.py reads them (the next batch
+             on a background thread) against a synchronous read of the same rows, while a simulated
+             step (--data-step-ms) runs between batches; with a warm page cache, and a cold one (each
+             shard evicted before each batch: Linux). The shards: Python's manual, repeated, written by
+             fineweb.write_shards into a temporary directory.
   sample     model.generate with its KV cache against a reference loop without one (the whole
              window through the model for every new token), greedy, tokens/s and the speed-up.
   hellaswag  hellaswag.evaluate batched against one example at a time, examples/s and speed-up.
@@ -34,62 +52,62 @@ HellaSwag run under the autocast dtype that train_gpt2.py's --dtype auto picks. 
 torch.cuda.max_memory_allocated on CUDA and the process's peak resident set size (RSS) elsewhere.
 """
 
+import ctypes
 import datetime
+import gc
 import itertools
 import json
+import mmap
 import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+import common
 import fineweb
 import hellaswag
 import train_gpt2
-from common import (
-    UserError,
-    autocast_and_scaler,
-    autocast_dtype_for,
-    free_memory,
-    int_or_auto,
-    keep_freed_memory,
-    parse_settings,
-    pick_device,
-    setting,
-    synchronize,
-)
+from common import UserError, autocast_and_scaler, autocast_dtype_for, parse_settings, pick_device, setting, synchronize
+from loader import ShardLoader
 from model import GPT, GPT2_SIZES, sample_next_token
 from tokenizer import get_tokenizer
 
-SECTIONS = ("matmul", "train", "sample", "hellaswag", "fineweb")
+SECTIONS = ("matmul", "train", "optimizer", "ddp", "data", "sample", "hellaswag", "fineweb")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("eager", "compiled")
 PROMPT = "Hello, I'm a language model,"  # the prompt train_gpt2.py samples from
+RECIPE_TOKENS = train_gpt2.TrainConfig.total_batch_size  # 524,288 tokens a step: the recipe's batch
+POSITIVE, NOT_NEGATIVE = "be positive", "not be negative"
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass, one kebab-case flag per field; a preset changes defaults only
 
 
+def int_or_auto(text):
+    return text if text == "auto" else int(text)
+
+
 @dataclass
 class BenchConfig:
     preset: str = setting(
-        None,
-        "tiny settings: 'demo' (train_gpt2.py --demo's model) or 'test' (seconds)",
-        type=str,
-        choices=["demo", "test"],
+        None, "tiny settings: 'demo' (train_gpt2.py --demo's model) or 'test' (seconds)", choices=["demo", "test"]
     )
-    # the model and the training step
-    model: str = setting("gpt2", "GPT-2 size", choices=list(GPT2_SIZES))
-    n_layer: int = setting(None, "override the size's number of layers", type=int)
-    n_head: int = setting(None, "override the size's number of attention heads", type=int)
-    n_embd: int = setting(None, "override the size's embedding width", type=int)
+    model: str = setting("gpt2", "GPT-2 size", choices=list(GPT2_SIZES), section="the model and the training step")
+    n_layer: int = setting(None, "override the size's number of layers")
+    n_head: int = setting(None, "override the size's number of attention heads")
+    n_embd: int = setting(None, "override the size's embedding width")
     block_size: int = setting(1024, "the model's longest sequence (learned positions)")
     vocab_size: int = setting(50304, "vocabulary size, padded as train_gpt2.py pads it")
     batch_size: int | str = setting(
@@ -97,55 +115,65 @@ class BenchConfig:
         "micro batch size B; auto: the largest power of two up to 64 that fits on a GPU, 1 on CPU",
         type=int_or_auto,
     )
-    seq_len: int = setting(1024, "sequence length T of a training step")
-    steps: int = setting(None, "timed training steps (default: 20 on a GPU, 3 on CPU)", type=int)
+    seq_len: int = setting(1024, "sequence length T of a training step", must=POSITIVE)
+    steps: int = setting(None, "timed training steps (default: 20 on a GPU, 3 on CPU)", must=POSITIVE)
     warmup_steps: int = setting(
-        None, "untimed steps first, compilation included (default: 5 on a GPU, 1 on CPU)", type=int
+        None, "untimed steps first, compilation included (default: 5 on a GPU, 1 on CPU)", must=POSITIVE
     )
     dtypes: str = setting(
         "float32,bfloat16",
         "comma-separated: float32, bfloat16 and/or float16 (autocast; float16 with a gradient scaler)",
     )
     modes: str = setting("eager,compiled", "comma-separated: eager and/or compiled (torch.compile)")
-    # what else to measure
-    sections: str = setting(",".join(SECTIONS), "comma-separated sections to run")
+    sections: str = setting(",".join(SECTIONS), "comma-separated sections to run", section="what else to measure")
     matmul_size: int = setting(
-        None, "side of the ceiling's square matmul (default: 8192 on a GPU, 3072 on CPU)", type=int
+        None, "side of the ceiling's square matmul (default: 8192 on a GPU, 3072 on CPU)", must=POSITIVE
+    )
+    ddp_processes: int = setting(2, "ranks of the ddp section (gloo on CPU, one GPU each on CUDA)")
+    ddp_bucket_mb: str = setting("25,100", "comma-separated DDP bucket_cap_mb values to compare (25: DDP's own)")
+    data_tokens: int = setting(4_194_304, "tokens of the data section's shards (Python's manual, repeated)")
+    data_shard_tokens: int = setting(524_288, "tokens per shard of the data section", must=POSITIVE)
+    data_batch_size: int = setting(64, "micro batch of the data section (64 x 1024: a rank's step on 8 H100s)")
+    data_seq_len: int = setting(1024, "sequence length of the data section", must=POSITIVE)
+    data_batches: int = setting(20, "micro batches timed each way in the data section", must=POSITIVE)
+    data_step_ms: float = setting(
+        170.0, "the step simulated between micro batches (124M on 8 H100s)", must=NOT_NEGATIVE
     )
     max_new_tokens: int = setting(
         512,
         "tokens sampled with and without the KV cache (without it, every token "
         "runs the whole window: minutes for 124M on a CPU)",
+        must=POSITIVE,
     )
     hellaswag_file: str = setting(
-        None, "local HellaSwag .jsonl (default: examples built from the Python docs' sentences)", type=str
+        None, "local HellaSwag .jsonl (default: examples built from the Python docs' sentences)"
     )
     hellaswag_examples: int = setting(
-        None, "HellaSwag examples to score each way (default: 512 on a GPU, 64 on CPU)", type=int
+        None, "HellaSwag examples to score each way (default: 512 on a GPU, 64 on CPU)", must=POSITIVE
     )
     hellaswag_batch_size: int = setting(
         None,
         "examples per forward pass of the batched HellaSwag run (default: "
         "64 on a GPU, which one small batch leaves idle; 16 on CPU)",
-        type=int,
+        must=POSITIVE,
     )
     fineweb_documents: int = setting(
-        0, "documents to tokenize in the fineweb section (0: the Python docs, 15 x --num-proc times)"
+        0,
+        "documents to tokenize in the fineweb section (0: the Python docs, 15 x --num-proc times)",
+        must=NOT_NEGATIVE,
     )
-    num_proc: int = setting(None, "tokenizer processes of the fineweb section (default: every core)", type=int)
-    # the machine and the output
-    device: str = setting("auto", "cpu, cuda, cuda:N, mps, or auto for cuda > mps > cpu")
+    num_proc: int = setting(None, "tokenizer processes of the fineweb section (default: every core)", must=POSITIVE)
+    device: str = setting("auto", "cpu, cuda, cuda:N, mps, or auto for cuda > mps > cpu", section="the machine")
     peak_flops: float = setting(
         None,
-        "the device's peak FLOP/s for MFU (default: train_gpt2.py's "
-        "table of dense peaks by GPU and dtype; none on CPU)",
-        type=float,
+        "the device's peak FLOP/s for MFU (default: common.py's table of dense peaks by GPU and dtype; none on CPU)",
+        must=POSITIVE,
     )
     profile: bool = setting(True, "after timing, profile one step: which attention kernels ran")
     json: bool = setting(False, "print one JSON object instead of tables")
 
     def problems(self):
-        """Every value that cannot work, as readable strings (empty when the config is fine)."""
+        """The settings that cannot work together, as readable strings (problems_of checks each one alone)."""
         found = [
             f"--{name.replace('_', '-')} {value} must be one of {', '.join(allowed)}"
             for name, allowed in (("dtypes", DTYPES), ("modes", MODES), ("sections", SECTIONS))
@@ -161,30 +189,8 @@ class BenchConfig:
             f"{problem} (--n-layer/--n-head/--n-embd/--block-size/--vocab-size)"
             for problem in train_gpt2.model_config(self).problems()
         ]
-        positive = ["seq_len", "max_new_tokens"]
-        optional_positive = [
-            "steps",
-            "matmul_size",
-            "hellaswag_examples",
-            "hellaswag_batch_size",
-            "num_proc",
-            "peak_flops",
-        ] + ["batch_size"] * (self.batch_size != "auto")
-        found += [
-            f"--{k.replace('_', '-')} {getattr(self, k)} must be positive" for k in positive if getattr(self, k) <= 0
-        ]
-        found += [
-            f"--{k.replace('_', '-')} {getattr(self, k)} must be positive"
-            for k in optional_positive
-            if getattr(self, k) is not None and getattr(self, k) <= 0
-        ]
-        found += [
-            f"--{k.replace('_', '-')} {getattr(self, k)} must not be negative"
-            for k in ("fineweb_documents",)
-            if getattr(self, k) < 0
-        ]
-        if self.warmup_steps is not None and self.warmup_steps < 1:
-            found.append(f"--warmup-steps {self.warmup_steps} must be at least 1 (the first step compiles)")
+        if self.batch_size != "auto" and self.batch_size <= 0:
+            found.append(f"--batch-size {self.batch_size} must be positive (or auto)")
         if self.seq_len > self.block_size:
             found.append(f"--seq-len {self.seq_len} is over --block-size {self.block_size}")
         prompt_len = len(get_tokenizer().encode_ordinary(PROMPT))
@@ -194,6 +200,19 @@ class BenchConfig:
                 f"--block-size {self.block_size}; past it the cache is not used, "
                 "so there is nothing to compare"
             )
+        if self.ddp_processes < 2:
+            found.append(f"--ddp-processes {self.ddp_processes} must be at least 2: DDP needs ranks to talk to")
+        if not all(value.isdigit() and int(value) > 0 for value in split(self.ddp_bucket_mb) or ["none"]):
+            found.append(f"--ddp-bucket-mb {self.ddp_bucket_mb} must be positive whole megabytes, e.g. 25,100")
+        train_tokens = self.data_tokens - self.data_shard_tokens  # the first shard is the val split
+        if "data" in split(self.sections) and train_tokens <= self.data_batch_size * self.data_seq_len:
+            found.append(
+                f"--data-tokens {self.data_tokens} leaves {train_tokens} tokens after the val shard of "
+                f"--data-shard-tokens {self.data_shard_tokens}: fewer than one micro batch of "
+                f"--data-batch-size {self.data_batch_size} x --data-seq-len {self.data_seq_len} (+1)"
+            )
+        if self.data_batch_size <= 0:
+            found.append(f"--data-batch-size {self.data_batch_size} must be positive")
         if self.hellaswag_file is not None and not os.path.isfile(self.hellaswag_file):
             found.append(
                 f"--hellaswag-file {self.hellaswag_file} is not a file; give a HellaSwag .jsonl "
@@ -206,15 +225,18 @@ class BenchConfig:
         return found
 
 
+def demo_preset():
+    """train_gpt2.py --demo's model at its batch shape, from the file --demo reads."""
+    with open(train_gpt2.DEMO_CONFIG, "rb") as f:
+        demo = tomllib.load(f)
+    return {k: demo[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "seq_len")}
+
+
 # Presets change defaults; flags given on the command line still win.
 PRESETS = {
-    # The small GPT that `train_gpt2.py --demo` trains on CPU, at its batch shape.
-    "demo": {
-        k: train_gpt2.DEMO_DEFAULTS[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "seq_len")
-    }
-    | dict(max_new_tokens=128),
-    # Seconds on 2 CPU cores: a 2-layer GPT, 2 steps, small matmuls, few tokens, examples, documents.
-    "test": dict(
+    "demo": lambda: demo_preset() | dict(max_new_tokens=128),
+    # Seconds on 2 CPU cores: a 2-layer GPT, 2 steps, small matmuls, few tokens, examples, documents, shards.
+    "test": lambda: dict(
         n_layer=2,
         n_head=2,
         n_embd=32,
@@ -229,8 +251,21 @@ PRESETS = {
         hellaswag_batch_size=4,
         fineweb_documents=40,
         num_proc=1,
+        data_tokens=20_000,
+        data_shard_tokens=4096,
+        data_batch_size=4,
+        data_seq_len=64,
+        data_batches=3,
+        data_step_ms=5.0,
     ),
 }
+
+
+def preset_flags(given):
+    """A preset's settings as the flags that say the same: they come before the flags given, which win."""
+    if given.get("preset") is None:
+        return []
+    return [f"--{key.replace('_', '-')}={value}" for key, value in PRESETS[given["preset"]]().items()]
 
 
 def split(values):
@@ -238,12 +273,8 @@ def split(values):
 
 
 def parse_args(argv=None):
-    return parse_settings(
-        BenchConfig,
-        argv,
-        "Measure GPT-2 training, sampling, HellaSwag and tokenizing speed.",
-        lambda given: PRESETS.get(given.get("preset"), {}),
-    )  # a preset: defaults only
+    description = "Measure GPT-2 training, its optimizer, DDP, data, sampling, HellaSwag and tokenizing speed."
+    return parse_settings(BenchConfig, argv, description, preset_flags)
 
 
 def log(message):
@@ -276,12 +307,56 @@ def peak_memory(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
     if os.path.exists("/proc/self/status"):
-        with open("/proc/self/status") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-        return kib * 1024, "process peak RSS"
+        return proc_status_bytes("VmHWM"), "process peak RSS"
     import resource  # not on Linux: the lifetime peak, bytes on macOS
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "process peak RSS (lifetime)"
+
+
+def memory_in_use(device):
+    """Bytes in use now, the baseline of a peak: CUDA's allocated memory, else the RSS (Linux; 0 elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return proc_status_bytes("VmRSS") if os.path.exists("/proc/self/status") else 0
+
+
+def proc_status_bytes(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def release_memory(device):
+    """Forget compiled graphs (they hold their model) and hand freed memory back: the next measurement starts
+    from an empty device (and, with glibc, from a process whose RSS is what it holds)."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
+def return_freed_memory():
+    """With glibc, give every block of 64 KiB or more its own memory map, returned when freed: the process's
+    RSS then follows the tensors alive, and its peak is the peak of what a step holds (the ddp section's)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD, fixed (glibc raises it by itself)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
+def keep_freed_memory():
+    """With glibc, keep freed memory in the process: glibc maps each large tensor afresh and unmaps it when
+    freed, so each CPU step page-faults it in again (the 124M fp32 step on 2 cores: ~6.1 s, not ~5.0 s).
+    The train, optimizer, sample and hellaswag sections measure the code, not glibc's habit."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks come from the heap, which is reused...
+        libc.mallopt(-1, 2**31 - 1)  # ...and M_TRIM_THRESHOLD: not trimmed back after each step (a C int)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 class OtherLoad:
@@ -367,8 +442,8 @@ def text_tokens(count):
 
 
 class RepeatedBatch:
-    """Stands in for loader.py's ShardLoader: the same real (x, y) batch every micro step, so
-    no disk read is in the measurement (the loader's reads are a memory map, minor at any size)."""
+    """Stands in for loader.py's ShardLoader: the same real (x, y) batch every micro step, so no disk read is
+    in the measurement (the data section measures the loader's)."""
 
     def __init__(self, tokens, batch_size, seq_len):
         window = tokens[: batch_size * seq_len + 1]
@@ -379,7 +454,7 @@ class RepeatedBatch:
         return self.x, self.y
 
 
-def train_config(config, batch_size, dtype_name, mode):
+def train_config(config, batch_size, dtype_name, mode, optimizer="adamw"):
     """train_gpt2.py's config for this measurement: the settings its train_step and model read."""
     sizes = {k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd")}
     return train_gpt2.TrainConfig(
@@ -394,7 +469,23 @@ def train_config(config, batch_size, dtype_name, mode):
         compile=mode == "compiled",
         device=config.device,
         peak_flops=config.peak_flops,
+        optimizer=optimizer,
     )
+
+
+def build_optimizers(raw_model, tc):
+    """The optimizers by name, as train_gpt2.py builds them from its settings: AdamW, and Muon with --optimizer muon."""
+    adamw = dict(weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps)
+    muon = dict(momentum=tc.muon_momentum, weight_decay=tc.muon_weight_decay, ns_steps=tc.muon_ns_steps)
+    optimizers, _ = raw_model.configure_optimizers(tc.max_lr, adamw, muon if tc.optimizer == "muon" else None)
+    return optimizers
+
+
+def device_peak_flops(config, device, dtype_name):
+    """--peak-flops, or common.py's table on CUDA: none on CPU and MPS (no reliable number, so no MFU)."""
+    if config.peak_flops or device.type != "cuda":
+        return config.peak_flops
+    return common.peak_flops_of(torch.cuda.get_device_name(device), dtype_name)
 
 
 def batch_sizes(config, device):
@@ -406,27 +497,36 @@ def batch_sizes(config, device):
     return [1]  # CPU and MPS: one row of 1024 tokens already keeps the cores busy for seconds
 
 
-def bench_train(config, device, dtype_name, mode, tokens):
+def largest_that_fits(config, device, what, measure):
+    """measure(B) at the first of batch_sizes that does not run out of memory; a failed try's memory is given
+    back before the next."""
     sizes = batch_sizes(config, device)
-    batch_size, row = train_gpt2.first_that_fits(
-        sizes, lambda b: bench_train_at(config, device, dtype_name, mode, tokens, b), device
+    for batch_size in sizes:
+        try:
+            row = measure(batch_size)
+        except torch.OutOfMemoryError:
+            row = None  # leaving the except block drops the traceback, and with it the failed try's tensors
+        release_memory(device)
+        if row is not None:
+            if batch_size != sizes[0]:
+                log(f"  batch size {batch_size * 2} does not fit; measured at {batch_size}")
+            return row
+    raise UserError(
+        f"out of {device.type} memory at batch size {sizes[-1]} ({what}); pass a smaller --batch-size or --seq-len"
     )
-    if row is None:
-        raise UserError(
-            f"out of {device.type} memory at batch size {sizes[-1]} ({dtype_name}, {mode}); "
-            f"pass a smaller --batch-size or --seq-len"
-        )
-    if batch_size != sizes[0]:
-        log(f"  batch size {batch_size * 2} does not fit; measured at {batch_size}")
-    return row
+
+
+def bench_train(config, device, dtype_name, mode, tokens):
+    def measure(batch_size):
+        return bench_train_at(config, device, dtype_name, mode, tokens, batch_size)
+
+    return largest_that_fits(config, device, f"{dtype_name}, {mode}", measure)
 
 
 def bench_train_at(config, device, dtype_name, mode, tokens, batch_size):
     tc = train_config(config, batch_size, dtype_name, mode)
     raw_model = train_gpt2.build_model(tc, device)
-    optimizer, _ = raw_model.configure_optimizers(
-        tc.weight_decay, tc.max_lr, (tc.beta1, tc.beta2), tc.adam_eps, device.type
-    )
+    optimizers = build_optimizers(raw_model, tc)
     model = torch.compile(raw_model) if tc.compile else raw_model
     autocast, scaler = autocast_and_scaler(dtype_name, device)
     loader = RepeatedBatch(tokens, batch_size, config.seq_len)
@@ -434,7 +534,8 @@ def bench_train_at(config, device, dtype_name, mode, tokens, batch_size):
     losses = []
 
     def step():  # exactly one optimizer step of train_gpt2.py with one micro step
-        losses.append(train_gpt2.train_step(model, optimizer, loader, 1, tc.max_lr, tc, device, autocast, scaler)[0])
+        loss, *_ = train_gpt2.train_step(model, optimizers, loader, 1, tc.max_lr, tc, device, autocast, scaler)
+        losses.append(loss)
 
     reset_peak_memory(device)
     first_step = timed(step, device)  # compiles, when compiled
@@ -456,7 +557,7 @@ def bench_train_at(config, device, dtype_name, mode, tokens, batch_size):
     tokens_per_sec = batch_size * config.seq_len / seconds
     flops_per_token = raw_model.flops_per_token(config.seq_len)
     achieved = flops_per_token * tokens_per_sec
-    peak = train_gpt2.device_peak_flops(tc, device)
+    peak = device_peak_flops(config, device, dtype_name)
     return dict(
         mode=mode,
         dtype=dtype_name,
@@ -503,6 +604,337 @@ def attention_kernels(step, device):
             and not event.key.endswith("Backward0")
         }
     )
+
+
+# -----------------------------------------------------------------------------
+# The optimizer step: AdamW alone, and Muon + AdamW
+
+
+def bench_optimizer(config, device, tokens):
+    """A row for each of train_gpt2.py's --optimizer choices, in the dtype and mode a run here takes."""
+    dtype_name = common.resolve_dtype("auto", device)
+    mode = "compiled" if common.compile_by_default(device) else "eager"
+    rows = []
+    for optimizer in train_gpt2.OPTIMIZERS:
+        log(f"optimizer {optimizer} ({dtype_name}, {mode}) ...")
+
+        def measure(batch_size):
+            return bench_optimizer_at(config, device, dtype_name, mode, tokens, batch_size, optimizer)
+
+        rows.append(largest_that_fits(config, device, f"{optimizer}, {dtype_name}, {mode}", measure))
+        log(f"  optimizer.step() {rows[-1]['optimizer_ms']:.1f} ms, {percent(rows[-1]['step_fraction'])} of a step")
+    return rows
+
+
+def bench_optimizer_at(config, device, dtype_name, mode, tokens, batch_size, optimizer):
+    tc = train_config(config, batch_size, dtype_name, mode, optimizer)
+    raw_model = train_gpt2.build_model(tc, device)
+    optimizers = build_optimizers(raw_model, tc)
+    model = torch.compile(raw_model) if tc.compile else raw_model
+    autocast, scaler = autocast_and_scaler(dtype_name, device)
+    loader = RepeatedBatch(tokens, batch_size, config.seq_len)
+
+    def step():
+        train_gpt2.train_step(model, optimizers, loader, 1, tc.max_lr, tc, device, autocast, scaler)
+
+    for _ in range(config.warmup_steps):
+        step()
+    step_seconds = [timed(step, device) for _ in range(config.steps)]
+    # train_step leaves this step's gradients in place (it clears them at the start of the next): step on them
+    alone = {name: [timed(opt.step, device) for _ in range(config.steps)] for name, opt in optimizers.items()}
+    optimizer_ms = {name: 1000 * statistics.median(seconds) for name, seconds in alone.items()}
+    step_ms = 1000 * statistics.median(step_seconds)
+    total_ms = sum(optimizer_ms.values())
+    # The recipe's step is RECIPE_TOKENS / (B * T) micro steps over the ranks, and one optimizer step on each
+    # rank (torch.optim.Muon runs the whole update on every rank): what share of it is the optimizer's?
+    micro_steps = RECIPE_TOKENS / (batch_size * config.seq_len)
+    recipe_fraction = {
+        devices: total_ms / (max(micro_steps / devices, 1) * (step_ms - total_ms) + total_ms) for devices in (1, 8)
+    }
+    muon = optimizers.get("muon")
+    muon_shapes = [tuple(p.shape) for group in muon.param_groups for p in group["params"]] if muon else []
+    ns_flops = newton_schulz_flops(muon_shapes, tc.muon_ns_steps)
+    parameters = {
+        name: sum(p.numel() for g in opt.param_groups for p in g["params"]) for name, opt in optimizers.items()
+    }
+    return dict(
+        optimizer=optimizer,
+        dtype=dtype_name,
+        mode=mode,
+        batch_size=batch_size,
+        seq_len=config.seq_len,
+        parameters=parameters,
+        step_ms=step_ms,
+        optimizer_ms=total_ms,
+        optimizer_ms_by_name=optimizer_ms,
+        step_fraction=total_ms / step_ms,
+        recipe_fraction_1_device=recipe_fraction[1],
+        recipe_fraction_8_devices=recipe_fraction[8],
+        muon_matrices=len(muon_shapes),
+        newton_schulz_flops=ns_flops,
+        # Muon runs Newton-Schulz in bfloat16, whatever the run's dtype: CPUs without bf16 units crawl
+        newton_schulz_flops_per_sec=ns_flops / optimizer_ms["muon"] * 1000 if muon else None,
+    )
+
+
+def newton_schulz_flops(shapes, ns_steps):
+    """Matmul FLOPs of ns_steps Newton-Schulz iterations on each matrix, as torch.optim._muon's
+    _zeropower_via_newtonschulz computes them on X, m x n with m <= n (it transposes a tall matrix):
+    A = X @ X.T is 2*m*m*n, addmm(A, A, A) multiplies A @ A, 2*m*m*m, and addmm(X, B, X) multiplies B @ X,
+    2*m*m*n: 4*m*m*n + 2*m*m*m an iteration. Left out: the adds and scalings inside the addmms (m*m + m*n an
+    iteration), the norm and the division before them, a fraction 1/m of the rest (0.1% at m = 768)."""
+    total = 0
+    for rows, cols in shapes:
+        m, n = min(rows, cols), max(rows, cols)
+        total += ns_steps * (4 * m * m * n + 2 * m * m * m)
+    return total
+
+
+def muon_arithmetic(model_config):
+    """Newton-Schulz FLOPs of a Muon step on a model (its matrices as train_gpt2.py --optimizer muon splits
+    them, found on the meta device: no memory) against a RECIPE_TOKENS step's 6 * parameters * tokens, on 1
+    device and on 8, where a rank computes an eighth of the step but the whole Newton-Schulz."""
+    tc = train_gpt2.TrainConfig(optimizer="muon")
+    with torch.device("meta"):
+        model = GPT(model_config)
+        optimizers = build_optimizers(model, tc)
+    shapes = [tuple(p.shape) for group in optimizers["muon"].param_groups for p in group["params"]]
+    flops = newton_schulz_flops(shapes, tc.muon_ns_steps)
+    step_flops = 6 * model.num_parameters() * RECIPE_TOKENS
+    return dict(
+        model=f"{model_config.n_layer} layers x {model_config.n_embd}",
+        parameters=model.num_parameters(),
+        matrices=len(shapes),
+        ns_steps=tc.muon_ns_steps,
+        newton_schulz_flops=flops,
+        tokens=RECIPE_TOKENS,
+        step_flops=step_flops,
+        share_1_device=flops / step_flops,
+        share_8_devices=flops / (step_flops / 8),
+    )
+
+
+# -----------------------------------------------------------------------------
+# DDP: gradient_as_bucket_view and the bucket size, on ranks of their own
+
+
+def bench_ddp(config, device):
+    """The ddp rows from --ddp-processes ranks that this process starts under torch.distributed.run, with these
+    settings (in a file: --config) and the ddp section alone. Rank 0 prints the JSON; stderr passes through."""
+    if device.type != "cpu" and torch.cuda.device_count() < config.ddp_processes:
+        log(f"ddp: skipped: {config.ddp_processes} ranks need as many GPUs (try --device cpu, or torchrun)")
+        return []
+    with tempfile.TemporaryDirectory() as directory:
+        settings = os.path.join(directory, "bench.toml")
+        common.write_settings(replace(config, sections="ddp", json=True, preset=None), settings)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += [f"--nproc-per-node={config.ddp_processes}", os.path.abspath(__file__), "--config", settings]
+        threads = max(1, torch.get_num_threads() // config.ddp_processes)  # the cores shared out, as torchrun does
+        environment = os.environ | {"OMP_NUM_THREADS": str(threads)}
+        try:
+            ranks = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment, timeout=3600)
+        except subprocess.TimeoutExpired:
+            raise UserError("the ddp section's ranks did not finish within an hour") from None
+    if ranks.returncode != 0:
+        raise UserError(f"the ddp section's ranks failed (exit code {ranks.returncode}); their messages are above")
+    return json.loads(ranks.stdout)["ddp"]
+
+
+def ddp_rows(config):
+    """Under torchrun: a row for each mode x gradient_as_bucket_view x bucket size, train_gpt2.py's step on its
+    DDP wrapper. The dtype is the one --dtype auto picks (float32 on CPU). Rank 0 gets the rows, the others []."""
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if device.type == "cpu":
+        return_freed_memory()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    batch_size = batch_sizes(config, device)[0]
+    tokens = text_tokens(batch_size * config.seq_len + 1)
+    dtype_name = common.resolve_dtype("auto", device)
+    rows = []
+    for mode in split(config.modes):
+        # The first row of a mode would pay what a process pays once (gloo's buffers, autograd's threads, inductor's
+        # caches) in its memory: an untimed row first.
+        ddp_row(config, device, dtype_name, mode, batch_size, tokens, dict(gradient_as_bucket_view=False))
+        for bucket_view in (False, True):
+            for bucket_mb in map(int, split(config.ddp_bucket_mb)):
+                if rank == 0:
+                    log(
+                        f"ddp {mode} {dtype_name}, gradient_as_bucket_view={bucket_view}, bucket_cap_mb={bucket_mb} ..."
+                    )
+                ddp_settings = dict(gradient_as_bucket_view=bucket_view, bucket_cap_mb=bucket_mb)
+                rows.append(ddp_row(config, device, dtype_name, mode, batch_size, tokens, ddp_settings))
+    dist.destroy_process_group()
+    return rows if rank == 0 else []
+
+
+def ddp_row(config, device, dtype_name, mode, batch_size, tokens, ddp_settings):
+    release_memory(device)
+    baseline = memory_in_use(device)
+    reset_peak_memory(device)
+    tc = train_config(config, batch_size, dtype_name, mode)
+    raw_model = train_gpt2.build_model(tc, device)
+    optimizers = build_optimizers(raw_model, tc)
+    model = torch.compile(raw_model) if tc.compile else raw_model  # compiled, then wrapped: as train_gpt2.py does
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **ddp_settings)
+    autocast, scaler = autocast_and_scaler(dtype_name, device)
+    loader = RepeatedBatch(tokens, batch_size, config.seq_len)
+    losses = []
+
+    def step():
+        loss, *_ = train_gpt2.train_step(ddp_model, optimizers, loader, 1, tc.max_lr, tc, device, autocast, scaler)
+        losses.append(loss)
+
+    first_step = timed(step, device)
+    for _ in range(config.warmup_steps - 1):
+        step()
+    step_seconds = [timed(step, device) for _ in range(config.steps)]
+    memory, memory_kind = peak_memory(device)
+    held = memory_in_use(device) - baseline  # between steps: weights, gradients, buckets, AdamW's moments
+    # DDP's promise, checked: every rank ends with the same weights (a float64 sum of them, gathered)
+    weights = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum().item()
+    mine = (statistics.median(step_seconds), memory - baseline, held, weights)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return dict(
+        mode=mode,
+        dtype=dtype_name,
+        **ddp_settings,
+        world_size=dist.get_world_size(),
+        backend=dist.get_backend(),
+        batch_size=batch_size,
+        seq_len=config.seq_len,
+        ms_per_step=1000 * max(seconds for seconds, *_ in everyone),  # the slowest rank sets the pace
+        first_step_s=first_step,
+        peak_memory_bytes=max(memory for _, memory, *_ in everyone),
+        held_memory_bytes=max(held for _, _, held, _ in everyone),
+        memory_kind=f"{memory_kind} above the row's start, the largest rank's",
+        gradient_bytes=sum(p.numel() * p.element_size() for p in raw_model.parameters()),
+        first_loss=losses[0],
+        ranks_agree=all(weights == everyone[0][-1] for *_, weights in everyone),
+    )
+
+
+# -----------------------------------------------------------------------------
+# Data: how long a step waits for its next micro batch
+
+
+def bench_data(config, device):
+    """Rows of the wait for each micro batch: warm and cold page cache, each with loader.py's prefetch and with
+    a synchronous read of the same rows. Shards of --data-shard-tokens, written into a temporary directory."""
+    with tempfile.TemporaryDirectory() as directory:
+        log(f"data: writing {config.data_tokens:,} tokens of shards ...")
+        documents = itertools.cycle(fineweb.python_docs_documents())
+        fineweb.write_shards(
+            documents, directory, "bench", config.data_shard_tokens, 1, config.data_tokens, progress=False
+        )
+        rows, batches = [], {}
+        for cache in ("warm", "cold"):
+            if cache == "cold" and not hasattr(os, "posix_fadvise"):
+                log("data: cold page cache skipped: it needs posix_fadvise (Linux)")
+                continue
+            for read in ("prefetch", "sync"):
+                log(f"data: {cache} page cache, {read} ...")
+                waits, batches[cache, read], cached = wait_for_batches(config, device, directory, read, cache == "cold")
+                gc.collect()  # the loader and its prefetch refer to each other: its memory maps go now, not later
+                rows.append(
+                    dict(
+                        cache=cache,
+                        read=read,
+                        batch_size=config.data_batch_size,
+                        seq_len=config.data_seq_len,
+                        batches=len(waits),
+                        step_ms=config.data_step_ms,
+                        wait_ms_mean=1000 * statistics.mean(waits),
+                        wait_ms_median=1000 * statistics.median(waits),
+                        wait_ms_max=1000 * max(waits),
+                        same_batches=batches[cache, read] == batches["warm", "prefetch"],
+                        # mincore's count, None where unknown: all of the shards when warm, none when cold
+                        cached_bytes_min=None if None in cached else min(cached),
+                        cached_bytes_max=None if None in cached else max(cached),
+                    )
+                )
+        train = ShardLoader(directory, "train", config.data_batch_size, config.data_seq_len)
+        for row in rows:
+            row.update(train_shards=len(train.paths), train_tokens=train.num_tokens, data_tokens=config.data_tokens)
+            row.update(train_bytes=sum(os.path.getsize(path) for path in train.paths))
+    return rows
+
+
+def wait_for_batches(config, device, directory, read, cold):
+    """-> (seconds each micro batch kept the step waiting, a checksum of each batch, the shards' bytes in the page
+    cache before each read). The loader is train_gpt2.py's (shuffled, pinned memory on CUDA) on rank 0 of 1; a sync
+    read takes read_rows of the rows next_batch takes."""
+    B, T = config.data_batch_size, config.data_seq_len
+    loader = ShardLoader(
+        directory, "train", B, T, vocab_size=config.vocab_size, seed=0, shuffle=True, pin_memory=device.type == "cuda"
+    )
+    if not cold:
+        for path in loader.paths:  # every shard read once: in the page cache
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+    def fetch(i):
+        if read == "prefetch":
+            return loader.next_batch()
+        return loader.read_rows(range(i * B, (i + 1) * B))
+
+    if cold:
+        evict(loader)
+    fetch(0)  # the first batch has nothing read ahead: a run waits for it once, not every step
+    waits, checksums, cached = [], [], []
+    for i in range(1, config.data_batches + 1):
+        time.sleep(config.data_step_ms / 1000)  # the step, while the next batch is read on the loader's thread
+        if cold:
+            evict(loader)
+        cached.append(page_cache_bytes(loader.paths))  # what the next read finds in the page cache
+        start = time.perf_counter()
+        x, y = (t.to(device, non_blocking=True) for t in fetch(i))  # as train_step takes them
+        waits.append(time.perf_counter() - start)
+        checksums.append((x.sum().item(), y.sum().item()))
+    return waits, checksums, cached
+
+
+def page_cache_bytes(paths):
+    """Bytes of the files in the page cache, by mincore(2) on a mapping of our own (None where there is none)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mincore = libc.mincore
+    except (OSError, AttributeError):
+        return None
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    total = 0
+    for path in paths:
+        size = os.path.getsize(path)
+        pages = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+        with open(path, "rb") as f:
+            address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        try:
+            if mincore(address, size, pages) != 0:
+                return None
+        finally:
+            libc.munmap(address, size)
+        total += min(size, sum(page & 1 for page in pages) * mmap.PAGESIZE)  # the last page may be partial
+    return total
+
+
+def evict(loader):
+    """Drop the loader's shards from the page cache: first this process's mapping of their pages (the kernel
+    keeps a page that a process maps), then the files' pages, as if never read."""
+    for path, shard in zip(loader.paths, loader.shards):
+        shard.base.madvise(mmap.MADV_DONTNEED)  # np.load's memory map: its base is the mmap
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 # -----------------------------------------------------------------------------
@@ -723,6 +1155,61 @@ TABLES = {  # section -> [(column title, how to show a row's value)]
         ("peak memory", lambda r: si(r["peak_memory_bytes"], "B")),
         ("others' cores", lambda r: load(r["other_load"])),
     ],
+    "optimizer": [
+        ("optimizer", lambda r: r["optimizer"]),
+        ("dtype", lambda r: r["dtype"]),
+        ("mode", lambda r: r["mode"]),
+        ("B x T", lambda r: f"{r['batch_size']} x {r['seq_len']}"),
+        ("ms/step", lambda r: f"{r['step_ms']:.1f}"),
+        ("AdamW ms", lambda r: f"{r['optimizer_ms_by_name']['optimizer']:.1f}"),
+        (
+            "Muon ms",
+            lambda r: f"{r['optimizer_ms_by_name']['muon']:.1f}" if "muon" in r["optimizer_ms_by_name"] else "-",
+        ),
+        ("NS FLOP/s", lambda r: si(r["newton_schulz_flops_per_sec"])),
+        ("of the step", lambda r: percent(r["step_fraction"])),
+        (f"of {RECIPE_TOKENS:,} tokens, 1 device", lambda r: percent(r["recipe_fraction_1_device"])),
+        ("8 devices", lambda r: percent(r["recipe_fraction_8_devices"])),
+    ],
+    "muon_arithmetic": [
+        ("model", lambda r: r["model"]),
+        ("parameters", lambda r: f"{r['parameters']:,}"),
+        ("Muon matrices", lambda r: str(r["matrices"])),
+        ("NS iterations", lambda r: str(r["ns_steps"])),
+        ("NS FLOP", lambda r: si(r["newton_schulz_flops"])),
+        (f"6 x params x {RECIPE_TOKENS:,}", lambda r: si(r["step_flops"])),
+        ("share, 1 device", lambda r: f"{100 * r['share_1_device']:.2f}%"),
+        ("8 devices", lambda r: f"{100 * r['share_8_devices']:.2f}%"),
+    ],
+    "ddp": [
+        ("mode", lambda r: r["mode"]),
+        ("dtype", lambda r: r["dtype"]),
+        ("bucket view", lambda r: str(r["gradient_as_bucket_view"])),
+        ("bucket MB", lambda r: str(r["bucket_cap_mb"])),
+        ("ranks", lambda r: f"{r['world_size']} {r['backend']}"),
+        ("B x T", lambda r: f"{r['batch_size']} x {r['seq_len']}"),
+        ("ms/step", lambda r: f"{r['ms_per_step']:.1f}"),
+        ("peak memory", lambda r: si(r["peak_memory_bytes"], "B")),
+        ("held between steps", lambda r: si(r["held_memory_bytes"], "B")),
+        ("gradients", lambda r: si(r["gradient_bytes"], "B")),
+        ("same weights", lambda r: "yes" if r["ranks_agree"] else "NO"),
+    ],
+    "data": [
+        ("cache", lambda r: r["cache"]),
+        ("read", lambda r: r["read"]),
+        ("B x T", lambda r: f"{r['batch_size']} x {r['seq_len']}"),
+        ("batches", lambda r: str(r["batches"])),
+        ("step ms", lambda r: f"{r['step_ms']:.0f}"),
+        ("wait ms mean", lambda r: f"{r['wait_ms_mean']:.3f}"),
+        ("median", lambda r: f"{r['wait_ms_median']:.3f}"),
+        ("max", lambda r: f"{r['wait_ms_max']:.3f}"),
+        ("same batches", lambda r: "yes" if r["same_batches"] else "NO"),
+        (
+            "in page cache",
+            lambda r: "-" if r["cached_bytes_max"] is None else percent(r["cached_bytes_max"] / r["train_bytes"]),
+        ),
+        ("train shards", lambda r: str(r["train_shards"])),
+    ],
     "sample": [
         ("new tokens", lambda r: str(r["new_tokens"])),
         ("KV cache tok/s", lambda r: f"{r['kv_cache_tokens_per_sec']:.1f}"),
@@ -783,6 +1270,8 @@ def device_name(device):
 
 
 def run(config):
+    """The sections' rows by section, and "meta": the machine and the settings. Under torchrun: the ddp section
+    alone, its rows on rank 0 (None on the others)."""
     device = pick_device(config.device)
     gpu = device.type == "cuda"
     # Device-dependent defaults, filled in once so the output says what ran.
@@ -798,8 +1287,9 @@ def run(config):
             setattr(config, key, value)
     if gpu:
         torch.set_float32_matmul_precision("high")  # TF32, as train_gpt2.py runs float32 matmuls
-    if device.type == "cpu":
-        keep_freed_memory()  # as train_gpt2.py does on CPU
+    under_torchrun = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if device.type == "cpu" and not under_torchrun:
+        keep_freed_memory()
     sections, dtypes, modes = split(config.sections), split(config.dtypes), split(config.modes)
 
     result = {
@@ -819,15 +1309,20 @@ def run(config):
     }
     with torch.device("meta"):  # shapes only: counting parameters allocates nothing
         result["meta"]["parameters"] = GPT(train_gpt2.model_config(config)).num_parameters()
+    if under_torchrun:
+        rows = ddp_rows(config)
+        return result | {"ddp": rows} if int(os.environ["RANK"]) == 0 else None
 
     if "matmul" in sections:
         result["matmul"] = []
         for dtype_name in dtypes:
             log(f"matmul {dtype_name} {config.matmul_size}^2 ...")
             result["matmul"].append(bench_matmul(config, device, dtype_name))
+    tokens = None
+    if "train" in sections or "optimizer" in sections:
+        tokens = text_tokens(max(batch_sizes(config, device)) * config.seq_len + 1)
     if "train" in sections:
         result["train"] = []
-        tokens = text_tokens(max(batch_sizes(config, device)) * config.seq_len + 1)
         for mode in modes:
             for dtype_name in dtypes:
                 log(f"train {mode} {dtype_name} ...")
@@ -837,7 +1332,17 @@ def run(config):
                     f"{percent(row['ceiling_ratio'])} of the matmul ceiling, MFU {percent(row['mfu'])}"
                 )
                 result["train"].append(row)
-                free_memory(device)  # the next row starts from an empty device
+    if "optimizer" in sections:
+        result["optimizer"] = bench_optimizer(config, device, tokens)
+        measured, gpt2_124m = train_gpt2.model_config(config), train_gpt2.model_config(train_gpt2.TrainConfig())
+        result["muon_arithmetic"] = [muon_arithmetic(measured)]
+        if measured != gpt2_124m:  # and the model the issue asks about
+            result["muon_arithmetic"].append(muon_arithmetic(gpt2_124m))
+    if "ddp" in sections:
+        log(f"ddp on {config.ddp_processes} ranks under torch.distributed.run ...")
+        result["ddp"] = bench_ddp(config, device)
+    if "data" in sections:
+        result["data"] = bench_data(config, device)
     if "sample" in sections or "hellaswag" in sections:
         torch.manual_seed(0)
         model = GPT(train_gpt2.model_config(config)).to(device).eval()  # built after training: not in its peak memory
@@ -862,6 +1367,8 @@ def main(argv=None):
     except UserError as e:
         print(f"bench.py: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    if result is None:  # a rank of the ddp section other than 0: rank 0 prints
+        return 0
     if config.json:
         print(json.dumps(result, indent=1))
     else:
@@ -870,4 +1377,11 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if "RANK" in os.environ:
+        # Under torchrun, leave without the interpreter's clean-up, as train_gpt2.py does: DDP keeps gloo's
+        # threads alive to the end, and one that frees a tensor during shutdown aborts the process.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)
