@@ -31,9 +31,10 @@ The sections (--sections, default all of them, in this order):
   data       how long a step waits for its next micro batch (--data-batch-size x --data-seq-len tokens)
              from shards on disk, read by loader.ShardLoader as train_gpt2.py reads them (the next batch
              on a background thread) against a synchronous read of the same rows, while a simulated
-             step (--data-step-ms) runs between batches; with a warm page cache, and a cold one (each
-             shard evicted before each batch: Linux). The shards: Python's manual, repeated, written by
-             fineweb.write_shards into a temporary directory.
+             step (--data-step-ms) runs between batches; with a warm page cache, and a cold one (the
+             shards evicted before the first batch and read without read-ahead, as in a first epoch over
+             shards far larger than the page cache: Linux). The shards: Python's manual, repeated,
+             written by fineweb.write_shards into a temporary directory.
   sample     model.generate with its KV cache against a reference loop without one (the whole
              window through the model for every new token), greedy, tokens/s and the speed-up.
   hellaswag  hellaswag.evaluate batched against one example at a time, examples/s and speed-up.
@@ -883,14 +884,14 @@ def wait_for_batches(config, device, directory, read, cold):
             return loader.next_batch()
         return loader.read_rows(range(i * B, (i + 1) * B))
 
-    if cold:
+    if cold:  # as in a run's first epoch over shards far larger than the kernel's read-ahead: every window cold
         evict(loader)
+        for shard in loader.shards:
+            shard.base.madvise(mmap.MADV_RANDOM)  # no read-ahead around a fault: each read finds only its own pages
     fetch(0)  # the first batch has nothing read ahead: a run waits for it once, not every step
     waits, checksums, cached = [], [], []
     for i in range(1, config.data_batches + 1):
         time.sleep(config.data_step_ms / 1000)  # the step, while the next batch is read on the loader's thread
-        if cold:
-            evict(loader)
         cached.append(page_cache_bytes(loader.paths))  # what the next read finds in the page cache
         start = time.perf_counter()
         x, y = (t.to(device, non_blocking=True) for t in fetch(i))  # as train_step takes them

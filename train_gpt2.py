@@ -278,7 +278,11 @@ def train(argv, launch):
     # One compiled module serves training (inside DDP), the val loss and HellaSwag; sampling runs the plain
     # module's KV-cache loop, whose shapes change every token. Same weights throughout.
     model = torch.compile(raw_model) if config.compile else raw_model
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+    train_model = model  # the gradients as views of DDP's buckets: a copy of them fewer (bench.py --sections ddp)
+    if world_size > 1:
+        train_model = DDP(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+        )
     accum = config.total_batch_size // (B * T * world_size)
     val_rows = min(config.val_tokens // T, val_loader.rows_per_epoch) if config.eval_interval else 0
     auto = {name: " (auto)" if getattr(given, name) in ("auto", None) else "" for name in ("dtype", "compile")}
