@@ -80,7 +80,15 @@ import common
 import fineweb
 import hellaswag
 import train_gpt2
-from common import UserError, autocast_and_scaler, autocast_dtype_for, parse_settings, pick_device, setting, synchronize
+from common import (
+    UserError,
+    autocast_and_scaler,
+    autocast_dtype_for,
+    check_compile,
+    parse_settings,
+    pick_device,
+    setting,
+)
 from loader import ShardLoader
 from model import GPT, GPT2_SIZES, sample_next_token
 from tokenizer import get_tokenizer
@@ -284,6 +292,13 @@ def log(message):
 
 # -----------------------------------------------------------------------------
 # Measuring: time on a synchronized device, peak memory, the matmul ceiling
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def timed(fn, device):
@@ -1292,6 +1307,8 @@ def run(config):
     if device.type == "cpu" and not under_torchrun:
         keep_freed_memory()
     sections, dtypes, modes = split(config.sections), split(config.dtypes), split(config.modes)
+    if "compiled" in modes:
+        check_compile(device)  # one line naming what to install, not a traceback from the first compiled row
 
     result = {
         "meta": dict(

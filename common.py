@@ -255,13 +255,17 @@ def autocast_and_scaler(dtype, device):
     return torch.autocast(device.type, dtype=dtype), scaler
 
 
-def synchronize(device):
+def check_compile(device):
+    """torch.compile needs a C compiler and Python's headers at run time, not only Triton: a UserError naming
+    what to install, found by compiling a two-op function (seconds), not at a run's first evaluation."""
     import torch
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    try:
+        torch.compile(lambda x: (x * 2).sin())(torch.ones(2, device=device))
+    except Exception as e:  # inductor's errors have many types; each ends here as one line
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        fix = "install a C compiler and Python's headers (apt install build-essential python3-dev), or --no-compile"
+        raise UserError(f"torch.compile does not work here ({why}); {fix}", exit_code=2) from None
 
 
 # Dense peak FLOP/s (float32 as TF32 where the GPU has it, float16, bfloat16; None: no bf16 before Ampere)

@@ -242,7 +242,7 @@ def train(argv, launch):
         compiled = common.compile_by_default(device) if config.compile is None else config.compile
         config = launch.config = replace(config, dtype=common.resolve_dtype(config.dtype, device), compile=compiled)
         if config.compile:
-            check_compile(device)
+            common.check_compile(device)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmul left outside autocast
         autocast, scaler = common.autocast_and_scaler(config.dtype, device)
@@ -278,11 +278,8 @@ def train(argv, launch):
     # One compiled module serves training (inside DDP), the val loss and HellaSwag; sampling runs the plain
     # module's KV-cache loop, whose shapes change every token. Same weights throughout.
     model = torch.compile(raw_model) if config.compile else raw_model
-    train_model = model  # the gradients as views of DDP's buckets: a copy of them fewer (bench.py --sections ddp)
-    if world_size > 1:
-        train_model = DDP(
-            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
-        )
+    device_ids = [device.index] if device.type == "cuda" else None  # gradients as views of DDP's buckets: a copy
+    train_model = DDP(model, device_ids, gradient_as_bucket_view=True) if world_size > 1 else model  # of them fewer
     accum = config.total_batch_size // (B * T * world_size)
     val_rows = min(config.val_tokens // T, val_loader.rows_per_epoch) if config.eval_interval else 0
     auto = {name: " (auto)" if getattr(given, name) in ("auto", None) else "" for name in ("dtype", "compile")}
@@ -328,13 +325,11 @@ def train(argv, launch):
         def wants_stop():  # asked at the end of the step: a signal during it stops the run after it
             return launch.signal is not None or (master and out_of_time)
 
-        common.synchronize(device)
-        t0 = clock()
+        seconds = stopwatch(device)
         loss, norm, skipped, stop = train_step(
             train_model, optimizers, train_loader, accum, lr, config, device, autocast, scaler, wants_stop
         )
-        common.synchronize(device)
-        dt = clock() - t0
+        dt = seconds()
         slowest_step, tokens_per_sec = max(slowest_step, dt), config.total_batch_size / dt
         recent.append(dt)
         mfu = flops_per_token * tokens_per_sec / (peak * world_size) if peak else None
@@ -396,6 +391,23 @@ def stopped(config, step, launch, out_of_time):
 clock = time.perf_counter  # steps, evaluations and --time-limit are timed with it (a test may replace it)
 
 
+def stopwatch(device):
+    """-> a function giving the seconds of the device's work since this call: CUDA events on a GPU time its stream
+    without stopping it (no device-wide synchronize before the step), the clock elsewhere."""
+    if device.type != "cuda":
+        start = clock()
+        return lambda: clock() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+
+    def seconds():
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+
+    return seconds
+
+
 # -----------------------------------------------------------------------------
 # Set-up: the model, the demo's data, HellaSwag's examples, compile
 
@@ -434,16 +446,6 @@ def load_hellaswag(config):
         return hellaswag.load_examples(config.hellaswag_file or hellaswag.download())
     except UserError as e:
         raise UserError(f"{e}; pass --hellaswag-file FILE, or turn HellaSwag off with --hellaswag-interval 0")
-
-
-def check_compile(device):
-    """torch.compile needs a C compiler and Python's headers at run time, not only Triton: try a two-op function."""
-    try:
-        torch.compile(lambda x: (x * 2).sin())(torch.ones(2, device=device))
-    except Exception as e:  # inductor's errors have many types; each ends here as one line
-        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
-        fix = "install a C compiler and Python's headers (apt install build-essential python3-dev), or --no-compile"
-        raise UserError(f"torch.compile does not work here ({why}); {fix}", exit_code=2) from None
 
 
 # -----------------------------------------------------------------------------
