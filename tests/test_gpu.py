@@ -13,8 +13,10 @@ import gc
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -23,6 +25,7 @@ import torch
 
 import bench
 import common
+import fineweb
 import train_gpt2
 from common import resolve_dtype
 from test_train import HELLASWAG, SCRIPT, args, checkpoint, series
@@ -216,13 +219,13 @@ def test_torchrun_with_gloo_trains_and_checkpoints_on_cpu(data_dir, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# --batch-size auto against real GPU memory, and a run that does not fit (GPU only: a real OOM)
+# Out of memory on a real GPU: one line naming the --batch-size to relaunch with
 
 
 @contextmanager
 def gpu_memory_cap(gib):
     """This process may allocate at most `gib` GiB of the GPU: past it, torch.OutOfMemoryError."""
-    torch.cuda.set_per_process_memory_fraction(gib * 2 ** 30 / torch.cuda.get_device_properties(0).total_memory)
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     try:
         yield
     finally:
@@ -233,24 +236,95 @@ def gpu_memory_cap(gib):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_auto_batch_size_under_a_memory_cap_and_the_out_of_memory_line(data_dir, tmp_path, capsys, monkeypatch):
-    tried = []
-
-    def recording_trial_step(config, device, batch_size):
-        tried.append(batch_size)
-        trial_step(config, device, batch_size)
-
-    trial_step = train_gpt2.trial_step
-    monkeypatch.setattr(train_gpt2, "trial_step", recording_trial_step)
-    gpt2 = ["--data-dir", data_dir, "--device", "cuda", "--dtype", "auto", "--no-compile", "--total-batch-size",
-            "65536", "--max-steps", "1", "--warmup-steps", "0", "--eval-interval", "0", "--hellaswag-interval", "0",
-            "--sample-interval", "0"]  # GPT-2 124M, T = 1024: 64 rows a step
-    with gpu_memory_cap(12):
-        assert main([*gpt2, "--log-dir", str(tmp_path / "auto"), "--batch-size", "auto"]) == 0
-        batch_size = checkpoint(tmp_path / "auto", 1)["config"]["batch_size"]
-        assert batch_size < 64 and tried == [64, 32, 16, 8, 4, 2, 1][:len(tried)] and tried[-1] == batch_size
-        assert f"batch size {batch_size} (auto: the largest that fit a trial step)" in capsys.readouterr().out
+def test_out_of_memory_on_a_gpu_is_one_line_naming_a_smaller_batch_size(data_dir, tmp_path, capsys):
+    gpt2 = ["--data-dir", data_dir, "--device", "cuda", "--no-compile", "--total-batch-size", "65536", "--max-steps",
+            "1", "--warmup-steps", "0", "--eval-interval", "0", "--hellaswag-interval", "0", "--sample-interval", "0"]
+    with gpu_memory_cap(6):  # GPT-2 124M at 64 x 1024 tokens needs far more for its activations
         assert main([*gpt2, "--log-dir", str(tmp_path / "64"), "--batch-size", "64"]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: out of cuda memory at step 0 with --batch-size 64; relaunch with --batch-size 32 (same "
-                      "total batch, more micro steps; it resumes from the last checkpoint)"]
+    assert errors == ["error: out of memory with --batch-size 64; relaunch with --batch-size 32 (the same total "
+                      "batch in more micro steps)"]
+    assert not os.path.exists(tmp_path / "64" / "metrics.jsonl")
+
+
+# -----------------------------------------------------------------------------
+# The smoke run: GPT-2 124M as the real run trains it, 20 steps, and what a first run on a GPU needs to know
+
+
+def smoke_run(device, tmp_path, hellaswag_file, monkeypatch, size_flags, batch_sizes, steps):
+    """train_gpt2.py on the demo's data with the device's defaults (dtype, compile), val and HellaSwag at steps 0,
+    steps/2 and the end, at the first of batch_sizes that fits -> what it saw, also written as JSON to
+    $GPU_SMOKE_JSON (else into tmp_path): peak reserved memory against the device's, graphs compiled by the end
+    of step 0 and after it, seconds to the end of step 0, and the median tokens/s and MFU of the later steps."""
+    counters, graphs, ends = torch._dynamo.utils.counters, [], []
+    before, started = counters["stats"]["unique_graphs"], time.perf_counter()
+
+    def observed_train_step(*a, **k):
+        result = train_step(*a, **k)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+        ends.append(time.perf_counter() - started)
+        return result
+
+    train_step = train_gpt2.train_step
+    monkeypatch.setattr(train_gpt2, "train_step", observed_train_step)
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for batch_size in batch_sizes:  # the recipe's 64, or the largest the card holds
+        log_dir = tmp_path / f"smoke-{batch_size}"
+        flags = ["--data-dir", str(tmp_path / "data"), "--log-dir", str(log_dir), "--device", device, *size_flags,
+                 "--batch-size", str(batch_size), "--total-batch-size", str(batch_size * 1024 if cuda else batch_size * 32),
+                 "--max-steps", str(steps), "--warmup-steps", "2", "--eval-interval", str(steps // 2),
+                 "--val-tokens", "16384" if cuda else "512", "--hellaswag-interval", str(steps // 2),
+                 "--hellaswag-file", hellaswag_file, "--sample-interval", "0", "--checkpoint-interval", "0"]
+        graphs.clear()
+        ends.clear()
+        if main(flags) == 0:
+            break
+    records = [json.loads(line) for line in open(log_dir / "metrics.jsonl")]
+    later = [r for r in records if "train_loss" in r and r["step"] >= 2]
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else None
+    seen = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                batch_size=batch_size, steps=steps, graphs_after_step_0=graphs[0], recompiles=graphs[-1] - graphs[0],
+                seconds_to_step_0=ends[0], tokens_per_sec=statistics.median(r["tokens_per_sec"] for r in later),
+                mfu=statistics.median(r["mfu"] for r in later) if later[0]["mfu"] is not None else None,
+                peak_reserved_bytes=torch.cuda.max_memory_reserved() if cuda else None, device_bytes=total,
+                losses=[r["train_loss"] for r in records if "train_loss" in r],
+                val_losses=[r["val_loss"] for r in records if "val_loss" in r],
+                hellaswag=[r["hellaswag_acc"] for r in records if "hellaswag_acc" in r])
+    out = os.environ.get("GPU_SMOKE_JSON") or str(tmp_path / "smoke.json")
+    with open(out, "w") as f:
+        json.dump(seen, f, indent=1)
+    print(json.dumps(seen))
+    return seen
+
+
+def check_smoke(seen, steps):
+    assert len(seen["losses"]) == steps and all(math.isfinite(v) for v in seen["losses"])
+    assert seen["losses"][-1] < seen["losses"][0] - 0.5  # it learns, from the first steps on
+    assert len(seen["val_losses"]) == len(seen["hellaswag"]) == 3 and seen["val_losses"][-1] < seen["val_losses"][0]
+    assert seen["recompiles"] == 0  # train, val and HellaSwag compiled before step 0's update, never again
+    assert seen["tokens_per_sec"] > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_124m_smoke_run_fits_compiles_once_and_says_how_fast(tmp_path, hellaswag_file, monkeypatch):
+    fineweb.write_python_docs(str(tmp_path / "data"))
+    seen = smoke_run("cuda", tmp_path, hellaswag_file, monkeypatch, ["--model", "gpt2", "--n-layer", "12",
+                     "--n-head", "12", "--n-embd", "768", "--block-size", "1024", "--seq-len", "1024",
+                     "--vocab-size", "50304"], (64, 32, 16, 8), steps=20)
+    check_smoke(seen, 20)
+    assert seen["graphs_after_step_0"] > 0  # compile is on by default on a GPU with Triton
+    assert seen["peak_reserved_bytes"] < 0.9 * seen["device_bytes"]
+    if seen["mfu"] is not None:  # a GPU of PEAK_FLOPS' table
+        assert 0 < seen["mfu"] < 1
+
+
+def test_the_smoke_run_on_cpu(tmp_path, hellaswag_file, monkeypatch):
+    fineweb.write_python_docs(str(tmp_path / "data"))
+    tiny = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "64", "--seq-len", "32", "--max-lr",
+            "1e-2", "--min-lr", "1e-3"]
+    seen = smoke_run("cpu", tmp_path, hellaswag_file, monkeypatch, tiny, (8,), steps=8)
+    check_smoke(seen, 8)
+    assert seen["graphs_after_step_0"] == 0 and seen["mfu"] is None  # no compile, no peak on a CPU
