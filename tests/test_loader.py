@@ -38,11 +38,11 @@ def test_windows_cover_the_split_across_shard_ends(data_dir, stream):
     assert loader.rows_per_epoch == rows
     x, y = loader.read_rows(range(rows))  # one whole epoch, in order
     assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (rows, T)
-    assert torch.equal(x.flatten(), torch.from_numpy(stream[:rows * T]))  # nothing skipped at shard ends
-    assert torch.equal(y.flatten(), torch.from_numpy(stream[1:rows * T + 1]))  # y is x shifted by one
+    assert torch.equal(x.flatten(), torch.from_numpy(stream[: rows * T]))  # nothing skipped at shard ends
+    assert torch.equal(y.flatten(), torch.from_numpy(stream[1 : rows * T + 1]))  # y is x shifted by one
     # next_batch walks the same rows, B at a time
     for i, (bx, by) in enumerate(batches(loader, 5)):
-        assert torch.equal(bx, x[i * B:(i + 1) * B]) and torch.equal(by, y[i * B:(i + 1) * B])
+        assert torch.equal(bx, x[i * B : (i + 1) * B]) and torch.equal(by, y[i * B : (i + 1) * B])
 
 
 def test_a_new_epoch_starts_at_the_end_of_the_split(data_dir, stream):
@@ -50,7 +50,7 @@ def test_a_new_epoch_starts_at_the_end_of_the_split(data_dir, stream):
     rows = loader.rows_per_epoch
     loader.row = rows - 2  # two rows before the end: this batch runs into the next epoch
     x, _ = loader.next_batch()
-    expected = np.concatenate([stream[(rows - 2) * T:rows * T], stream[:2 * T]])
+    expected = np.concatenate([stream[(rows - 2) * T : rows * T], stream[: 2 * T]])
     assert torch.equal(x.flatten(), torch.from_numpy(expected))
     assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["row"] == 2
 
@@ -99,7 +99,7 @@ def shuffled_windows(data_dir, seed, epoch):
     shard_order = rng.permutation(len(names))
     stream = np.concatenate([np.load(os.path.join(data_dir, names[i])) for i in shard_order]).astype(np.int64)
     rows = (len(stream) - 1) // T
-    return np.stack([stream[r * T:r * T + T + 1] for r in rng.permutation(rows)])
+    return np.stack([stream[r * T : r * T + T + 1] for r in rng.permutation(rows)])
 
 
 def test_the_shuffled_order_is_the_seeded_permutation_of_shards_then_rows(data_dir):
@@ -118,7 +118,7 @@ def test_the_shuffled_order_is_the_seeded_permutation_of_shards_then_rows(data_d
     for step in range(3):
         x, y = rank1.next_batch()
         first = step * 2 * B + B
-        assert torch.equal(x, windows[first:first + B, :-1]) and torch.equal(y, windows[first:first + B, 1:])
+        assert torch.equal(x, windows[first : first + B, :-1]) and torch.equal(y, windows[first : first + B, 1:])
 
 
 def test_the_state_is_the_next_row_for_any_batch_size_and_rank_count(data_dir, stream):
@@ -134,7 +134,7 @@ def test_the_state_is_the_next_row_for_any_batch_size_and_rank_count(data_dir, s
     windows = torch.from_numpy(shuffled_windows(data_dir, 3, 1))
     x, y = rank1.next_batch()
     first = state["row"] + B // 2
-    assert torch.equal(x, windows[first:first + B // 2, :-1]) and torch.equal(y, windows[first:first + B // 2, 1:])
+    assert torch.equal(x, windows[first : first + B // 2, :-1]) and torch.equal(y, windows[first : first + B // 2, 1:])
     assert rank1.state_dict() == {**state, "row": state["row"] + B}  # every rank moves on by both ranks' rows
 
 
@@ -146,9 +146,11 @@ def test_a_state_from_other_data_of_the_same_seq_len_is_refused(data_dir, tmp_pa
     fewer = ShardLoader(str(tmp_path), "train", B, T)
     with pytest.raises(UserError) as error:
         fewer.load_state_dict(state)
-    assert str(error.value) == (f"the checkpoint's loader read {state['num_tokens']} train tokens as windows of {T}, "
-                                f"but the data holds {fewer.num_tokens} tokens and --seq-len is {T}; resume with the "
-                                f"same data, or start a new run with --overwrite")
+    assert str(error.value) == (
+        f"the checkpoint's loader read {state['num_tokens']} train tokens as windows of {T}, "
+        f"but the data holds {fewer.num_tokens} tokens and --seq-len is {T}; resume with the "
+        f"same data, or start a new run with --overwrite"
+    )
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -194,7 +196,7 @@ def test_a_split_without_shards(data_dir, tmp_path):
 
 
 def test_a_split_shorter_than_one_batch(data_dir, tmp_path):
-    np.save(tmp_path / "pydocs_train_000001.npy", np.load(os.path.join(data_dir, "pydocs_train_000001.npy"))[:B * T])
+    np.save(tmp_path / "pydocs_train_000001.npy", np.load(os.path.join(data_dir, "pydocs_train_000001.npy"))[: B * T])
     with pytest.raises(UserError, match=f"holds {B * T} tokens, fewer than one batch of {B} windows"):
         ShardLoader(str(tmp_path), "train", B, T)
     with pytest.raises(UserError, match="fewer than one batch of 8 windows"):  # 4 ranks x 2 rows
@@ -294,7 +296,7 @@ def test_a_split_of_exactly_one_batch_and_a_smaller_minimum(tmp_path):
 def test_a_shard_of_the_wrong_shape(data_dir, tmp_path):
     copy_split(data_dir, tmp_path, "train")
     tokens = np.load(tmp_path / "pydocs_train_000002.npy")
-    np.save(tmp_path / "pydocs_train_000002.npy", tokens[:len(tokens) // 2 * 2].reshape(2, -1))
+    np.save(tmp_path / "pydocs_train_000002.npy", tokens[: len(tokens) // 2 * 2].reshape(2, -1))
     with pytest.raises(UserError, match=r"pydocs_train_000002.npy holds a uint16 array of shape \(2, \d+\), not "):
         ShardLoader(str(tmp_path), "train", B, T)
 
@@ -315,8 +317,10 @@ def test_an_id_beyond_the_vocabulary_is_found_wherever_it_is(tmp_path):
     loader.read_rows([0])
     with pytest.raises(UserError) as error:
         loader.read_rows([1])
-    assert str(error.value) == (f"{tmp_path / 'tiny_train_000002.npy'} holds token id 99, beyond the model's "
-                                f"vocab_size=99; raise --vocab-size or re-tokenize with GPT-2's tokenizer")
+    assert str(error.value) == (
+        f"{tmp_path / 'tiny_train_000002.npy'} holds token id 99, beyond the model's "
+        f"vocab_size=99; raise --vocab-size or re-tokenize with GPT-2's tokenizer"
+    )
     assert error.value.every_rank is False  # only the rank that read it knows: it prints it
     assert len(ShardLoader(str(tmp_path), "train", 2, 4, vocab_size=100).read_rows(range(5))[0]) == 5
     for seed in range(4):  # shuffled, the message still names the shard that holds the id
