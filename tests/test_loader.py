@@ -472,3 +472,14 @@ def test_the_vocabulary_check_names_the_shard_of_each_piece_of_a_window(tmp_path
     loader.next_batch()  # the last row of epoch 1, inside the third shard; it reads row 0 of epoch 2 ahead
     with pytest.raises(UserError, match=f"tiny_train_{bad_shard + 1:06d}.npy holds token id 77"):
         loader.next_batch()
+
+
+@pytest.mark.parametrize("seed", [None, 0, 1, 2, 3])
+def test_an_id_in_a_window_inside_one_shard_names_that_shard(tmp_path, seed):
+    # Shards of 3, 2 and 40 tokens, the id at position 20 of the third: every window of T + 1 = 5 that holds it
+    # lies inside the third shard, wherever the (shuffled) order puts it
+    small_shards(tmp_path, [3, 2, 40], bad=(2, 20, 60))
+    shuffle = dict(seed=seed, shuffle=True) if seed is not None else {}
+    loader = ShardLoader(str(tmp_path), "train", 2, 4, vocab_size=60, **shuffle)
+    with pytest.raises(UserError, match=r"tiny_train_000003.npy holds token id 60, beyond the model's vocab_size=60;"):
+        loader.read_rows(range(loader.rows_per_epoch))
