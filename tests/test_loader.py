@@ -8,6 +8,7 @@ Small hand-made shards test the edges: lengths, an empty shard, an id beyond the
 """
 
 import os
+import threading
 from collections import Counter
 
 import numpy as np
@@ -38,11 +39,11 @@ def test_windows_cover_the_split_across_shard_ends(data_dir, stream):
     assert loader.rows_per_epoch == rows
     x, y = loader.read_rows(range(rows))  # one whole epoch, in order
     assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (rows, T)
-    assert torch.equal(x.flatten(), torch.from_numpy(stream[:rows * T]))  # nothing skipped at shard ends
-    assert torch.equal(y.flatten(), torch.from_numpy(stream[1:rows * T + 1]))  # y is x shifted by one
+    assert torch.equal(x.flatten(), torch.from_numpy(stream[: rows * T]))  # nothing skipped at shard ends
+    assert torch.equal(y.flatten(), torch.from_numpy(stream[1 : rows * T + 1]))  # y is x shifted by one
     # next_batch walks the same rows, B at a time
     for i, (bx, by) in enumerate(batches(loader, 5)):
-        assert torch.equal(bx, x[i * B:(i + 1) * B]) and torch.equal(by, y[i * B:(i + 1) * B])
+        assert torch.equal(bx, x[i * B : (i + 1) * B]) and torch.equal(by, y[i * B : (i + 1) * B])
 
 
 def test_a_new_epoch_starts_at_the_end_of_the_split(data_dir, stream):
@@ -50,7 +51,7 @@ def test_a_new_epoch_starts_at_the_end_of_the_split(data_dir, stream):
     rows = loader.rows_per_epoch
     loader.row = rows - 2  # two rows before the end: this batch runs into the next epoch
     x, _ = loader.next_batch()
-    expected = np.concatenate([stream[(rows - 2) * T:rows * T], stream[:2 * T]])
+    expected = np.concatenate([stream[(rows - 2) * T : rows * T], stream[: 2 * T]])
     assert torch.equal(x.flatten(), torch.from_numpy(expected))
     assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["row"] == 2
 
@@ -99,7 +100,7 @@ def shuffled_windows(data_dir, seed, epoch):
     shard_order = rng.permutation(len(names))
     stream = np.concatenate([np.load(os.path.join(data_dir, names[i])) for i in shard_order]).astype(np.int64)
     rows = (len(stream) - 1) // T
-    return np.stack([stream[r * T:r * T + T + 1] for r in rng.permutation(rows)])
+    return np.stack([stream[r * T : r * T + T + 1] for r in rng.permutation(rows)])
 
 
 def test_the_shuffled_order_is_the_seeded_permutation_of_shards_then_rows(data_dir):
@@ -118,7 +119,7 @@ def test_the_shuffled_order_is_the_seeded_permutation_of_shards_then_rows(data_d
     for step in range(3):
         x, y = rank1.next_batch()
         first = step * 2 * B + B
-        assert torch.equal(x, windows[first:first + B, :-1]) and torch.equal(y, windows[first:first + B, 1:])
+        assert torch.equal(x, windows[first : first + B, :-1]) and torch.equal(y, windows[first : first + B, 1:])
 
 
 def test_the_state_is_the_next_row_for_any_batch_size_and_rank_count(data_dir, stream):
@@ -134,7 +135,7 @@ def test_the_state_is_the_next_row_for_any_batch_size_and_rank_count(data_dir, s
     windows = torch.from_numpy(shuffled_windows(data_dir, 3, 1))
     x, y = rank1.next_batch()
     first = state["row"] + B // 2
-    assert torch.equal(x, windows[first:first + B // 2, :-1]) and torch.equal(y, windows[first:first + B // 2, 1:])
+    assert torch.equal(x, windows[first : first + B // 2, :-1]) and torch.equal(y, windows[first : first + B // 2, 1:])
     assert rank1.state_dict() == {**state, "row": state["row"] + B}  # every rank moves on by both ranks' rows
 
 
@@ -146,9 +147,11 @@ def test_a_state_from_other_data_of_the_same_seq_len_is_refused(data_dir, tmp_pa
     fewer = ShardLoader(str(tmp_path), "train", B, T)
     with pytest.raises(UserError) as error:
         fewer.load_state_dict(state)
-    assert str(error.value) == (f"the checkpoint's loader read {state['num_tokens']} train tokens as windows of {T}, "
-                                f"but the data holds {fewer.num_tokens} tokens and --seq-len is {T}; resume with the "
-                                f"same data, or start a new run with --overwrite")
+    assert str(error.value) == (
+        f"the checkpoint's loader read {state['num_tokens']} train tokens as windows of {T}, "
+        f"but the data holds {fewer.num_tokens} tokens and --seq-len is {T}; resume with the "
+        f"same data, or start a new run with --overwrite"
+    )
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -194,7 +197,7 @@ def test_a_split_without_shards(data_dir, tmp_path):
 
 
 def test_a_split_shorter_than_one_batch(data_dir, tmp_path):
-    np.save(tmp_path / "pydocs_train_000001.npy", np.load(os.path.join(data_dir, "pydocs_train_000001.npy"))[:B * T])
+    np.save(tmp_path / "pydocs_train_000001.npy", np.load(os.path.join(data_dir, "pydocs_train_000001.npy"))[: B * T])
     with pytest.raises(UserError, match=f"holds {B * T} tokens, fewer than one batch of {B} windows"):
         ShardLoader(str(tmp_path), "train", B, T)
     with pytest.raises(UserError, match="fewer than one batch of 8 windows"):  # 4 ranks x 2 rows
@@ -294,7 +297,7 @@ def test_a_split_of_exactly_one_batch_and_a_smaller_minimum(tmp_path):
 def test_a_shard_of_the_wrong_shape(data_dir, tmp_path):
     copy_split(data_dir, tmp_path, "train")
     tokens = np.load(tmp_path / "pydocs_train_000002.npy")
-    np.save(tmp_path / "pydocs_train_000002.npy", tokens[:len(tokens) // 2 * 2].reshape(2, -1))
+    np.save(tmp_path / "pydocs_train_000002.npy", tokens[: len(tokens) // 2 * 2].reshape(2, -1))
     with pytest.raises(UserError, match=r"pydocs_train_000002.npy holds a uint16 array of shape \(2, \d+\), not "):
         ShardLoader(str(tmp_path), "train", B, T)
 
@@ -315,11 +318,168 @@ def test_an_id_beyond_the_vocabulary_is_found_wherever_it_is(tmp_path):
     loader.read_rows([0])
     with pytest.raises(UserError) as error:
         loader.read_rows([1])
-    assert str(error.value) == (f"{tmp_path / 'tiny_train_000002.npy'} holds token id 99, beyond the model's "
-                                f"vocab_size=99; raise --vocab-size or re-tokenize with GPT-2's tokenizer")
+    assert str(error.value) == (
+        f"{tmp_path / 'tiny_train_000002.npy'} holds token id 99, beyond the model's "
+        f"vocab_size=99; raise --vocab-size or re-tokenize with GPT-2's tokenizer"
+    )
     assert error.value.every_rank is False  # only the rank that read it knows: it prints it
     assert len(ShardLoader(str(tmp_path), "train", 2, 4, vocab_size=100).read_rows(range(5))[0]) == 5
     for seed in range(4):  # shuffled, the message still names the shard that holds the id
         shuffled = ShardLoader(str(tmp_path), "train", 2, 4, vocab_size=99, seed=seed, shuffle=True)
         with pytest.raises(UserError, match="tiny_train_000002.npy holds token id 99"):
             shuffled.read_rows(range(shuffled.rows_per_epoch))
+
+
+# -----------------------------------------------------------------------------
+# One dataset a directory, and the shard list the ranks compare
+
+
+def test_a_directory_of_two_datasets_is_refused_in_one_line(tmp_path):
+    small_shards(tmp_path, [40, 30])  # tiny_train_*
+    np.save(tmp_path / "other_val_000000.npy", np.arange(20, dtype=np.uint16))  # another dataset's val shard
+    np.save(tmp_path / "notes.npy", np.arange(5, dtype=np.uint16))  # not a shard: no dataset
+    for split in ("train", "val"):
+        with pytest.raises(UserError) as error:
+            ShardLoader(str(tmp_path), split, 2, 8)
+        assert str(error.value) == (
+            f"{tmp_path} holds shards of 2 datasets (other, tiny); keep one prefix a directory: move the others "
+            f"into a directory of their own"
+        )
+    os.remove(tmp_path / "other_val_000000.npy")
+    assert ShardLoader(str(tmp_path), "train", 2, 8).num_tokens == 70
+
+
+def test_shard_list_names_each_shard_of_the_split_and_its_tokens(data_dir):
+    for split in ("train", "val"):
+        names = sorted(n for n in os.listdir(data_dir) if f"_{split}_" in n)
+        expected = [(name, len(np.load(os.path.join(data_dir, name)))) for name in names]
+        assert ShardLoader(data_dir, split, 1, T, min_rows=1).shard_list() == expected
+    assert len(expected) == 1 and expected[0][0] == "pydocs_val_000000.npy"
+
+
+# -----------------------------------------------------------------------------
+# The read-ahead: the next micro batch read on a thread, exactly what read_rows gives, also after a resume
+
+
+def recorded(monkeypatch, loader):
+    """loader.read_rows, recording (the thread that called it, the rows) of each call."""
+    calls, read_rows = [], loader.read_rows
+
+    def record(rows):
+        calls.append((threading.current_thread() is threading.main_thread(), list(rows)))
+        return read_rows(rows)
+
+    monkeypatch.setattr(loader, "read_rows", record)
+    return calls
+
+
+def test_next_batch_reads_the_following_batch_on_a_thread(data_dir, monkeypatch):
+    reference = ShardLoader(data_dir, "train", B, T, seed=2, shuffle=True)
+    loader = ShardLoader(data_dir, "train", B, T, rank=1, world_size=2, seed=2, shuffle=True)
+    calls = recorded(monkeypatch, loader)
+    for step in range(4):
+        x, y = loader.next_batch()
+        first = step * 2 * B + B  # rank 1's rows of the step
+        expected = reference.read_rows(range(first, first + B))
+        assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])  # bitwise
+    rows = [list(range(first, first + B)) for first in range(B, 10 * B, 2 * B)]
+    # the first batch read when asked for, each one after it while the one before was in use, on another thread
+    expected = [(True, rows[0])] + [(False, r) for r in rows[1:]]
+    assert calls[:4] == expected[:4] and calls[4:] in ([], expected[4:])  # the last may not have started yet
+
+
+def test_a_resume_in_place_reads_from_the_state_loaded_not_the_batch_read_ahead(data_dir):
+    loader = ShardLoader(data_dir, "train", B, T, seed=4, shuffle=True)
+    reference = ShardLoader(data_dir, "train", B, T, seed=4, shuffle=True)
+    rows = loader.rows_per_epoch
+    per_epoch = rows // B
+    batches(loader, per_epoch - 2)  # two batches before the end of epoch 0
+    state = loader.state_dict()
+    ahead = batches(loader, 5)  # on into epoch 1
+    for target in (state, {**state, "epoch": 2}, state):  # back, then on to epoch 2, then back again
+        loader.load_state_dict(target)
+        first = target["epoch"] * rows + target["row"]
+        for i, (x, y) in enumerate(batches(loader, 5)):
+            expected = reference.read_rows(range(first + i * B, first + (i + 1) * B))
+            assert torch.equal(x, expected[0]) and torch.equal(y, expected[1]), (target, i)
+    # a fresh loader from the state reads what the first one read after it, to the bit
+    restored = ShardLoader(data_dir, "train", B, T, seed=4, shuffle=True)
+    restored.load_state_dict(state)
+    for (x1, y1), (x2, y2) in zip(ahead, batches(restored, 5)):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    # the state reached by reading, and loaded back, reads the batch already read ahead: the same rows
+    reached = loader.state_dict()
+    loader.load_state_dict(reached)
+    first = reached["epoch"] * rows + reached["row"]
+    assert torch.equal(loader.next_batch()[0], reference.read_rows(range(first, first + B))[0])
+
+
+@pytest.fixture
+def pinning_recorded(monkeypatch):
+    """torch.Tensor.pin_memory replaced by a recorder: the tensors it returned (pinning needs a GPU's driver)."""
+    pinned = []
+
+    def pin_memory(tensor, device=None):
+        copy = tensor.clone()
+        pinned.append(copy)
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    return pinned
+
+
+def test_pin_memory_pins_every_batch_and_only_then(data_dir, pinning_recorded):
+    reference = batches(ShardLoader(data_dir, "train", B, T), 3)
+    assert pinning_recorded == []  # pin_memory=False: nothing pinned
+    loader = ShardLoader(data_dir, "train", B, T, pin_memory=True)
+    for x, y in reference:
+        pinned_x, pinned_y = loader.next_batch()
+        assert any(pinned_x is p for p in pinning_recorded) and any(pinned_y is p for p in pinning_recorded)
+        assert torch.equal(pinned_x, x) and torch.equal(pinned_y, y)
+    x, y = ShardLoader(data_dir, "train", B, T, pin_memory=True).read_rows([5, 6])
+    assert any(x is p for p in pinning_recorded) and any(y is p for p in pinning_recorded)
+
+
+def can_pin():
+    try:
+        torch.empty(1).pin_memory()
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not can_pin(), reason="torch cannot pin memory here (no GPU driver): see the recorded test")
+def test_pin_memory_gives_pinned_tensors(data_dir):
+    loader = ShardLoader(data_dir, "train", B, T, pin_memory=True)
+    for _ in range(3):
+        x, y = loader.next_batch()
+        assert x.is_pinned() and y.is_pinned()
+    assert not ShardLoader(data_dir, "train", B, T).next_batch()[0].is_pinned()
+
+
+@pytest.mark.parametrize("bad_shard", [0, 1, 2])
+def test_the_vocabulary_check_names_the_shard_of_each_piece_of_a_window(tmp_path, bad_shard):
+    # Row 0 (stream[0:9]) spans all three shards: 6 tokens of the first, the 2 of the second, 1 of the third.
+    small_shards(tmp_path, [6, 2, 17], bad=(bad_shard, 0, 77))
+    loader = ShardLoader(str(tmp_path), "train", 1, 8, vocab_size=77)
+    with pytest.raises(UserError) as error:
+        loader.read_rows([0])
+    assert str(error.value).startswith(f"{tmp_path / f'tiny_train_{bad_shard + 1:06d}.npy'} holds token id 77, ")
+    assert error.value.every_rank is False
+    # the batch read ahead meets it on the thread; next_batch raises it when that batch is asked for
+    loader = ShardLoader(str(tmp_path), "train", 1, 8, vocab_size=77)
+    loader.load_state_dict({"epoch": 1, "row": loader.rows_per_epoch - 1, "num_tokens": 25, "seq_len": 8})
+    loader.next_batch()  # the last row of epoch 1, inside the third shard; it reads row 0 of epoch 2 ahead
+    with pytest.raises(UserError, match=f"tiny_train_{bad_shard + 1:06d}.npy holds token id 77"):
+        loader.next_batch()
+
+
+@pytest.mark.parametrize("seed", [None, 0, 1, 2, 3])
+def test_an_id_in_a_window_inside_one_shard_names_that_shard(tmp_path, seed):
+    # Shards of 3, 2 and 40 tokens, the id at position 20 of the third: every window of T + 1 = 5 that holds it
+    # lies inside the third shard, wherever the (shuffled) order puts it
+    small_shards(tmp_path, [3, 2, 40], bad=(2, 20, 60))
+    shuffle = dict(seed=seed, shuffle=True) if seed is not None else {}
+    loader = ShardLoader(str(tmp_path), "train", 2, 4, vocab_size=60, **shuffle)
+    with pytest.raises(UserError, match=r"tiny_train_000003.npy holds token id 60, beyond the model's vocab_size=60;"):
+        loader.read_rows(range(loader.rows_per_epoch))
