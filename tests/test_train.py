@@ -683,19 +683,26 @@ def test_too_many_non_finite_steps_stop_with_a_checkpoint_and_a_relaunch_goes_on
 def test_ddp_with_accumulation_on_two_processes_matches_one_process(straight, data_dir, tmp_path):
     # 2 ranks x 2 micro steps of 2 x 32 vs the straight run's 1 rank x 2 micro steps of 4 x 32: the same 256
     # tokens a step. The gradients must be all-reduced once the last micro step's are in: a sync after the
-    # first misses the second's on the other rank. The 10 val windows: 5 a rank, in micro batches of 2.
-    result = run_torchrun(args(data_dir, tmp_path, "--batch-size", "2", "--stop-at-step", "4", "--peak-flops", "1e9"))
+    # first misses the second's on the other rank.
+    result = run_torchrun(args(data_dir, tmp_path, "--batch-size", "2", "--stop-at-step", "5", "--peak-flops", "1e9"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 devices x 2 micro steps" in result.stdout
     assert all(not k.startswith(("module.", "_orig_mod.")) for k in checkpoint(tmp_path, 4)["model"])
+    # The val loss of step 4 (10 windows: 5 a rank, in micro batches of 2, the last padded) is the mean over the
+    # tokens of the first 10 val windows, by the weights of step 4.
+    model = GPT.from_checkpoint(os.path.join(tmp_path, "checkpoints", "step_00000004.pt"))
+    windows = torch.from_numpy(epoch_windows(data_dir, "val", 32)[:10])
+    with torch.no_grad():
+        loss = model(windows[:, :-1], windows[:, 1:].contiguous())[1].item()
+    assert series(tmp_path, "val_loss")[4] == pytest.approx(loss, rel=1e-5)
     # MFU: the tokens of every rank over the peak of every device
     config = parse_args(args(data_dir, tmp_path))
     mfu, tokens_per_sec = series(tmp_path, "mfu"), series(tmp_path, "tokens_per_sec")
     assert all(mfu[s] == pytest.approx(model_flops_per_token(config) * tokens_per_sec[s] / 2e9, rel=1e-12)
-               for s in range(4))
+               for s in range(5))
     # the DDP checkpoint resumes in one process (another world size and micro batch, same total batch)
     assert main(args(data_dir, tmp_path)) == 0
-    assert_close_runs(tmp_path, straight, atol=1e-5)  # steps 0-3 on 2 ranks, 4-7 on one
+    assert_close_runs(tmp_path, straight, atol=1e-5)  # steps 0-4 on 2 ranks, 5-7 on one
 
 
 @pytest.mark.multiprocess
