@@ -1501,6 +1501,22 @@ def test_float16_overflow_is_the_scalers_to_handle_not_an_error(data_dir):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if "c_fc.weight" not in k)
 
 
+def test_a_float16_resume_goes_on_with_the_loss_scale_of_its_checkpoint(straight, data_dir, tmp_path):
+    # straight's step 6 as a float16 run's checkpoint whose loss scale, 2^40, overflows any gradient
+    ckpt = checkpoint(straight, 6)
+    ckpt["config"]["dtype"] = "float16"
+    ckpt["scaler"] = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40).state_dict()
+    path = str(tmp_path / "float16.pt")
+    torch.save(ckpt, path)
+    assert main(args(data_dir, tmp_path / "run", "--dtype", "float16", "--resume", path, "--stop-at-step", "7")) == 0
+    step_6 = next(r for r in metrics(tmp_path / "run") if "train_loss" in r)
+    assert step_6["step"] == 6 and math.isfinite(step_6["train_loss"]) and step_6["grad_norm"] is None
+    assert "skipped" not in step_6  # an overflow at this scale: the scaler's to handle
+    after = checkpoint(tmp_path / "run", 7)
+    assert after["scaler"]["scale"] == 2.0 ** 39  # halved from the checkpoint's scale, not float16's default 2^16
+    assert all(torch.equal(after["model"][k], ckpt["model"][k]) for k in ckpt["model"])  # the update was skipped
+
+
 @pytest.mark.parametrize("name, dtype, flops", [
     ("NVIDIA H100 80GB HBM3", "float32", 494.5e12), ("NVIDIA H100 80GB HBM3", "float16", 989e12),
     ("NVIDIA H100 PCIe", "float32", 378e12), ("NVIDIA H200", "bfloat16", 989e12),
