@@ -39,12 +39,26 @@ import hellaswag
 import train_gpt2
 from model import GPT
 from loader import ShardLoader
-from train_gpt2 import TrainError, get_lr, main, parse_args
+from train_gpt2 import TrainError, get_lr, parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
 HOOKED = os.path.join(ROOT, "tests", "hooked_train.py")
 STEPS = 8
+
+
+def main(argv, seconds=180):
+    """train_gpt2.main(argv) in this process, failing after `seconds` (SIGALRM) rather than running forever when a
+    broken stop condition never ends the loop."""
+    def expire(signum, frame):
+        raise TimeoutError(f"train_gpt2.main ran over {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        return train_gpt2.main(argv)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module", autouse=True)
