@@ -1,7 +1,7 @@
 """A run's log directory: one run, its checkpoints and its history, safe against crashes and relaunches.
 
     log/.lock              held by the launch that writes here (a second one stops at once)
-    log/checkpoints/       step_00001000.pt ...: model, AdamW, loader and RNG states (the latest --keep-checkpoints)
+    log/checkpoints/       step_00001000.pt ...: model, AdamW and loader states (the latest --keep-checkpoints)
     log/metrics.jsonl      one JSON object per event, one history: a resumed run lists each step once
     log/log.txt            the same as text, with a header per launch (config, versions, device)
     log/config.toml        the run's settings, as given (train_gpt2.py --config reads it back)
@@ -15,7 +15,6 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import subprocess
 import time
@@ -42,7 +41,7 @@ def save_checkpoint(config, step, raw_model, optimizer, loader, scaler=None):
     path = os.path.join(config.log_dir, "checkpoints", f"step_{step:08d}.pt")
     checkpoint = {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
                   "optimizer": optimizer.state_dict(), "step": step, "config": asdict(config),
-                  "loader": loader.state_dict(), "rng": rng_state(), "scaler": scaler and scaler.state_dict()}
+                  "loader": loader.state_dict(), "scaler": scaler and scaler.state_dict()}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write(path, lambda f: torch.save(checkpoint, f))
@@ -59,7 +58,6 @@ def load_checkpoint(checkpoint, raw_model, optimizer, loader, scaler=None):
     raw_model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     loader.load_state_dict(checkpoint["loader"])
-    set_rng_state(checkpoint["rng"])
     if scaler:
         scaler.load_state_dict(checkpoint["scaler"])
     return checkpoint["step"]
@@ -104,24 +102,6 @@ def choose_checkpoint(config):
         except ValueError as e:
             print0(f"note: skipping unreadable checkpoint ({e})")
     return None, None
-
-
-def rng_state():
-    key, pos, has_gauss, gauss = np.random.get_state()[1:]
-    numpy_state = {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state  # only tensors and plain values: torch.load(weights_only=True) reads it
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 class RunLog:
