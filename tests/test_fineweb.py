@@ -6,11 +6,13 @@ run feeds its input through a named pipe: the run cannot finish while the pipe i
 is stopped does not depend on how fast the machine is.
 """
 
+import errno
 import glob
 import io
 import itertools
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -31,6 +33,7 @@ from tokenizer import EOT
 
 FINEWEB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fineweb.py")
 SHARD = 5_000
+WAIT = 120  # the longest any wait on a run or its pipe may last: past it the test fails, it never hangs
 
 
 # -----------------------------------------------------------------------------
@@ -94,7 +97,7 @@ def leftovers(directory):
 
 def run_cli(*args, cwd):
     return subprocess.run([sys.executable, FINEWEB, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=180)
+                          timeout=WAIT)
 
 
 def write_jsonl(path, documents, replace=None):
@@ -316,52 +319,110 @@ def paragraphs(corpus_documents):
 
 class Feeder(threading.Thread):
     """Writes JSON Lines documents into a named pipe that a run reads as its --input. `pause` stops the
-    writing but keeps the pipe open, so the run cannot see the end of its input; `close` closes it."""
+    writing but keeps the pipe open, so the run cannot see the end of its input; `close` closes it, after
+    the documents when set from the start. The pipe is opened and written without blocking, so a run that
+    dies, or never opens its end, cannot hold the feeder: `finish` ends it within a second."""
 
     def __init__(self, fifo, documents, close=False):
         super().__init__(daemon=True)
         self.fifo, self.documents, self.pause, self.close = fifo, documents, threading.Event(), threading.Event()
+        self.stop = threading.Event()  # finish(): give up at once, whatever is left to write
         if close:
             self.close.set()
 
     def run(self):
+        fd = self.open()
+        if fd is None:
+            return
         try:
-            with open(self.fifo, "w") as f:  # waits for the run to open the pipe
-                for i, text in enumerate(self.documents):
-                    if self.pause.is_set():
-                        break
-                    f.write(json.dumps({"id": i, "text": text}) + "\n")
-                    f.flush()
-                self.close.wait()
+            for i, text in enumerate(self.documents):
+                if self.pause.is_set() or not self.write(fd, (json.dumps({"id": i, "text": text}) + "\n").encode()):
+                    break
+            self.close.wait(timeout=WAIT)
         except BrokenPipeError:
             pass  # the run is gone
+        finally:
+            os.close(fd)
+
+    def open(self):
+        """The pipe's write end once the run has opened its read end, or None (finish(), or WAIT s went by)."""
+        deadline = time.monotonic() + WAIT
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                return os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:  # ENXIO: no reader yet
+                if e.errno != errno.ENXIO:
+                    raise
+            time.sleep(0.01)
+        return None
+
+    def write(self, fd, data):
+        """All of data, waiting while the pipe is full; False if finish() came first."""
+        while data and not self.stop.is_set():
+            try:
+                data = data[os.write(fd, data):]
+            except BlockingIOError:
+                select.select([], [fd], [], 0.1)
+        return not data
 
     def finish(self):
+        self.stop.set()
         self.close.set()
-        if self.is_alive():  # the run never opened the pipe: open it, so that the feeder is not stuck
-            os.close(os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK))
-        self.join(timeout=60)
+        self.join(timeout=10)
+        assert not self.is_alive(), "the feeder did not end"
 
 
 PIPE_ARGS = ["--input", "big.jsonl", "--output-dir", "out", "--shard-size", 2_000, "--num-proc", 2, "--no-progress"]
 
 
-def start_piped(tmp_path, documents, args=PIPE_ARGS, close=False):
-    """The CLI reading big.jsonl, a named pipe that a Feeder fills with `documents`. Its own session: a
-    signal to its process group reaches it as Ctrl-C in a terminal would."""
-    if not (tmp_path / "big.jsonl").exists():
-        os.mkfifo(tmp_path / "big.jsonl")
-    process = subprocess.Popen([sys.executable, FINEWEB, *map(str, args)], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    feeder = Feeder(tmp_path / "big.jsonl", documents, close)
-    feeder.start()
-    return process, feeder
+class PipedRuns:
+    """CLI runs in `directory` reading big.jsonl, a named pipe that a Feeder fills. Each run has its own
+    session: a signal to its process group reaches it as Ctrl-C in a terminal would. Every wait on a run is
+    bounded; close() (the fixture's teardown, whatever the test's outcome) kills what still runs."""
+
+    def __init__(self, directory):
+        self.directory, self.started = directory, []
+        os.mkfifo(directory / "big.jsonl")
+
+    def start(self, documents, args=PIPE_ARGS, close=False):
+        process = subprocess.Popen([sys.executable, FINEWEB, *map(str, args)], cwd=self.directory,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+        feeder = Feeder(self.directory / "big.jsonl", documents, close)
+        feeder.start()
+        self.started.append((process, feeder))
+        return process, feeder
+
+    def close(self):
+        for process, feeder in self.started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate(timeout=60)
+            feeder.finish()
+
+
+@pytest.fixture
+def piped(tmp_path):
+    runs = PipedRuns(tmp_path)
+    yield runs
+    runs.close()
+
+
+def outcome(process):
+    """(exit code, stderr) of a run that is ending; one still running after WAIT seconds is killed, failing the test."""
+    try:
+        _, stderr = process.communicate(timeout=WAIT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+        pytest.fail(f"the run did not end within {WAIT} s; its stderr: {stderr[-2000:]}")
+    return process.returncode, stderr
 
 
 def wait_until(condition, process, what):
-    """Wait for an event the test then acts on; the deadline only stops a hung test."""
-    deadline = time.time() + 300
-    while not condition() and process.poll() is None and time.time() < deadline:
+    """Wait for an event the test then acts on; a run that ends first fails the test at once, a hung one by WAIT."""
+    deadline = time.monotonic() + WAIT
+    while not condition() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert condition(), f"never happened: {what} (exit code {process.poll()})"
 
@@ -370,16 +431,16 @@ def finished_shards(tmp_path):
     return len(progress(tmp_path / "out" / "edufineweb_progress.jsonl")[0])
 
 
-def stop_piped(tmp_path, documents, shards, stop):
+def stop_piped(piped, documents, shards, stop):
     """Run the CLI on the piped documents until `shards` shards are finished, then call stop(process)
     while the pipe is still open (the run cannot have ended); return (exit code, stderr)."""
-    process, feeder = start_piped(tmp_path, documents)
-    wait_until(lambda: finished_shards(tmp_path) >= shards, process, f"{shards} shards")
+    process, feeder = piped.start(documents)
+    wait_until(lambda: finished_shards(piped.directory) >= shards, process, f"{shards} shards")
     feeder.pause.set()
     stop(process)
-    _, stderr = process.communicate(timeout=120)
+    code, stderr = outcome(process)
     feeder.finish()
-    return process.returncode, stderr
+    return code, stderr
 
 
 def workers_of(process):
@@ -404,49 +465,50 @@ def piped_input(corpus_documents):
     return docs * -(-(4 * block + 200) // len(docs))
 
 
-def assert_piped_run_finishes_like_a_straight_one(tmp_path, documents, tokenizer):
-    process, feeder = start_piped(tmp_path, documents, close=True)
-    _, stderr = process.communicate(timeout=300)
+def assert_piped_run_finishes_like_a_straight_one(piped, documents, tokenizer):
+    process, feeder = piped.start(documents, close=True)
+    code, stderr = outcome(process)
     feeder.finish()
-    assert process.returncode == 0, stderr
+    assert code == 0, stderr
     expected = reference_shards(reference_tokens(documents, tokenizer), 2_000, "edufineweb")
-    assert differences(shard_bytes(tmp_path / "out"), expected) == []
-    assert not leftovers(tmp_path / "out")
+    assert differences(shard_bytes(piped.directory / "out"), expected) == []
+    assert not leftovers(piped.directory / "out")
 
 
 @pytest.mark.multiprocess
-def test_interrupted_terminated_and_killed_cli_runs_resume_to_identical_bytes(corpus_documents, tokenizer, tmp_path):
+def test_interrupted_terminated_and_killed_cli_runs_resume_to_identical_bytes(corpus_documents, tokenizer, tmp_path,
+                                                                              piped):
     documents = piped_input(corpus_documents)
     progress_file = tmp_path / "out" / "edufineweb_progress.jsonl"
-    code, stderr = stop_piped(tmp_path, documents, 3, lambda p: os.killpg(p.pid, signal.SIGINT))  # Ctrl-C
+    code, stderr = stop_piped(piped, documents, 3, lambda p: os.killpg(p.pid, signal.SIGINT))  # Ctrl-C
     assert code == 130 and stderr.count("\n") == 1 and "Traceback" not in stderr and "rerun" in stderr, stderr
     interrupted = finished_shards(tmp_path)
-    code, stderr = stop_piped(tmp_path, documents, interrupted + 3, lambda p: os.killpg(p.pid, signal.SIGTERM))
+    code, stderr = stop_piped(piped, documents, interrupted + 3, lambda p: os.killpg(p.pid, signal.SIGTERM))
     assert code == 143 and stderr.count("\n") == 1 and "SIGTERM" in stderr and "rerun" in stderr, stderr
     terminated, workers = finished_shards(tmp_path), []
 
     def kill(process):  # the main process alone, as the OOM killer does: no clean-up; its workers must go too
         workers.extend(workers_of(process))
         os.kill(process.pid, signal.SIGKILL)
-        deadline = time.time() + 60  # they go at once; the bound is only for a very slow machine
-        while not all(map(gone, workers)) and time.time() < deadline:
+        deadline = time.monotonic() + 60  # they go at once; the bound is only for a very slow machine
+        while not all(map(gone, workers)) and time.monotonic() < deadline:
             time.sleep(0.05)
         orphans = [pid for pid in workers if not gone(pid)]
         for pid in orphans:
             os.kill(pid, signal.SIGKILL)  # a failing test leaves nothing behind
         assert not orphans, f"workers {orphans} outlived the killed run"
-    code, _ = stop_piped(tmp_path, documents, terminated + 3, kill)
+    code, _ = stop_piped(piped, documents, terminated + 3, kill)
     assert code == -signal.SIGKILL and len(workers) == 2
     shards, complete = progress(progress_file)
     assert not complete and len(shards) >= terminated + 3
-    assert_piped_run_finishes_like_a_straight_one(tmp_path, documents, tokenizer)
+    assert_piped_run_finishes_like_a_straight_one(piped, documents, tokenizer)
 
 
 @pytest.mark.multiprocess
-def test_a_dead_worker_is_one_line_and_the_rerun_resumes(corpus_documents, tokenizer, tmp_path):
+def test_a_dead_worker_is_one_line_and_the_rerun_resumes(corpus_documents, tokenizer, tmp_path, piped):
     # The out-of-memory killer picks a worker: the run must stop with a message, not wait forever.
     documents = piped_input(corpus_documents)
-    process, feeder = start_piped(tmp_path, documents)
+    process, feeder = piped.start(documents)
     wait_until(lambda: finished_shards(tmp_path) >= 1, process, "a shard")
     feeder.pause.set()
     workers = workers_of(process)
@@ -454,17 +516,18 @@ def test_a_dead_worker_is_one_line_and_the_rerun_resumes(corpus_documents, token
     os.kill(workers[0], signal.SIGKILL)
     wait_until(lambda: all(map(gone, workers)), process, "the pool noticed")  # it ends the other worker too
     feeder.close.set()  # the rest of the input must go to the broken pool
-    _, stderr = process.communicate(timeout=120)
+    code, stderr = outcome(process)
     feeder.finish()
-    assert process.returncode == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert code == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
     assert "a tokenizing process died" in stderr and "rerun" in stderr
-    assert_piped_run_finishes_like_a_straight_one(tmp_path, documents, tokenizer)
+    assert_piped_run_finishes_like_a_straight_one(piped, documents, tokenizer)
 
 
 @pytest.mark.multiprocess
-def test_a_second_run_on_one_directory_is_refused_and_the_first_finishes(corpus_documents, straight_run, tmp_path):
+def test_a_second_run_on_one_directory_is_refused_and_the_first_finishes(corpus_documents, straight_run, tmp_path,
+                                                                        piped):
     args = ["--output-dir", "out", "--prefix", "pydocs", "--num-proc", 1, "--no-progress"]
-    first, feeder = start_piped(tmp_path, corpus_documents, ["--input", "big.jsonl", "--shard-size", SHARD, *args])
+    first, feeder = piped.start(corpus_documents, ["--input", "big.jsonl", "--shard-size", SHARD, *args])
     lock = tmp_path / "out" / ".lock"
     wait_until(lambda: lock.exists() and f"pid {first.pid} " in lock.read_text(), first, "the first run's lock")
     second = run_cli("--input", "big.jsonl", "--shard-size", 6_000, *args,
@@ -473,9 +536,9 @@ def test_a_second_run_on_one_directory_is_refused_and_the_first_finishes(corpus_
     assert second.returncode == 1 and "\n" not in line and "Traceback" not in line, second.stderr
     assert f"pid {first.pid} on {socket.gethostname()}" in line and "out is in use" in line
     feeder.close.set()
-    _, stderr = first.communicate(timeout=120)
+    code, stderr = outcome(first)
     feeder.finish()
-    assert first.returncode == 0, stderr
+    assert code == 0, stderr
     assert differences(shard_bytes(tmp_path / "out"), straight_run) == []
 
 
