@@ -5,6 +5,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors import safe_open
 
 import export
 import tokenizer
-from model import GPT
+from model import GPT, GPTConfig
 
 PROMPT = "Hello, I'm a language model,"
 
@@ -31,6 +32,41 @@ def test_pipeline_loads_the_export_as_it_is_and_generates(exported_run):
     ids = generator.tokenizer(text)["input_ids"]
     assert text.startswith(PROMPT) and len(ids) > len(generator.tokenizer(PROMPT)["input_ids"])
     assert len(ids) <= 64  # never past the model's 64 positions (max_length = block_size)
+
+
+def greedy_continuation(model, prompt_ids, max_new_tokens):
+    """The reference: argmax over GPT-2's 50,257 logits, a full forward per token, up to <|endoftext|>."""
+    idx = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(idx)[0][0, -1, :50257]
+            top2 = logits.topk(2).values
+            assert top2[0] - top2[1] > 1e-4  # no near tie that rounding could turn either way
+            next_id = logits.argmax().item()
+            if next_id == 50256:
+                break
+            idx = torch.cat([idx, torch.tensor([[next_id]])], dim=1)
+    return idx[0, len(prompt_ids):].tolist()
+
+
+def test_greedy_pipeline_output_equals_the_checkpoints_greedy_continuation(tokenizer, tmp_path):
+    # A random GPT, perturbed so that greedy decoding does not repeat one token (the 6-step run does), saved as a
+    # train_gpt2.py checkpoint with a padded vocabulary.
+    from transformers import pipeline
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=4, n_embd=64)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "wte" not in name and ".ln_" not in name:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    checkpoint = tmp_path / "step_00000010.pt"
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "step": 10}, checkpoint)
+    assert export.main([str(checkpoint), str(tmp_path / "export")]) == 0
+    new_ids = greedy_continuation(model, tokenizer.encode_ordinary(PROMPT), 24)
+    assert len(set(new_ids)) > 5  # varied tokens: the comparison shows the order of the logits
+    generator = pipeline("text-generation", model=str(tmp_path / "export"))
+    text = generator(PROMPT, do_sample=False, max_new_tokens=24)[0]["generated_text"]
+    assert text == PROMPT + tokenizer.decode(new_ids)
 
 
 def test_export_logits_equal_the_checkpoints_and_bfloat16_stores_bfloat16(trained_log, exported_run, tmp_path,
