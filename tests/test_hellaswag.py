@@ -8,7 +8,6 @@ random GPT-2 of the `hf_gpt2_dir` fixture.
 
 import hashlib
 import http.server
-import inspect
 import json
 import os
 import subprocess
@@ -284,9 +283,45 @@ def test_a_cached_file_that_fails_its_check_is_fetched_again(data_file, tmp_path
     assert server.requests == 1 and open(path, "rb").read() == open(data_file, "rb").read()
 
 
-def test_a_plain_download_is_checked_against_the_pins():
-    defaults = inspect.signature(hellaswag.download).parameters
-    assert (defaults["size"].default, defaults["sha256"].default) == (hellaswag.DATA_BYTES, hellaswag.DATA_SHA256)
+# The validation file as Hugging Face's `hellaswag` dataset pinned it (dataset_infos.json, download_checksums).
+PINNED_BYTES, PINNED_SHA256 = 12_246_618, "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
+
+
+def sha256_pinning(body):
+    """hashlib.sha256 as hellaswag.py calls it, except that `body` hashes to the pinned digest: the stand-in
+    for the real file, which is not here offline."""
+    sha256 = hashlib.sha256
+
+    class Digest:
+        def __init__(self, data):
+            self.data = data
+
+        def hexdigest(self):
+            return PINNED_SHA256 if self.data == body else sha256(self.data).hexdigest()
+    return Digest
+
+
+def test_a_plain_download_is_checked_against_the_pinned_size_and_sha256(tmp_path, monkeypatch):
+    # download()'s own defaults, not the tests' pins: the file's size and sha256 as literals.
+    assert (hellaswag.DATA_BYTES, hellaswag.DATA_SHA256) == (PINNED_BYTES, PINNED_SHA256)
+    body = bytes(range(256)) * (PINNED_BYTES // 256) + b"x" * (PINNED_BYTES % 256)  # the pinned size
+    for bad, problem in ((body[:-1], "has 12,246,617 bytes, not the pinned 12,246,618"),
+                         (body + b"\n", "has 12,246,619 bytes, not the pinned 12,246,618"),
+                         (body, "sha256 is " + hashlib.sha256(body).hexdigest()[:16] + "..., not the pinned "
+                          + PINNED_SHA256[:16])):
+        with FlakyServer(bad) as server, pytest.raises(UserError, match="nothing was kept") as error:
+            hellaswag.download(server.url, str(tmp_path / "cache"), tries=1)
+        assert problem in str(error.value)
+        assert os.listdir(tmp_path / "cache") == []
+    # The right size and the pinned digest: kept, and then read from the cache. One changed byte is refused.
+    monkeypatch.setattr(hellaswag.hashlib, "sha256", sha256_pinning(body))
+    with FlakyServer(body) as server:
+        path = hellaswag.download(server.url, str(tmp_path / "cache"), tries=1)
+        assert hellaswag.download(server.url, str(tmp_path / "cache"), tries=1) == path and server.requests == 1
+    assert open(path, "rb").read() == body
+    changed = body[:1000] + bytes([body[1000] ^ 1]) + body[1001:]
+    with FlakyServer(changed) as server, pytest.raises(UserError, match="sha256 is"):
+        hellaswag.download(server.url, str(tmp_path / "other"), tries=1)
 
 
 # -----------------------------------------------------------------------------
