@@ -124,6 +124,19 @@ def fineweb_edu_copy(directory, documents, files=2):
     return directory
 
 
+@pytest.fixture(autouse=True)
+def time_limit():
+    """A test still running after 4 * WAIT seconds fails (SIGALRM) instead of hanging the suite: a writer that
+    loops without progress runs in this process, where no other timeout reaches it."""
+    def expire(number, frame):
+        raise TimeoutError(f"the test ran past {4 * WAIT} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(4 * WAIT)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture(scope="module")
 def reference(corpus_documents, tokenizer):
     return reference_tokens(corpus_documents, tokenizer)
@@ -216,20 +229,58 @@ def test_hub_streaming_path_reads_a_local_copy_in_fineweb_edu_layout(corpus_docu
     assert "/10.0G" in result.stderr  # sample-10BT: the bar's total is the card's ~10B tokens
 
 
+def endless(documents, drawn, rounds=100):
+    """The documents over and over, as an endless stream, counting in drawn[0] how many were read. Past `rounds`
+    rounds it raises: a writer that does not stop, or reads everything first, fails instead of hanging."""
+    for drawn[0], text in enumerate(itertools.cycle(documents), start=1):
+        if drawn[0] > rounds * len(documents):
+            raise RuntimeError(f"{rounds} rounds of the documents read: the writer does not stop")
+        yield text
+
+
 def test_max_tokens_stops_the_stream_and_reads_lazily(corpus_documents, reference, tmp_path):
-    # An endless input: only a writer that streams can finish.
-    limit = 3 * len(reference) + 7
-    paths = fineweb.write_shards(itertools.cycle(corpus_documents), str(tmp_path / "a"), "pydocs", 40_000,
+    # An endless input: only a writer that streams, and stops, can finish.
+    limit, drawn = 3 * len(reference) + 7, [0]
+    paths = fineweb.write_shards(endless(corpus_documents, drawn), str(tmp_path / "a"), "pydocs", 40_000,
                                  num_proc=2, max_tokens=limit, progress=False)
     sizes = [np.load(p).size for p in paths]
     assert sizes == [40_000] * (limit // 40_000) + [limit % 40_000]
     assert np.array_equal(np.concatenate([np.load(p) for p in paths]),
                           np.concatenate([reference, reference, reference, reference[:7]]))
-    # A limit on a shard boundary leaves no empty shard behind.
-    paths = fineweb.write_shards(corpus_documents, str(tmp_path / "b"), "pydocs", SHARD, num_proc=2,
-                                 max_tokens=2 * SHARD, progress=False)
-    assert [np.load(p).size for p in paths] == [SHARD, SHARD]
-    assert np.array_equal(np.concatenate([np.load(p) for p in paths]), reference[:2 * SHARD])
+    read_ahead = 2 * fineweb.CHUNK_DOCS * fineweb.BLOCK_CHUNKS * 2  # two blocks of 2 workers' chunks
+    assert drawn[0] <= 4 * len(corpus_documents) + read_ahead
+    # A limit on a shard boundary leaves no empty shard behind; one past it, a shard of one token.
+    for extra in (0, 1):
+        paths = fineweb.write_shards(corpus_documents, str(tmp_path / f"b{extra}"), "pydocs", SHARD, num_proc=2,
+                                     max_tokens=2 * SHARD + extra, progress=False)
+        assert [np.load(p).size for p in paths] == [SHARD, SHARD, 1][:2 + extra]
+        assert np.array_equal(np.concatenate([np.load(p) for p in paths]), reference[:2 * SHARD + extra])
+
+
+def test_max_tokens_counts_the_finished_shards_of_a_resumed_run(corpus_documents, reference, tmp_path):
+    whole_shards = len(reference) // SHARD - 1
+    limit = whole_shards * SHARD + 123  # the stream's end is never reached
+    with pytest.raises(UserError, match="connection lost"):
+        fineweb.write_shards(failing_after(corpus_documents, 40), str(tmp_path), "pydocs", SHARD, num_proc=2,
+                             max_tokens=limit, progress=False)
+    assert 1 <= len(progress(tmp_path / "pydocs_progress.jsonl")[0]) < whole_shards
+    paths = fineweb.write_shards(corpus_documents, str(tmp_path), "pydocs", SHARD, num_proc=2, max_tokens=limit,
+                                 progress=False)
+    assert [np.load(p).size for p in paths] == [SHARD] * whole_shards + [123]
+    assert np.array_equal(np.concatenate([np.load(p) for p in paths]), reference[:limit])
+
+
+def test_a_resumed_input_shorter_than_the_finished_shards_is_refused(corpus_documents, tmp_path):
+    with pytest.raises(UserError, match="connection lost"):
+        fineweb.write_shards(failing_after(corpus_documents, 40), str(tmp_path), "pydocs", SHARD, num_proc=2,
+                             progress=False)
+    shards, _ = progress(tmp_path / "pydocs_progress.jsonl")
+    before = shard_bytes(tmp_path)
+    # One document fewer than the finished shards cover: the input changed.
+    shorter = corpus_documents[:shards[-1]["next_document"] - 1]
+    with pytest.raises(UserError, match=f"fewer documents than the {shards[-1]['next_document']} of the finished"):
+        fineweb.write_shards(shorter, str(tmp_path), "pydocs", SHARD, num_proc=2, progress=False)
+    assert differences(shard_bytes(tmp_path), before) == []
 
 
 # -----------------------------------------------------------------------------
@@ -563,14 +614,24 @@ def test_a_malformed_line_keeps_finished_shards_and_a_fixed_file_resumes(corpus_
 def test_rerun_with_other_arguments_is_refused(corpus_documents, straight_run, tmp_path):
     args = ["--dataset", "python-docs", "--output-dir", "out", "--prefix", "pydocs", "--num-proc", 2, "--no-progress"]
     assert run_cli(*args, "--shard-size", SHARD, cwd=tmp_path).returncode == 0
+    progress_file = (tmp_path / "out" / "pydocs_progress.jsonl").read_bytes()
     again = run_cli(*args, "--shard-size", SHARD, cwd=tmp_path)  # finished: nothing to do, nothing changes
     assert again.returncode == 0 and differences(shard_bytes(tmp_path / "out"), straight_run) == []
+    assert (tmp_path / "out" / "pydocs_progress.jsonl").read_bytes() == progress_file
     result = run_cli(*args, "--shard-size", 6_000, "--max-tokens", 50_000, cwd=tmp_path)
     assert result.returncode == 2
     line = result.stderr.strip()
     assert "\n" not in line and "Traceback" not in line and line.startswith("fineweb.py: error:")
     assert "shard_size 5000 then, 6000 now" in line and "max_tokens null then, 50000 now" in line
+    assert "kept" not in line  # a refusal, not a stop: nothing to resume
+    # Other documents into the same shards: refused too, naming the two sources.
+    write_jsonl(tmp_path / "other.jsonl", corpus_documents[:3])
+    args[:2] = ["--input", "other.jsonl"]
+    result = run_cli(*args, "--shard-size", SHARD, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert 'source {"dataset": "python-docs"} then, {"input": ["' in result.stderr and "other.jsonl" in result.stderr
     assert differences(shard_bytes(tmp_path / "out"), straight_run) == []
+    assert (tmp_path / "out" / "pydocs_progress.jsonl").read_bytes() == progress_file
 
 
 # -----------------------------------------------------------------------------
@@ -625,6 +686,49 @@ def test_errors_are_one_clean_line(case, tmp_path):
     for phrase in phrases:
         assert phrase in line
     assert not os.path.exists(tmp_path / "out") or os.listdir(tmp_path / "out") in ([], [".lock"])
+
+
+@pytest.mark.parametrize("prefix", [" pydocs", "pydocs ", ".pydocs", "py*docs", "py?docs", "py[docs", "py\\docs", ""])
+def test_a_prefix_that_is_not_a_plain_file_name_start_is_refused(prefix, corpus_documents, tmp_path):
+    with pytest.raises(UserError, match="--prefix .* must be a plain file-name start") as error:
+        fineweb.write_shards(corpus_documents, str(tmp_path / "out"), prefix, SHARD, num_proc=1, progress=False)
+    assert error.value.exit_code == 2 and not os.path.exists(tmp_path / "out")
+
+
+def test_local_files_are_read_as_written(tokenizer, tmp_path, run_main):
+    # Upper-case extensions; a .txt with a byte-order mark and Windows line ends: the mark goes, the \r\n stay.
+    text = "First line\r\nsecond line\r\n\ttabbed \u00e9\r\n"
+    (tmp_path / "NOTES.TXT").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    write_jsonl(tmp_path / "MORE.JSONL", ["a document", "another one"])
+    code, _, err = run_main(fineweb.main, "--input", tmp_path / "NOTES.TXT", tmp_path / "MORE.JSONL", "--output-dir",
+                            tmp_path / "out", "--num-proc", 1, "--no-progress", "--shard-size", 10)
+    assert code is None, err  # main() returns nothing when it succeeds
+    names = expected_names("edufineweb", len(shard_files(tmp_path / "out")))
+    shards = [np.load(tmp_path / "out" / name) for name in names]
+    expected = reference_tokens([text, "a document", "another one"], tokenizer)
+    assert np.array_equal(np.concatenate(shards), expected)
+
+
+def test_parquet_text_that_is_not_strings_or_is_null_is_refused_naming_the_row(tmp_path, run_main):
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "numbers.parquet")
+    texts = [f"document {i}" for i in range(1030)]
+    texts[1027] = None  # in the second batch of 1,024 rows
+    pq.write_table(pa.table({"text": texts}), tmp_path / "holes.parquet", row_group_size=100)
+    for name, message in (("numbers", 'numbers.parquet has no "text" column of strings'),
+                          ("holes", 'holes.parquet row 1027: "text" is null')):
+        code, _, err = run_main(fineweb.main, "--input", tmp_path / f"{name}.parquet", "--output-dir",
+                                tmp_path / name, "--num-proc", 1, "--no-progress")
+        assert code == 1 and err.count("\n") == 1 and message in err, err
+
+
+def test_the_disk_check_of_a_hub_run_counts_max_tokens_not_the_subset(monkeypatch, tmp_path, run_main):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(fineweb.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 20_000, 20_000))
+    hub = ["--dataset", "HuggingFaceFW/fineweb-edu", "--output-dir", tmp_path / "out", "--num-proc", 1, "--no-progress"]
+    code, _, err = run_main(fineweb.main, *hub)  # sample-10BT: about 10B tokens, 20 GB
+    assert code == 1 and "needs 20.0 GB more but has 0.0 GB free" in err, err
+    code, _, err = run_main(fineweb.main, *hub, "--max-tokens", 10_000)  # 20,000 bytes: it fits, and goes on
+    assert code == 1 and "could not stream HuggingFaceFW/fineweb-edu" in err, err  # offline in the tests
 
 
 def test_shards_without_a_progress_file_are_not_overwritten(tmp_path):
