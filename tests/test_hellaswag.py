@@ -478,6 +478,19 @@ def test_each_usage_error_is_refused_before_anything_loads(flags, message, data_
     assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
 
 
+def test_a_disk_error_while_writing_the_predictions_is_one_line_exit_1(hf_gpt2_dir, data_file, tmp_path, run_main,
+                                                                     monkeypatch):
+    def full_disk(path, write):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(hellaswag, "atomic_write", full_disk)
+    code, _, err = run_main(hellaswag.main, "-m", hf_gpt2_dir, "--data", data_file, "--device", "cpu", "--limit", "2",
+                            "--predictions", tmp_path / "predictions.jsonl")
+    last = err.splitlines()[-1]  # after the progress bars
+    assert code == 1 and last.startswith("hellaswag.py: error: ") and "No space left on device" in last, err
+    assert "Traceback" not in err and not (tmp_path / "predictions.jsonl").exists()
+
+
 def test_predictions_path_is_checked_before_the_evaluation(data_file, hf_gpt2_dir, tmp_path):
     (tmp_path / "a_file").write_text("not a directory")
     for predictions, phrase in ((tmp_path, "is a directory"), (tmp_path / "a_file" / "p.jsonl", "you can write in")):
