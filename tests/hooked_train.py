@@ -7,10 +7,13 @@ step STEP trains (after that step's evaluations):
     SIGTERM, SIGUSR1, SIGINT    the process sends itself the signal
     SIGINT2                     two Ctrl-C in a row
     nan                         the loss of that step is NaN
-    wait=PATH                   block until someone writes to PATH (a FIFO): a stalled rank
+    infgrad                     the loss of that step stays finite, one weight's gradient is inf
+    wait=PATH                   block until someone opens PATH (a FIFO) to write and closes it: a stalled
+                                rank (SIGALRM ends the process after WAIT_LIMIT seconds, so it never hangs)
     kill-in-checkpoint          SIGKILL while the checkpoint after step STEP is half written
-and RANK:argv:FLAG=VALUE replaces a flag's value on that rank before anything runs, and
-RANK:setup:blind makes every checkpoint unreadable on that rank (a node that does not see them).
+and RANK:argv:FLAG=VALUE replaces a flag's value on that rank before anything runs,
+RANK:setup:blind makes every checkpoint unreadable on that rank (a node that does not see them), and
+RANK:setup:older makes that rank read the checkpoint before the one rank 0 chose (a stale view of them).
 """
 
 import os
@@ -18,6 +21,8 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
 
 import logdir  # noqa: E402
 import train_gpt2  # noqa: E402
@@ -37,31 +42,47 @@ for step, action in mine:
         def read_checkpoint(path):
             raise ValueError(f"{path} does not exist")
         train_gpt2.read_checkpoint = logdir.read_checkpoint = read_checkpoint
+    elif action == "older":
+        def read_older_checkpoint(path, read=logdir.read_checkpoint):
+            saved = logdir.list_checkpoints(os.path.dirname(os.path.dirname(path)))
+            return read(saved[saved.index(path) - 1])
+        train_gpt2.read_checkpoint = read_older_checkpoint  # what a rank other than 0 reads
 
 actions = {int(step): action for step, action in mine if step not in ("argv", "setup")}
-nan_now = False
+nan_now = infgrad_now = False
+WAIT_LIMIT = 120  # a test that dies before releasing a waiting rank must not leave it behind forever
 get_lr, forward, atomic_write = train_gpt2.get_lr, GPT.forward, logdir.atomic_write
 
 
 def hooked_get_lr(step, config):  # train() calls it right before each step trains
-    global nan_now
+    global nan_now, infgrad_now
     action = actions.get(step, "")
-    nan_now = action == "nan"
+    nan_now, infgrad_now = action == "nan", action == "infgrad"
     if action in ("SIGTERM", "SIGUSR1", "SIGINT"):
         os.kill(os.getpid(), getattr(signal, action))
     elif action == "SIGINT2":
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
     elif action.startswith("wait="):
+        signal.alarm(WAIT_LIMIT)  # its default action ends the process
         with open(action[len("wait="):]) as f:
             f.read()
+        signal.alarm(0)
     return get_lr(step, config)
 
 
 def hooked_forward(self, *args, **kwargs):
+    global infgrad_now
     logits, loss = forward(self, *args, **kwargs)
     if nan_now and loss is not None:
         loss = loss * float("nan")
+    if infgrad_now and torch.is_grad_enabled():  # the step's first training forward: its backward poisons
+        infgrad_now = False
+
+        def poison(grad):
+            handle.remove()  # once: later micro steps add finite gradients to the inf
+            return grad + float("inf")
+        handle = self.transformer.h[0].mlp.c_fc.weight.register_hook(poison)
     return logits, loss
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors import safe_open
 
 import export
 import tokenizer
-from model import GPT
+from model import GPT, GPTConfig
 
 PROMPT = "Hello, I'm a language model,"
 
@@ -31,6 +32,41 @@ def test_pipeline_loads_the_export_as_it_is_and_generates(exported_run):
     ids = generator.tokenizer(text)["input_ids"]
     assert text.startswith(PROMPT) and len(ids) > len(generator.tokenizer(PROMPT)["input_ids"])
     assert len(ids) <= 64  # never past the model's 64 positions (max_length = block_size)
+
+
+def greedy_continuation(model, prompt_ids, max_new_tokens):
+    """The reference: argmax over GPT-2's 50,257 logits, a full forward per token, up to <|endoftext|>."""
+    idx = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(idx)[0][0, -1, :50257]
+            top2 = logits.topk(2).values
+            assert top2[0] - top2[1] > 1e-4  # no near tie that rounding could turn either way
+            next_id = logits.argmax().item()
+            if next_id == 50256:
+                break
+            idx = torch.cat([idx, torch.tensor([[next_id]])], dim=1)
+    return idx[0, len(prompt_ids):].tolist()
+
+
+def test_greedy_pipeline_output_equals_the_checkpoints_greedy_continuation(tokenizer, tmp_path):
+    # A random GPT, perturbed so that greedy decoding does not repeat one token (the 6-step run does), saved as a
+    # train_gpt2.py checkpoint with a padded vocabulary.
+    from transformers import pipeline
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=4, n_embd=64)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "wte" not in name and ".ln_" not in name:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    checkpoint = tmp_path / "step_00000010.pt"
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "step": 10}, checkpoint)
+    assert export.main([str(checkpoint), str(tmp_path / "export")]) == 0
+    new_ids = greedy_continuation(model, tokenizer.encode_ordinary(PROMPT), 24)
+    assert len(set(new_ids)) > 5  # varied tokens: the comparison shows the order of the logits
+    generator = pipeline("text-generation", model=str(tmp_path / "export"))
+    text = generator(PROMPT, do_sample=False, max_new_tokens=24)[0]["generated_text"]
+    assert text == PROMPT + tokenizer.decode(new_ids)
 
 
 def test_export_logits_equal_the_checkpoints_and_bfloat16_stores_bfloat16(trained_log, exported_run, tmp_path,
@@ -87,10 +123,14 @@ def test_autotokenizer_of_the_export_equals_tiktoken(exported_run, corpus_docume
 
 def test_model_card_reports_the_run_up_to_the_exported_checkpoint(trained_log, exported_run, tmp_path,
                                                                   run_main):
+    from transformers import AutoModelForCausalLM
     model = GPT.from_checkpoint(trained_log / "checkpoints" / "step_00000006.pt")
     exported_size = model.num_parameters() - (50304 - 50257) * model.config.n_embd  # padding rows dropped
+    assert AutoModelForCausalLM.from_pretrained(exported_run).num_parameters() == exported_size
     card = (exported_run / "README.md").read_text()
-    assert f"{exported_size:,} parameters" in card and "2 layers, 2 heads" in card
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n---\n# tiny-gpt2\n")
+    assert (f"A GPT-2 model with {exported_size:,} parameters ({exported_size / 1e6:.1f}M): 2 layers, 2 heads, 32 "
+            f"wide,\na context of 64 tokens, GPT-2's tokenizer (50,257 tokens); weights in float32.") in card
     assert "6 steps of 128 tokens: 768 tokens in all" in card  # --max-steps 6, --total-batch-size 128
     val_step, val_loss = last_evaluation(trained_log, "val_loss", 6)
     hellaswag_step, hellaswag = last_evaluation(trained_log, "hellaswag_acc", 6)
@@ -106,11 +146,56 @@ def test_model_card_reports_the_run_up_to_the_exported_checkpoint(trained_log, e
     assert f"val loss: {val_loss:.4f} at step 3" in card and f"{last_evaluation(trained_log, 'val_loss', 6)[1]:.4f}" \
         not in card
 
-    # A checkpoint outside a log directory: no metrics to report.
-    shutil.copy(trained_log / "checkpoints" / "step_00000006.pt", tmp_path / "alone.pt")
-    assert run_main(export.main, tmp_path / "alone.pt", tmp_path / "alone")[0] == 0
+    # A checkpoint outside a log directory: no metrics to report, even with a metrics.jsonl two levels up.
+    (tmp_path / "saved").mkdir()
+    shutil.copy(trained_log / "checkpoints" / "step_00000006.pt", tmp_path / "saved" / "alone.pt")
+    shutil.copy(trained_log / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    assert run_main(export.main, tmp_path / "saved" / "alone.pt", tmp_path / "alone")[0] == 0
     card = (tmp_path / "alone" / "README.md").read_text()
     assert "6 steps of 128 tokens" in card and "val loss" not in card and "HellaSwag" not in card
+
+    # A log whose metrics.jsonl ends in a line cut short by a crash: the whole lines are reported.
+    log = tmp_path / "crashed"
+    shutil.copytree(trained_log / "checkpoints", log / "checkpoints")
+    with open(log / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"step": 2, "val_loss": 7.25}) + "\n" + '{"step": 3, "val_lo')
+    assert run_main(export.main, log, tmp_path / "crashed-export")[0] == 0
+    assert "val loss: 7.2500 at step 2" in (tmp_path / "crashed-export" / "README.md").read_text()
+
+
+def tiny_checkpoint(path, vocab_size, **extra):
+    """A train_gpt2.py-style checkpoint of a random 1-layer GPT."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=16))
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.config), **extra}, path)
+    return model
+
+
+def test_a_checkpoint_without_a_step_or_gpt2s_vocabulary_exports_without_them(tmp_path, run_main):
+    from transformers import AutoModelForCausalLM
+    model = tiny_checkpoint(tmp_path / "small.pt", vocab_size=101)
+    code, out, err = run_main(export.main, tmp_path / "small.pt", tmp_path / "small")
+    assert code == 0, err
+    assert out == f"exported step None of {tmp_path / 'small.pt'} to {tmp_path / 'small'} (float32)\n"
+    # 101 token ids: GPT-2's tokenizer would name ids the model does not have, so the folder has none.
+    assert sorted(os.listdir(tmp_path / "small")) == ["README.md", "config.json", "generation_config.json",
+                                                      "model.safetensors"]
+    card = (tmp_path / "small" / "README.md").read_text()
+    assert "a context of 16 tokens, 101 token ids (no tokenizer); weights in float32." in card
+    assert "## Training\nNot recorded: this folder was written by GPT.save_pretrained.\n" in card
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "small")
+    idx = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(idx).logits, model.eval()(idx)[0], atol=1e-5, rtol=0)
+
+
+def test_save_folder_never_writes_into_a_folder_that_holds_files(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep me")
+    hf_model = tiny_checkpoint(tmp_path / "small.pt", vocab_size=101).to_hf()
+    with pytest.raises(ValueError, match="already exists and is not an empty directory"):
+        export.save_folder(hf_model, str(tmp_path / "full"))
+    assert os.listdir(tmp_path / "full") == ["mine.txt"]
 
 
 def test_a_failed_export_leaves_nothing_behind(trained_log, tmp_path, monkeypatch):

@@ -6,11 +6,13 @@ run feeds its input through a named pipe: the run cannot finish while the pipe i
 is stopped does not depend on how fast the machine is.
 """
 
+import errno
 import glob
 import io
 import itertools
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -31,6 +33,7 @@ from tokenizer import EOT
 
 FINEWEB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fineweb.py")
 SHARD = 5_000
+WAIT = 120  # the longest any wait on a run or its pipe may last: past it the test fails, it never hangs
 
 
 # -----------------------------------------------------------------------------
@@ -94,7 +97,7 @@ def leftovers(directory):
 
 def run_cli(*args, cwd):
     return subprocess.run([sys.executable, FINEWEB, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=180)
+                          timeout=WAIT)
 
 
 def write_jsonl(path, documents, replace=None):
@@ -119,6 +122,19 @@ def fineweb_edu_copy(directory, documents, files=2):
                           "score": [3.5] * len(part)})
         pq.write_table(table, directory / "sample" / "10BT" / f"{i:03d}_00000.parquet", row_group_size=10)
     return directory
+
+
+@pytest.fixture(autouse=True)
+def time_limit():
+    """A test still running after 4 * WAIT seconds fails (SIGALRM) instead of hanging the suite: a writer that
+    loops without progress runs in this process, where no other timeout reaches it."""
+    def expire(number, frame):
+        raise TimeoutError(f"the test ran past {4 * WAIT} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(4 * WAIT)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")
@@ -213,20 +229,58 @@ def test_hub_streaming_path_reads_a_local_copy_in_fineweb_edu_layout(corpus_docu
     assert "/10.0G" in result.stderr  # sample-10BT: the bar's total is the card's ~10B tokens
 
 
+def endless(documents, drawn, rounds=100):
+    """The documents over and over, as an endless stream, counting in drawn[0] how many were read. Past `rounds`
+    rounds it raises: a writer that does not stop, or reads everything first, fails instead of hanging."""
+    for drawn[0], text in enumerate(itertools.cycle(documents), start=1):
+        if drawn[0] > rounds * len(documents):
+            raise RuntimeError(f"{rounds} rounds of the documents read: the writer does not stop")
+        yield text
+
+
 def test_max_tokens_stops_the_stream_and_reads_lazily(corpus_documents, reference, tmp_path):
-    # An endless input: only a writer that streams can finish.
-    limit = 3 * len(reference) + 7
-    paths = fineweb.write_shards(itertools.cycle(corpus_documents), str(tmp_path / "a"), "pydocs", 40_000,
+    # An endless input: only a writer that streams, and stops, can finish.
+    limit, drawn = 3 * len(reference) + 7, [0]
+    paths = fineweb.write_shards(endless(corpus_documents, drawn), str(tmp_path / "a"), "pydocs", 40_000,
                                  num_proc=2, max_tokens=limit, progress=False)
     sizes = [np.load(p).size for p in paths]
     assert sizes == [40_000] * (limit // 40_000) + [limit % 40_000]
     assert np.array_equal(np.concatenate([np.load(p) for p in paths]),
                           np.concatenate([reference, reference, reference, reference[:7]]))
-    # A limit on a shard boundary leaves no empty shard behind.
-    paths = fineweb.write_shards(corpus_documents, str(tmp_path / "b"), "pydocs", SHARD, num_proc=2,
-                                 max_tokens=2 * SHARD, progress=False)
-    assert [np.load(p).size for p in paths] == [SHARD, SHARD]
-    assert np.array_equal(np.concatenate([np.load(p) for p in paths]), reference[:2 * SHARD])
+    read_ahead = 2 * fineweb.CHUNK_DOCS * fineweb.BLOCK_CHUNKS * 2  # two blocks of 2 workers' chunks
+    assert drawn[0] <= 4 * len(corpus_documents) + read_ahead
+    # A limit on a shard boundary leaves no empty shard behind; one past it, a shard of one token.
+    for extra in (0, 1):
+        paths = fineweb.write_shards(corpus_documents, str(tmp_path / f"b{extra}"), "pydocs", SHARD, num_proc=2,
+                                     max_tokens=2 * SHARD + extra, progress=False)
+        assert [np.load(p).size for p in paths] == [SHARD, SHARD, 1][:2 + extra]
+        assert np.array_equal(np.concatenate([np.load(p) for p in paths]), reference[:2 * SHARD + extra])
+
+
+def test_max_tokens_counts_the_finished_shards_of_a_resumed_run(corpus_documents, reference, tmp_path):
+    whole_shards = len(reference) // SHARD - 1
+    limit = whole_shards * SHARD + 123  # the stream's end is never reached
+    with pytest.raises(UserError, match="connection lost"):
+        fineweb.write_shards(failing_after(corpus_documents, 40), str(tmp_path), "pydocs", SHARD, num_proc=2,
+                             max_tokens=limit, progress=False)
+    assert 1 <= len(progress(tmp_path / "pydocs_progress.jsonl")[0]) < whole_shards
+    paths = fineweb.write_shards(corpus_documents, str(tmp_path), "pydocs", SHARD, num_proc=2, max_tokens=limit,
+                                 progress=False)
+    assert [np.load(p).size for p in paths] == [SHARD] * whole_shards + [123]
+    assert np.array_equal(np.concatenate([np.load(p) for p in paths]), reference[:limit])
+
+
+def test_a_resumed_input_shorter_than_the_finished_shards_is_refused(corpus_documents, tmp_path):
+    with pytest.raises(UserError, match="connection lost"):
+        fineweb.write_shards(failing_after(corpus_documents, 40), str(tmp_path), "pydocs", SHARD, num_proc=2,
+                             progress=False)
+    shards, _ = progress(tmp_path / "pydocs_progress.jsonl")
+    before = shard_bytes(tmp_path)
+    # One document fewer than the finished shards cover: the input changed.
+    shorter = corpus_documents[:shards[-1]["next_document"] - 1]
+    with pytest.raises(UserError, match=f"fewer documents than the {shards[-1]['next_document']} of the finished"):
+        fineweb.write_shards(shorter, str(tmp_path), "pydocs", SHARD, num_proc=2, progress=False)
+    assert differences(shard_bytes(tmp_path), before) == []
 
 
 # -----------------------------------------------------------------------------
@@ -316,52 +370,110 @@ def paragraphs(corpus_documents):
 
 class Feeder(threading.Thread):
     """Writes JSON Lines documents into a named pipe that a run reads as its --input. `pause` stops the
-    writing but keeps the pipe open, so the run cannot see the end of its input; `close` closes it."""
+    writing but keeps the pipe open, so the run cannot see the end of its input; `close` closes it, after
+    the documents when set from the start. The pipe is opened and written without blocking, so a run that
+    dies, or never opens its end, cannot hold the feeder: `finish` ends it within a second."""
 
     def __init__(self, fifo, documents, close=False):
         super().__init__(daemon=True)
         self.fifo, self.documents, self.pause, self.close = fifo, documents, threading.Event(), threading.Event()
+        self.stop = threading.Event()  # finish(): give up at once, whatever is left to write
         if close:
             self.close.set()
 
     def run(self):
+        fd = self.open()
+        if fd is None:
+            return
         try:
-            with open(self.fifo, "w") as f:  # waits for the run to open the pipe
-                for i, text in enumerate(self.documents):
-                    if self.pause.is_set():
-                        break
-                    f.write(json.dumps({"id": i, "text": text}) + "\n")
-                    f.flush()
-                self.close.wait()
+            for i, text in enumerate(self.documents):
+                if self.pause.is_set() or not self.write(fd, (json.dumps({"id": i, "text": text}) + "\n").encode()):
+                    break
+            self.close.wait(timeout=WAIT)
         except BrokenPipeError:
             pass  # the run is gone
+        finally:
+            os.close(fd)
+
+    def open(self):
+        """The pipe's write end once the run has opened its read end, or None (finish(), or WAIT s went by)."""
+        deadline = time.monotonic() + WAIT
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                return os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:  # ENXIO: no reader yet
+                if e.errno != errno.ENXIO:
+                    raise
+            time.sleep(0.01)
+        return None
+
+    def write(self, fd, data):
+        """All of data, waiting while the pipe is full; False if finish() came first."""
+        while data and not self.stop.is_set():
+            try:
+                data = data[os.write(fd, data):]
+            except BlockingIOError:
+                select.select([], [fd], [], 0.1)
+        return not data
 
     def finish(self):
+        self.stop.set()
         self.close.set()
-        if self.is_alive():  # the run never opened the pipe: open it, so that the feeder is not stuck
-            os.close(os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK))
-        self.join(timeout=60)
+        self.join(timeout=10)
+        assert not self.is_alive(), "the feeder did not end"
 
 
 PIPE_ARGS = ["--input", "big.jsonl", "--output-dir", "out", "--shard-size", 2_000, "--num-proc", 2, "--no-progress"]
 
 
-def start_piped(tmp_path, documents, args=PIPE_ARGS, close=False):
-    """The CLI reading big.jsonl, a named pipe that a Feeder fills with `documents`. Its own session: a
-    signal to its process group reaches it as Ctrl-C in a terminal would."""
-    if not (tmp_path / "big.jsonl").exists():
-        os.mkfifo(tmp_path / "big.jsonl")
-    process = subprocess.Popen([sys.executable, FINEWEB, *map(str, args)], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    feeder = Feeder(tmp_path / "big.jsonl", documents, close)
-    feeder.start()
-    return process, feeder
+class PipedRuns:
+    """CLI runs in `directory` reading big.jsonl, a named pipe that a Feeder fills. Each run has its own
+    session: a signal to its process group reaches it as Ctrl-C in a terminal would. Every wait on a run is
+    bounded; close() (the fixture's teardown, whatever the test's outcome) kills what still runs."""
+
+    def __init__(self, directory):
+        self.directory, self.started = directory, []
+        os.mkfifo(directory / "big.jsonl")
+
+    def start(self, documents, args=PIPE_ARGS, close=False):
+        process = subprocess.Popen([sys.executable, FINEWEB, *map(str, args)], cwd=self.directory,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+        feeder = Feeder(self.directory / "big.jsonl", documents, close)
+        feeder.start()
+        self.started.append((process, feeder))
+        return process, feeder
+
+    def close(self):
+        for process, feeder in self.started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate(timeout=60)
+            feeder.finish()
+
+
+@pytest.fixture
+def piped(tmp_path):
+    runs = PipedRuns(tmp_path)
+    yield runs
+    runs.close()
+
+
+def outcome(process):
+    """(exit code, stderr) of a run that is ending; one still running after WAIT seconds is killed, failing the test."""
+    try:
+        _, stderr = process.communicate(timeout=WAIT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+        pytest.fail(f"the run did not end within {WAIT} s; its stderr: {stderr[-2000:]}")
+    return process.returncode, stderr
 
 
 def wait_until(condition, process, what):
-    """Wait for an event the test then acts on; the deadline only stops a hung test."""
-    deadline = time.time() + 300
-    while not condition() and process.poll() is None and time.time() < deadline:
+    """Wait for an event the test then acts on; a run that ends first fails the test at once, a hung one by WAIT."""
+    deadline = time.monotonic() + WAIT
+    while not condition() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert condition(), f"never happened: {what} (exit code {process.poll()})"
 
@@ -370,16 +482,16 @@ def finished_shards(tmp_path):
     return len(progress(tmp_path / "out" / "edufineweb_progress.jsonl")[0])
 
 
-def stop_piped(tmp_path, documents, shards, stop):
+def stop_piped(piped, documents, shards, stop):
     """Run the CLI on the piped documents until `shards` shards are finished, then call stop(process)
     while the pipe is still open (the run cannot have ended); return (exit code, stderr)."""
-    process, feeder = start_piped(tmp_path, documents)
-    wait_until(lambda: finished_shards(tmp_path) >= shards, process, f"{shards} shards")
+    process, feeder = piped.start(documents)
+    wait_until(lambda: finished_shards(piped.directory) >= shards, process, f"{shards} shards")
     feeder.pause.set()
     stop(process)
-    _, stderr = process.communicate(timeout=120)
+    code, stderr = outcome(process)
     feeder.finish()
-    return process.returncode, stderr
+    return code, stderr
 
 
 def workers_of(process):
@@ -404,49 +516,50 @@ def piped_input(corpus_documents):
     return docs * -(-(4 * block + 200) // len(docs))
 
 
-def assert_piped_run_finishes_like_a_straight_one(tmp_path, documents, tokenizer):
-    process, feeder = start_piped(tmp_path, documents, close=True)
-    _, stderr = process.communicate(timeout=300)
+def assert_piped_run_finishes_like_a_straight_one(piped, documents, tokenizer):
+    process, feeder = piped.start(documents, close=True)
+    code, stderr = outcome(process)
     feeder.finish()
-    assert process.returncode == 0, stderr
+    assert code == 0, stderr
     expected = reference_shards(reference_tokens(documents, tokenizer), 2_000, "edufineweb")
-    assert differences(shard_bytes(tmp_path / "out"), expected) == []
-    assert not leftovers(tmp_path / "out")
+    assert differences(shard_bytes(piped.directory / "out"), expected) == []
+    assert not leftovers(piped.directory / "out")
 
 
 @pytest.mark.multiprocess
-def test_interrupted_terminated_and_killed_cli_runs_resume_to_identical_bytes(corpus_documents, tokenizer, tmp_path):
+def test_interrupted_terminated_and_killed_cli_runs_resume_to_identical_bytes(corpus_documents, tokenizer, tmp_path,
+                                                                              piped):
     documents = piped_input(corpus_documents)
     progress_file = tmp_path / "out" / "edufineweb_progress.jsonl"
-    code, stderr = stop_piped(tmp_path, documents, 3, lambda p: os.killpg(p.pid, signal.SIGINT))  # Ctrl-C
+    code, stderr = stop_piped(piped, documents, 3, lambda p: os.killpg(p.pid, signal.SIGINT))  # Ctrl-C
     assert code == 130 and stderr.count("\n") == 1 and "Traceback" not in stderr and "rerun" in stderr, stderr
     interrupted = finished_shards(tmp_path)
-    code, stderr = stop_piped(tmp_path, documents, interrupted + 3, lambda p: os.killpg(p.pid, signal.SIGTERM))
+    code, stderr = stop_piped(piped, documents, interrupted + 3, lambda p: os.killpg(p.pid, signal.SIGTERM))
     assert code == 143 and stderr.count("\n") == 1 and "SIGTERM" in stderr and "rerun" in stderr, stderr
     terminated, workers = finished_shards(tmp_path), []
 
     def kill(process):  # the main process alone, as the OOM killer does: no clean-up; its workers must go too
         workers.extend(workers_of(process))
         os.kill(process.pid, signal.SIGKILL)
-        deadline = time.time() + 60  # they go at once; the bound is only for a very slow machine
-        while not all(map(gone, workers)) and time.time() < deadline:
+        deadline = time.monotonic() + 60  # they go at once; the bound is only for a very slow machine
+        while not all(map(gone, workers)) and time.monotonic() < deadline:
             time.sleep(0.05)
         orphans = [pid for pid in workers if not gone(pid)]
         for pid in orphans:
             os.kill(pid, signal.SIGKILL)  # a failing test leaves nothing behind
         assert not orphans, f"workers {orphans} outlived the killed run"
-    code, _ = stop_piped(tmp_path, documents, terminated + 3, kill)
+    code, _ = stop_piped(piped, documents, terminated + 3, kill)
     assert code == -signal.SIGKILL and len(workers) == 2
     shards, complete = progress(progress_file)
     assert not complete and len(shards) >= terminated + 3
-    assert_piped_run_finishes_like_a_straight_one(tmp_path, documents, tokenizer)
+    assert_piped_run_finishes_like_a_straight_one(piped, documents, tokenizer)
 
 
 @pytest.mark.multiprocess
-def test_a_dead_worker_is_one_line_and_the_rerun_resumes(corpus_documents, tokenizer, tmp_path):
+def test_a_dead_worker_is_one_line_and_the_rerun_resumes(corpus_documents, tokenizer, tmp_path, piped):
     # The out-of-memory killer picks a worker: the run must stop with a message, not wait forever.
     documents = piped_input(corpus_documents)
-    process, feeder = start_piped(tmp_path, documents)
+    process, feeder = piped.start(documents)
     wait_until(lambda: finished_shards(tmp_path) >= 1, process, "a shard")
     feeder.pause.set()
     workers = workers_of(process)
@@ -454,17 +567,18 @@ def test_a_dead_worker_is_one_line_and_the_rerun_resumes(corpus_documents, token
     os.kill(workers[0], signal.SIGKILL)
     wait_until(lambda: all(map(gone, workers)), process, "the pool noticed")  # it ends the other worker too
     feeder.close.set()  # the rest of the input must go to the broken pool
-    _, stderr = process.communicate(timeout=120)
+    code, stderr = outcome(process)
     feeder.finish()
-    assert process.returncode == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert code == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
     assert "a tokenizing process died" in stderr and "rerun" in stderr
-    assert_piped_run_finishes_like_a_straight_one(tmp_path, documents, tokenizer)
+    assert_piped_run_finishes_like_a_straight_one(piped, documents, tokenizer)
 
 
 @pytest.mark.multiprocess
-def test_a_second_run_on_one_directory_is_refused_and_the_first_finishes(corpus_documents, straight_run, tmp_path):
+def test_a_second_run_on_one_directory_is_refused_and_the_first_finishes(corpus_documents, straight_run, tmp_path,
+                                                                        piped):
     args = ["--output-dir", "out", "--prefix", "pydocs", "--num-proc", 1, "--no-progress"]
-    first, feeder = start_piped(tmp_path, corpus_documents, ["--input", "big.jsonl", "--shard-size", SHARD, *args])
+    first, feeder = piped.start(corpus_documents, ["--input", "big.jsonl", "--shard-size", SHARD, *args])
     lock = tmp_path / "out" / ".lock"
     wait_until(lambda: lock.exists() and f"pid {first.pid} " in lock.read_text(), first, "the first run's lock")
     second = run_cli("--input", "big.jsonl", "--shard-size", 6_000, *args,
@@ -473,9 +587,9 @@ def test_a_second_run_on_one_directory_is_refused_and_the_first_finishes(corpus_
     assert second.returncode == 1 and "\n" not in line and "Traceback" not in line, second.stderr
     assert f"pid {first.pid} on {socket.gethostname()}" in line and "out is in use" in line
     feeder.close.set()
-    _, stderr = first.communicate(timeout=120)
+    code, stderr = outcome(first)
     feeder.finish()
-    assert first.returncode == 0, stderr
+    assert code == 0, stderr
     assert differences(shard_bytes(tmp_path / "out"), straight_run) == []
 
 
@@ -500,14 +614,24 @@ def test_a_malformed_line_keeps_finished_shards_and_a_fixed_file_resumes(corpus_
 def test_rerun_with_other_arguments_is_refused(corpus_documents, straight_run, tmp_path):
     args = ["--dataset", "python-docs", "--output-dir", "out", "--prefix", "pydocs", "--num-proc", 2, "--no-progress"]
     assert run_cli(*args, "--shard-size", SHARD, cwd=tmp_path).returncode == 0
+    progress_file = (tmp_path / "out" / "pydocs_progress.jsonl").read_bytes()
     again = run_cli(*args, "--shard-size", SHARD, cwd=tmp_path)  # finished: nothing to do, nothing changes
     assert again.returncode == 0 and differences(shard_bytes(tmp_path / "out"), straight_run) == []
+    assert (tmp_path / "out" / "pydocs_progress.jsonl").read_bytes() == progress_file
     result = run_cli(*args, "--shard-size", 6_000, "--max-tokens", 50_000, cwd=tmp_path)
     assert result.returncode == 2
     line = result.stderr.strip()
     assert "\n" not in line and "Traceback" not in line and line.startswith("fineweb.py: error:")
     assert "shard_size 5000 then, 6000 now" in line and "max_tokens null then, 50000 now" in line
+    assert "kept" not in line  # a refusal, not a stop: nothing to resume
+    # Other documents into the same shards: refused too, naming the two sources.
+    write_jsonl(tmp_path / "other.jsonl", corpus_documents[:3])
+    args[:2] = ["--input", "other.jsonl"]
+    result = run_cli(*args, "--shard-size", SHARD, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert 'source {"dataset": "python-docs"} then, {"input": ["' in result.stderr and "other.jsonl" in result.stderr
     assert differences(shard_bytes(tmp_path / "out"), straight_run) == []
+    assert (tmp_path / "out" / "pydocs_progress.jsonl").read_bytes() == progress_file
 
 
 # -----------------------------------------------------------------------------
@@ -562,6 +686,49 @@ def test_errors_are_one_clean_line(case, tmp_path):
     for phrase in phrases:
         assert phrase in line
     assert not os.path.exists(tmp_path / "out") or os.listdir(tmp_path / "out") in ([], [".lock"])
+
+
+@pytest.mark.parametrize("prefix", [" pydocs", "pydocs ", ".pydocs", "py*docs", "py?docs", "py[docs", "py\\docs", ""])
+def test_a_prefix_that_is_not_a_plain_file_name_start_is_refused(prefix, corpus_documents, tmp_path):
+    with pytest.raises(UserError, match="--prefix .* must be a plain file-name start") as error:
+        fineweb.write_shards(corpus_documents, str(tmp_path / "out"), prefix, SHARD, num_proc=1, progress=False)
+    assert error.value.exit_code == 2 and not os.path.exists(tmp_path / "out")
+
+
+def test_local_files_are_read_as_written(tokenizer, tmp_path, run_main):
+    # Upper-case extensions; a .txt with a byte-order mark and Windows line ends: the mark goes, the \r\n stay.
+    text = "First line\r\nsecond line\r\n\ttabbed \u00e9\r\n"
+    (tmp_path / "NOTES.TXT").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    write_jsonl(tmp_path / "MORE.JSONL", ["a document", "another one"])
+    code, _, err = run_main(fineweb.main, "--input", tmp_path / "NOTES.TXT", tmp_path / "MORE.JSONL", "--output-dir",
+                            tmp_path / "out", "--num-proc", 1, "--no-progress", "--shard-size", 10)
+    assert code is None, err  # main() returns nothing when it succeeds
+    names = expected_names("edufineweb", len(shard_files(tmp_path / "out")))
+    shards = [np.load(tmp_path / "out" / name) for name in names]
+    expected = reference_tokens([text, "a document", "another one"], tokenizer)
+    assert np.array_equal(np.concatenate(shards), expected)
+
+
+def test_parquet_text_that_is_not_strings_or_is_null_is_refused_naming_the_row(tmp_path, run_main):
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "numbers.parquet")
+    texts = [f"document {i}" for i in range(1030)]
+    texts[1027] = None  # in the second batch of 1,024 rows
+    pq.write_table(pa.table({"text": texts}), tmp_path / "holes.parquet", row_group_size=100)
+    for name, message in (("numbers", 'numbers.parquet has no "text" column of strings'),
+                          ("holes", 'holes.parquet row 1027: "text" is null')):
+        code, _, err = run_main(fineweb.main, "--input", tmp_path / f"{name}.parquet", "--output-dir",
+                                tmp_path / name, "--num-proc", 1, "--no-progress")
+        assert code == 1 and err.count("\n") == 1 and message in err, err
+
+
+def test_the_disk_check_of_a_hub_run_counts_max_tokens_not_the_subset(monkeypatch, tmp_path, run_main):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(fineweb.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 20_000, 20_000))
+    hub = ["--dataset", "HuggingFaceFW/fineweb-edu", "--output-dir", tmp_path / "out", "--num-proc", 1, "--no-progress"]
+    code, _, err = run_main(fineweb.main, *hub)  # sample-10BT: about 10B tokens, 20 GB
+    assert code == 1 and "needs 20.0 GB more but has 0.0 GB free" in err, err
+    code, _, err = run_main(fineweb.main, *hub, "--max-tokens", 10_000)  # 20,000 bytes: it fits, and goes on
+    assert code == 1 and "could not stream HuggingFaceFW/fineweb-edu" in err, err  # offline in the tests
 
 
 def test_shards_without_a_progress_file_are_not_overwritten(tmp_path):

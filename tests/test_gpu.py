@@ -165,15 +165,16 @@ def check_stop_and_resume(device, data_dir, tmp_path, tolerance, *flags):
 @pytest.mark.gpu
 @needs_cuda
 def test_stop_and_resume_on_cuda_continues_within_a_small_tolerance(data_dir, tmp_path):
-    # bf16 on a GPU is not bitwise from run to run (atomic adds in some backward kernels): within 2%
-    final = check_stop_and_resume("cuda", data_dir, tmp_path, 2e-2, "--dtype", "auto", "--compile", "auto")
+    # bf16 on a GPU is not bitwise from run to run (atomic adds in some backward kernels): within 1e-3, which
+    # a lost piece of state (the loader's position, the optimizer's moments, the schedule) exceeds many times
+    final = check_stop_and_resume("cuda", data_dir, tmp_path, 1e-3, "--dtype", "auto", "--compile", "auto")
     assert final["config"]["dtype"] == resolve_dtype("auto", torch.device("cuda")) and final["config"]["compile"]
 
 
 @pytest.mark.gpu
 @needs_cuda
 def test_float16_with_the_scaler_trains_and_resumes_on_cuda(data_dir, tmp_path):
-    final = check_stop_and_resume("cuda", data_dir, tmp_path, 2e-2, "--dtype", "float16", "--compile", "auto")
+    final = check_stop_and_resume("cuda", data_dir, tmp_path, 1e-3, "--dtype", "float16", "--compile", "auto")
     assert final["config"]["dtype"] == "float16" and final["scaler"]["scale"] > 0
 
 

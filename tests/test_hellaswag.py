@@ -8,7 +8,6 @@ random GPT-2 of the `hf_gpt2_dir` fixture.
 
 import hashlib
 import http.server
-import inspect
 import json
 import os
 import subprocess
@@ -63,6 +62,11 @@ EXAMPLES = [
     ("The mechanic lifts the hood of the old car. He",
      ["checks the oil level with the dipstick.", "plays the violin.",
       "orders a pizza for everyone in the garage and then goes home early.", "paints it."], 0),
+    # Its rows straddle 32 tokens (9 to 36): the batch is as long as its longest row, not its shortest. And an
+    # ending of a single token (" sleeps"): its mean is its one loss.
+    ("A cat sits by the window. It",
+     ["sleeps", "watches the birds in the garden, the leaves falling from the old oak tree, and the neighbour walking "
+      "his small brown dog along the street.", "eats the curtains.", "sings opera."], 0),
     # Longer than the test model's 64 positions with any ending: rows keep their last 64 tokens.
     ("It was a cold morning in the small mountain village, and the baker had been awake since four "
      "o'clock, kneading dough, heating the old stone oven, and arranging loaves on the wooden shelves "
@@ -94,6 +98,10 @@ def hf_model(hf_gpt2_dir):
 
 @pytest.fixture(scope="module")
 def reference(hf_model, examples):
+    return reference_scores(hf_model, examples)
+
+
+def reference_scores(hf_model, examples):
     """Per example: the four summed and mean losses, one forward of ctx + ending at a time."""
     enc = get_tokenizer()
     block_size = hf_model.config.n_positions
@@ -106,7 +114,7 @@ def reference(hf_model, examples):
             row = (ctx + end)[-block_size:]  # too long: drop the start of the context
             with torch.no_grad():
                 logprobs = hf_model(torch.tensor([row])).logits[0].float().log_softmax(-1)
-            first = len(row) - len(end)  # where the ending starts in row
+            first = len(row) - len(end)  # where the ending starts in row (negative: its start is cut off too)
             scored = [-logprobs[p - 1, row[p]].item() for p in range(max(first, 1), len(row))]
             sums.append(sum(scored))
             means.append(sum(scored) / len(scored))
@@ -117,8 +125,8 @@ def reference(hf_model, examples):
 
 def assert_matches_reference(result, reference, indices=None):
     indices = range(len(reference)) if indices is None else indices
-    predictions = sorted(result["predictions"], key=lambda p: p["index"])
-    assert [p["index"] for p in predictions] == list(indices)
+    predictions = result["predictions"]
+    assert [p["index"] for p in predictions] == list(indices)  # in the examples' order
     for p, i in zip(predictions, indices):
         ref = reference[i]
         assert (p["label"], p["pred"], p["pred_norm"]) == (ref["label"], ref["pred"], ref["pred_norm"]), i
@@ -145,6 +153,18 @@ def test_our_gpt_matches_reference(hf_gpt2_dir, examples, reference):
 
 def test_transformers_model_matches_reference(hf_model, examples, reference):
     assert_matches_reference(hellaswag.evaluate(hf_model, examples, "cpu", batch_size=5), reference)
+    assert not hf_model.training  # the caller's mode is restored: eval stays eval
+
+
+def test_an_ending_longer_than_the_model_loses_only_its_first_token(hf_model):
+    # 66 tokens: the row is the ending's last 64, its context gone; the row's first token has no prediction.
+    ending = ("recites, word for word and without a single pause, the whole of a very long poem about the sea, the "
+              "ships that sail across it, the storms that toss them, the sailors who dream of home, the harbours "
+              "that wait for them, and the lighthouses that guide them safely back to shore at night.")
+    example = {"ctx": "A cat sits by the window. It", "endings": [ending, "naps.", "purrs.", "eats."], "label": 1}
+    assert len(get_tokenizer().encode_ordinary(" " + ending)) > hf_model.config.n_positions
+    result = hellaswag.evaluate(hf_model, [example], "cpu", batch_size=2)
+    assert_matches_reference(result, reference_scores(hf_model, [example]))
 
 
 def test_batch_size_and_rank_split_change_nothing(hf_gpt2_dir, examples, reference):
@@ -191,8 +211,36 @@ def test_load_examples_reads_what_was_written(data_file, examples, tmp_path):
     assert hellaswag.load_examples(data_file) == examples
     with_extras = tmp_path / "extras.jsonl"  # the real file's other keys are ignored; blank lines too
     record = {"ind": 24, "activity_label": "Roof shingle removal", **examples[0], "split": "val"}
-    with_extras.write_text(json.dumps(record) + "\n\n", encoding="utf-8")
-    assert hellaswag.load_examples(str(with_extras)) == examples[:1]
+    last = {**examples[1], "label": 3}  # each of the four endings can be the right one
+    with_extras.write_text(json.dumps(record) + "\n\n" + json.dumps(last) + "\n", encoding="utf-8")
+    assert hellaswag.load_examples(str(with_extras)) == [examples[0], last]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"ctx": "", "endings": ["a", "b", "c", "d"], "label": 0}, "line 2: ctx must be a non-empty string"),
+    ({"ctx": "A man", "endings": ["a", "b", "c", "d", "e"], "label": 0},
+     "line 2: endings must be a list of 4 strings, got 5 items"),
+    ({"ctx": "A man", "endings": ["a", "b", "c", 4], "label": 0}, "line 2: endings must be a list of 4 strings"),
+    ({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": True},
+     "line 2: label must be an integer 0-3, got True"),
+    ({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": -1}, "line 2: label must be an integer 0-3, got -1"),
+    (["A man", ["a", "b", "c", "d"], 0], "line 2: missing key(s) ctx, endings, label"),
+])
+def test_load_examples_refuses_a_bad_record_naming_its_line(record, message, examples, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(examples[0]) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
+    with pytest.raises(UserError) as error:
+        hellaswag.load_examples(str(path))
+    assert str(error.value).startswith(f"{path} {message}")
+
+
+def test_load_examples_refuses_an_empty_or_undecodable_file(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(UserError, match="empty.jsonl holds no examples"):
+        hellaswag.load_examples(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "latin1.jsonl").write_bytes('{"ctx": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match="cannot read .*latin1.jsonl"):
+        hellaswag.load_examples(str(tmp_path / "latin1.jsonl"))
 
 
 def pins(path):
@@ -216,6 +264,13 @@ def test_download_copies_the_file_once_and_atomically(data_file, tmp_path):
         hellaswag.download(f"file://{tmp_path}/missing.jsonl", str(tmp_path / "other"), tries=2, wait=0)
     assert "missing.jsonl" in str(error.value)
     assert os.listdir(tmp_path / "other") == []  # no partial file left behind
+
+
+def test_download_caches_in_hellaswag_cache_when_no_directory_is_given(data_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("HELLASWAG_CACHE", str(tmp_path / "from-env"))
+    path = hellaswag.download(f"file://{data_file}", **pins(data_file))
+    assert path == str(tmp_path / "from-env" / hellaswag.DATA_FILE)
+    assert open(path, "rb").read() == open(data_file, "rb").read()
 
 
 class FlakyServer:
@@ -252,11 +307,13 @@ class FlakyServer:
         self.http.server_close()
 
 
-def test_download_retries_with_a_growing_wait(data_file, tmp_path, capsys):
+def test_download_retries_with_a_growing_wait(data_file, tmp_path, capsys, monkeypatch):
     body = open(data_file, "rb").read()
+    waits = []
+    monkeypatch.setattr(hellaswag.time, "sleep", waits.append)  # the waits it makes, not the clock's
     with FlakyServer(body, failures=2) as server:
         path = hellaswag.download(server.url, str(tmp_path), **pins(data_file), tries=4, wait=0.01)
-    assert open(path, "rb").read() == body and server.requests == 3
+    assert open(path, "rb").read() == body and server.requests == 3 and waits == [0.01, 0.02]
     retries = [line for line in capsys.readouterr().err.splitlines() if "failed" in line]
     assert len(retries) == 2 and all("503" in line for line in retries)
     assert "try 2 of 4 in 0.01 s" in retries[0] and "try 3 of 4 in 0.02 s" in retries[1]
@@ -275,18 +332,59 @@ def test_a_download_that_fails_its_check_is_never_kept(damage, data_file, tmp_pa
     assert os.listdir(tmp_path / "cache") == []
 
 
-def test_a_cached_file_that_fails_its_check_is_fetched_again(data_file, tmp_path):
+def test_a_cached_file_that_fails_its_check_is_fetched_again(data_file, tmp_path, capsys):
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / hellaswag.DATA_FILE).write_bytes(b"{}\n")  # say, from before the file was pinned
+    with FlakyServer(b"", failures=1) as server, pytest.raises(UserError, match="nothing was kept"):
+        hellaswag.download(server.url, str(cache), **pins(data_file), tries=1)
+    assert os.listdir(cache) == []  # the bad file is gone, even when the new download fails
+    assert f"{cache / hellaswag.DATA_FILE} fails its check: downloading it again" in capsys.readouterr().err
+    (cache / hellaswag.DATA_FILE).write_bytes(b"{}\n")
     with FlakyServer(open(data_file, "rb").read()) as server:
         path = hellaswag.download(server.url, str(cache), **pins(data_file), wait=0)
     assert server.requests == 1 and open(path, "rb").read() == open(data_file, "rb").read()
 
 
-def test_a_plain_download_is_checked_against_the_pins():
-    defaults = inspect.signature(hellaswag.download).parameters
-    assert (defaults["size"].default, defaults["sha256"].default) == (hellaswag.DATA_BYTES, hellaswag.DATA_SHA256)
+# The validation file as Hugging Face's `hellaswag` dataset pinned it (dataset_infos.json, download_checksums).
+PINNED_BYTES, PINNED_SHA256 = 12_246_618, "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
+
+
+def sha256_pinning(body):
+    """hashlib.sha256 as hellaswag.py calls it, except that `body` hashes to the pinned digest: the stand-in
+    for the real file, which is not here offline."""
+    sha256 = hashlib.sha256
+
+    class Digest:
+        def __init__(self, data):
+            self.data = data
+
+        def hexdigest(self):
+            return PINNED_SHA256 if self.data == body else sha256(self.data).hexdigest()
+    return Digest
+
+
+def test_a_plain_download_is_checked_against_the_pinned_size_and_sha256(tmp_path, monkeypatch):
+    # download()'s own defaults, not the tests' pins: the file's size and sha256 as literals.
+    assert (hellaswag.DATA_BYTES, hellaswag.DATA_SHA256) == (PINNED_BYTES, PINNED_SHA256)
+    body = bytes(range(256)) * (PINNED_BYTES // 256) + b"x" * (PINNED_BYTES % 256)  # the pinned size
+    for bad, problem in ((body[:-1], "has 12,246,617 bytes, not the pinned 12,246,618"),
+                         (body + b"\n", "has 12,246,619 bytes, not the pinned 12,246,618"),
+                         (body, "sha256 is " + hashlib.sha256(body).hexdigest()[:16] + "..., not the pinned "
+                          + PINNED_SHA256[:16])):
+        with FlakyServer(bad) as server, pytest.raises(UserError, match="nothing was kept") as error:
+            hellaswag.download(server.url, str(tmp_path / "cache"), tries=1)
+        assert problem in str(error.value)
+        assert os.listdir(tmp_path / "cache") == []
+    # The right size and the pinned digest: kept, and then read from the cache. One changed byte is refused.
+    monkeypatch.setattr(hellaswag.hashlib, "sha256", sha256_pinning(body))
+    with FlakyServer(body) as server:
+        path = hellaswag.download(server.url, str(tmp_path / "cache"), tries=1)
+        assert hellaswag.download(server.url, str(tmp_path / "cache"), tries=1) == path and server.requests == 1
+    assert open(path, "rb").read() == body
+    changed = body[:1000] + bytes([body[1000] ^ 1]) + body[1001:]
+    with FlakyServer(changed) as server, pytest.raises(UserError, match="sha256 is"):
+        hellaswag.download(server.url, str(tmp_path / "other"), tries=1)
 
 
 # -----------------------------------------------------------------------------
@@ -366,6 +464,31 @@ def test_usage_errors_are_listed_together(tmp_path):
     for flag in ("--model", "--data", "--batch-size"):
         assert flag in proc.stderr
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--limit", "0"], "--limit 0 must be at least 1"),
+    (["--batch-size", "-3"], "--batch-size -3 must be at least 1"),
+    (["--data", "."], "--data . is not a file"),
+    (["-m", "no-such-checkpoint.pt"], "--model no-such-checkpoint.pt does not exist"),
+    (["-m", "./no-such-folder"], "--model ./no-such-folder does not exist"),
+])
+def test_each_usage_error_is_refused_before_anything_loads(flags, message, data_file, run_main):
+    code, out, err = run_main(hellaswag.main, "-m", "gpt2", "--data", data_file, "--device", "cpu", *flags)
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
+
+
+def test_a_disk_error_while_writing_the_predictions_is_one_line_exit_1(hf_gpt2_dir, data_file, tmp_path, run_main,
+                                                                     monkeypatch):
+    def full_disk(path, write):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(hellaswag, "atomic_write", full_disk)
+    code, _, err = run_main(hellaswag.main, "-m", hf_gpt2_dir, "--data", data_file, "--device", "cpu", "--limit", "2",
+                            "--predictions", tmp_path / "predictions.jsonl")
+    last = err.splitlines()[-1]  # after the progress bars
+    assert code == 1 and last.startswith("hellaswag.py: error: ") and "No space left on device" in last, err
+    assert "Traceback" not in err and not (tmp_path / "predictions.jsonl").exists()
 
 
 def test_predictions_path_is_checked_before_the_evaluation(data_file, hf_gpt2_dir, tmp_path):

@@ -41,7 +41,7 @@ def test_from_pretrained_matches_transformers(hf_small):
 
 
 def test_save_pretrained_round_trips_into_transformers(hf_small, tmp_path):
-    from transformers import GPT2LMHeadModel
+    from transformers import GenerationConfig, GPT2LMHeadModel
     path, _ = hf_small
     model = GPT.from_pretrained(path).eval()
     model.save_pretrained(tmp_path / "export")
@@ -49,6 +49,18 @@ def test_save_pretrained_round_trips_into_transformers(hf_small, tmp_path):
     idx = torch.randint(0, 101, (2, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
+        # Our GPT has no dropout; nor has its export, even in training mode (fine-tuning it trains the same model).
+        torch.testing.assert_close(reloaded.train()(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
+    # Generation as generate() samples: top-k 50, up to the model's context, ending at <|endoftext|>.
+    generation = GenerationConfig.from_pretrained(tmp_path / "export")
+    assert (generation.do_sample, generation.top_k, generation.max_length) == (True, 50, 40)
+    assert generation.eos_token_id == generation.pad_token_id == generation.bos_token_id == 50256
+    # bfloat16 halves the folder: the weights are stored in it, and read back as bfloat16 values of ours.
+    model.save_pretrained(tmp_path / "half", dtype=torch.bfloat16)
+    half = GPT2LMHeadModel.from_pretrained(tmp_path / "half", dtype="auto")
+    assert half.dtype == torch.bfloat16
+    wte = model.transformer.wte.weight.to(torch.bfloat16)
+    assert torch.equal(half.transformer.wte.weight, wte)
 
 
 def test_padded_vocab_loads_trains_and_exports_without_the_padding(hf_gpt2_dir, tmp_path):
@@ -60,8 +72,10 @@ def test_padded_vocab_loads_trains_and_exports_without_the_padding(hf_gpt2_dir, 
     with torch.no_grad():
         logits, _ = model(idx)
         reference = hf_model(idx).logits
-    # The real rows are GPT-2's; the padding rows give ordinary (not dominating) logits.
+    # The real rows are GPT-2's; the padding rows, each the mean of GPT-2's rows, give ordinary (not dominating) logits.
     torch.testing.assert_close(logits[..., :50257], reference, atol=1e-5, rtol=0)
+    mean_row = hf_model.transformer.wte.weight.mean(dim=0)
+    torch.testing.assert_close(model.lm_head.weight[50257:], mean_row.expand(47, -1), atol=1e-6, rtol=0)
     assert (logits[..., 50257:].max(-1).values < reference.max(-1).values).all()
     # Training steps through the padded model, then export drops the padding rows.
     optimizer, _ = model.configure_optimizers(0.1, 1e-3, device_type="cpu")
@@ -100,6 +114,9 @@ def test_gpt2_sizes_by_name():
     with pytest.raises(ValueError, match="gpt2-small"):
         GPTConfig.from_name("gpt2-small")
     assert GPTConfig(n_embd=50, n_head=3).problems() == ["n_embd=50 is not divisible by n_head=3"]
+    assert GPTConfig(n_layer=0, block_size=-1).problems() == ["block_size=-1 must be positive",
+                                                              "n_layer=0 must be positive"]
+    assert GPTConfig().problems() == []
 
 
 def test_gpt2_initialisation():
@@ -209,6 +226,15 @@ def test_tiny_model_overfits_one_batch(dtype, tiny_config):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     assert loss.item() < 0.1
+
+
+def test_adamw_gets_the_recipes_hyperparameters(tiny_config):
+    model = GPT(tiny_config)
+    optimizer, _ = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
+    for group in optimizer.param_groups:  # GPT-3's: betas (0.9, 0.95), eps 1e-8
+        assert (group["lr"], group["betas"], group["eps"]) == (6e-4, (0.9, 0.95), 1e-8)
+    optimizer, _ = model.configure_optimizers(0.0, 1e-3, betas=(0.8, 0.9), eps=1e-6, device_type="cpu")
+    assert all((g["lr"], g["betas"], g["eps"]) == (1e-3, (0.8, 0.9), 1e-6) for g in optimizer.param_groups)
 
 
 def test_weight_decay_groups(tiny_config):
@@ -324,6 +350,47 @@ def test_from_pretrained_refuses_a_smaller_vocab_and_another_activation(hf_small
         GPT.from_pretrained(tmp_path / "relu")
 
 
+def test_load_model_takes_each_kind_of_name(hf_gpt2_dir, tmp_path):
+    from dataclasses import asdict
+    from transformers import GPT2LMHeadModel
+
+    from model import load_model
+    idx = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()(idx).logits
+        hf_folder = load_model(hf_gpt2_dir).eval()  # a Hugging Face folder
+        torch.testing.assert_close(hf_folder(idx)[0], reference, atol=1e-5, rtol=0)
+        (tmp_path / "log" / "checkpoints").mkdir(parents=True)
+        padded = GPT.from_pretrained(hf_gpt2_dir, vocab_size=50304)
+        checkpoint = {"model": padded.state_dict(), "model_config": asdict(padded.config), "step": 5}
+        torch.save(checkpoint, tmp_path / "log" / "checkpoints" / "step_00000005.pt")
+        for name in (tmp_path / "log", tmp_path / "log" / "checkpoints" / "step_00000005.pt"):  # a log, a file
+            ours = load_model(str(name)).eval()
+            assert ours.config.vocab_size == 50304
+            torch.testing.assert_close(ours(idx)[0][..., :50257], reference, atol=1e-5, rtol=0)
+    # One token short of GPT-2's vocabulary: its tokenizer would produce an id the model does not have.
+    small = GPT(GPTConfig(block_size=8, vocab_size=50256, n_layer=1, n_head=1, n_embd=8))
+    torch.save({"model": small.state_dict(), "model_config": asdict(small.config)}, tmp_path / "small.pt")
+    with pytest.raises(ValueError, match="small.pt has vocab_size 50256; GPT-2's tokenizer needs 50257"):
+        load_model(str(tmp_path / "small.pt"))
+
+
+def test_read_checkpoint_refuses_what_is_not_a_plain_checkpoint(tiny_config, tmp_path):
+    import argparse
+    from dataclasses import asdict
+
+    from model import read_checkpoint
+    model = GPT(tiny_config)
+    # Code in a checkpoint never runs: an object that only unpickling code could build is refused.
+    torch.save({"model": model.state_dict(), "model_config": asdict(tiny_config), "args": argparse.Namespace(a=1)},
+               tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match="pickled.pt is not a readable train_gpt2.py checkpoint"):
+        read_checkpoint(tmp_path / "pickled.pt")
+    torch.save({"model": model.state_dict(), "step": 3}, tmp_path / "no_config.pt")
+    with pytest.raises(ValueError, match=r"no_config.pt is not a train_gpt2.py checkpoint \(it holds no model and"):
+        read_checkpoint(tmp_path / "no_config.pt")
+
+
 def test_read_checkpoint_of_a_log_dir_takes_the_latest_readable_one(tiny_config, tmp_path):
     from dataclasses import asdict
     from model import read_checkpoint
@@ -333,6 +400,9 @@ def test_read_checkpoint_of_a_log_dir_takes_the_latest_readable_one(tiny_config,
     for step in (2, 4):
         torch.save({"model": model.state_dict(), "model_config": asdict(tiny_config), "step": step},
                    checkpoints / f"step_{step:08d}.pt")
+    assert read_checkpoint(tmp_path)["step"] == 4
+    # Only step_N.pt files are the run's checkpoints: a copy kept under another name is not the latest.
+    torch.save({"model": model.state_dict(), "model_config": asdict(tiny_config), "step": 99}, checkpoints / "zz.pt")
     assert read_checkpoint(tmp_path)["step"] == 4
     (checkpoints / "step_00000006.pt").write_bytes((checkpoints / "step_00000004.pt").read_bytes()[:1000])  # cut short
     assert read_checkpoint(tmp_path)["step"] == 4

@@ -4,13 +4,18 @@ its figures and samples: from the run's latest checkpoint, or from a Hugging Fac
 import json
 import os
 
+import matplotlib.image
 import nbformat
+import numpy as np
 import torch
 from nbclient import NotebookClient
 
 from model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The notebook's figures: figsize=(8, 5) inches saved at dpi=120, matplotlib's default colour cycle.
+FIGURE_WIDTH, FIGURE_HEIGHT = 8 * 120, 5 * 120
+C0, C1, RED, GREEN = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E), (0xFF, 0, 0), (0, 0x80, 0)
 
 
 def run_notebook(log_dir, monkeypatch, model=""):
@@ -25,10 +30,30 @@ def run_notebook(log_dir, monkeypatch, model=""):
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    for name in ("loss.png", "hellaswag.png"):
-        with open(os.path.join(log_dir, name), "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name  # a real PNG file
     return "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+
+
+def pixels_of(image, rgb, alpha=1.0):
+    """How many pixels of image (H, W, 3 or 4 floats) show the colour rgb (0-255) drawn at alpha over white."""
+    colour = alpha * np.array(rgb) / 255 + (1 - alpha)
+    return int((np.abs(image[..., :3] - colour).max(axis=-1) < 0.03).sum())
+
+
+def read_plot(path):
+    """A saved figure, decoded: a real image of about the figure's size, not one colour."""
+    image = matplotlib.image.imread(path)  # fails on anything but an image file
+    height, width = image.shape[:2]
+    # bbox_inches="tight" trims the empty margin and takes in labels that stick out: within 15% of figsize * dpi.
+    assert 0.85 * FIGURE_WIDTH <= width <= 1.15 * FIGURE_WIDTH, (path, width)
+    assert 0.85 * FIGURE_HEIGHT <= height <= 1.15 * FIGURE_HEIGHT, (path, height)
+    assert image[..., :3].std() > 0.05, path  # not blank
+    return image
+
+
+def assert_loss_plot(log_dir):
+    image = read_plot(log_dir / "loss.png")
+    # The train loss (C0 at alpha 0.6), the val loss (C1) and GPT-2's val loss (red, dashed) are drawn.
+    assert pixels_of(image, C0, alpha=0.6) > 100 and pixels_of(image, C1) > 100 and pixels_of(image, RED) > 100
 
 
 def expected_samples(model, tokenizer):
@@ -44,6 +69,9 @@ def printed_samples(text):
 
 def test_notebook_plots_a_real_run_and_samples_its_latest_checkpoint(trained_log, tokenizer, monkeypatch):
     text = run_notebook(trained_log, monkeypatch)
+    assert_loss_plot(trained_log)
+    hellaswag = read_plot(trained_log / "hellaswag.png")  # this run's accuracy (C0), GPT-2 (red) and GPT-3 (green)
+    assert pixels_of(hellaswag, C0) > 100 and pixels_of(hellaswag, RED) > 100 and pixels_of(hellaswag, GREEN) > 100
     assert "6 train steps, 3 val evaluations, 3 HellaSwag evaluations" in text  # evals at steps 0, 3 and 6
     assert "128 tokens per step: 768 tokens seen by step 6" in text  # --total-batch-size 128, from log.txt
     assert f"sampling from {trained_log} (its latest checkpoint)" in text
@@ -65,6 +93,9 @@ def test_notebook_without_hellaswag_samples_play_model(trained_log, exported_run
     with open(log_dir / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in events if "hellaswag_acc" not in e)
     text = run_notebook(log_dir, monkeypatch, model=str(exported_run))
+    assert_loss_plot(log_dir)
+    hellaswag = read_plot(log_dir / "hellaswag.png")  # the reference lines, and no curve of this run
+    assert pixels_of(hellaswag, C0) == 0 and pixels_of(hellaswag, RED) > 100 and pixels_of(hellaswag, GREEN) > 100
     assert "6 train steps, 3 val evaluations, 0 HellaSwag evaluations" in text
     assert "tokens per step" not in text
     assert f"sampling from {exported_run}: " in text

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sample
+from model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "The following identifiers are used as reserved words"
@@ -60,19 +61,99 @@ def test_same_seed_same_text_other_seed_other_text(trained_log, run_main):
     assert samples(2) != first
 
 
-def test_prompt_from_stdin(trained_log, run_main):
-    code, expected, _ = run_main(sample.main, "-m", trained_log, "--prompt", "Once upon a time", "--top-k", "1",
-                                 "--max-new-tokens", "8")
-    assert code == 0 and expected.startswith("Once upon a time")
-    command = [sys.executable, "sample.py", "-m", str(trained_log), "--top-k", "1", "--max-new-tokens", "8"]
+def latest_model(trained_log):
+    return GPT.from_checkpoint(trained_log / "checkpoints" / "step_00000006.pt").eval()
+
+
+def continuation(model, tokenizer, prompt_ids, *args, **kwargs):
+    """The text model.generate adds after prompt_ids, up to its first <|endoftext|>: what sample.py must print."""
+    new = model.generate(torch.tensor([prompt_ids]), *args, **kwargs)[0, len(prompt_ids):].tolist()
+    return tokenizer.decode(new[:new.index(50256)] if 50256 in new else new)
+
+
+def test_the_defaults_and_each_sampling_flag_reach_the_sampler(trained_log, tokenizer, run_main):
+    model, prompt_ids = latest_model(trained_log), tokenizer.encode_ordinary(PROMPT)
+    # The defaults: 100 new tokens, temperature 1.0, top-k 50, seed 42.
+    expected = continuation(model, tokenizer, prompt_ids, 100, temperature=1.0, top_k=50,
+                            generator=torch.Generator().manual_seed(42))
+    code, out, err = run_main(sample.main, "-m", trained_log, "--prompt", PROMPT)
+    assert code == 0 and out == PROMPT + expected + "\n", err
+    expected = continuation(model, tokenizer, prompt_ids, 20, temperature=0.5, top_k=0,
+                            generator=torch.Generator().manual_seed(3))
+    code, out, err = run_main(sample.main, "-m", trained_log, "--prompt", PROMPT, "--max-new-tokens", "20",
+                              "--temperature", "0.5", "--top-k", "0", "--seed", "3")
+    assert code == 0 and out == PROMPT + expected + "\n", err
+
+
+def test_no_prompt_starts_a_new_document(trained_log, tokenizer, run_main):
+    expected = continuation(latest_model(trained_log), tokenizer, [50256], 8, top_k=1)  # after <|endoftext|>
+    code, out, err = run_main(sample.main, "-m", trained_log, "--prompt", "", "--top-k", "1", "--max-new-tokens", "8")
+    assert code == 0 and out == expected + "\n", err
+    # An empty --prompt is a prompt: stdin is not read.
+    command = [sys.executable, "sample.py", "-m", str(trained_log), "--prompt", "", "--top-k", "1",
+               "--max-new-tokens", "8"]
     proc = subprocess.run(command, input="Once upon a time\n", capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == out, proc.stderr
+
+
+def test_prompt_from_stdin(trained_log, run_main):
+    code, expected, _ = run_main(sample.main, "-m", trained_log, "--prompt", "  Once upon a time", "--top-k", "1",
+                                 "--max-new-tokens", "8")
+    assert code == 0 and expected.startswith("  Once upon a time")
+    command = [sys.executable, "sample.py", "-m", str(trained_log), "--top-k", "1", "--max-new-tokens", "8"]
+    proc = subprocess.run(command, input="  Once upon a time\n", capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == expected
+    assert proc.stdout == expected  # the line end that closes the input is not part of the prompt
+
+
+def scripted_stream(rows, interrupt_after=None):
+    """A GPT.stream that yields the given token ids column by column, (B, 1) each, as sampling would."""
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
+        for step, column in enumerate(zip(*rows)):
+            if step == interrupt_after:
+                raise KeyboardInterrupt
+            yield torch.tensor(column).view(-1, 1)
+    return stream
+
+
+def test_a_character_split_over_tokens_is_streamed_whole(trained_log, tokenizer, run_main, monkeypatch):
+    # 🤖 is three tokens and 日本 four, their first ones incomplete UTF-8: never printed as a replacement character.
+    ids = tokenizer.encode_ordinary("🤖日本!")
+    assert len(ids) == 8 and "\ufffd" in tokenizer.decode(ids[:1])
+    monkeypatch.setattr(GPT, "stream", scripted_stream([ids + [50256, 11, 11]]))
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, text):
+            writes.append(text)
+            return super().write(text)
+
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    assert sample.main(["-m", str(trained_log), "--prompt", "Hi"]) == 0
+    assert "".join(writes) == "Hi🤖日本!\n"  # and it stopped at <|endoftext|>
+    assert not any("\ufffd" in text for text in writes)
+
+
+def test_each_sample_ends_at_its_own_end_of_text(trained_log, tokenizer, run_main, monkeypatch):
+    a, b, c, d = (tokenizer.encode_ordinary(word) for word in (" one", " two", " three", " four"))
+    rows = [a + [50256] + b + c, b + c + d + [50256]]  # the first ends early; what follows its end is not shown
+    monkeypatch.setattr(GPT, "stream", scripted_stream(rows))
+    code, out, err = run_main(sample.main, "-m", trained_log, "--prompt", "Hi", "--num-samples", "2")
+    assert code == 0, err
+    assert out == f"Hi one\n{sample.SEPARATOR}\nHi two three four\n"
+
+
+def test_ctrl_c_while_sampling_stops_with_130(trained_log, tokenizer, run_main, monkeypatch):
+    monkeypatch.setattr(GPT, "stream", scripted_stream([tokenizer.encode_ordinary(" one two three")], 2))
+    code, out, _ = run_main(sample.main, "-m", trained_log, "--prompt", "Hi")
+    assert code == 130 and out == "Hi one two\n"
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--temperature", "0"], "--temperature must be a positive number, got 0.0"),
     (["--temperature", "nan"], "--temperature must be a positive number, got nan"),
+    (["--temperature", "inf"], "--temperature must be a positive number, got inf"),
     (["--top-k", "-1", "--num-samples", "0"], "--num-samples must be at least 1, got 0; --top-k must be at least 0"),
     (["--max-new-tokens", "-5"], "--max-new-tokens must be at least 0, got -5"),
     (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
