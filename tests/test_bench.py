@@ -334,3 +334,15 @@ def test_float16_steps_with_the_gradient_scaler_and_mfu_uses_the_given_peak():
     assert float32["first_loss"] == pytest.approx(math.log(50304), rel=0.02)
     for r in result["train"]:
         assert r["peak_flops"] == 1e12 and r["mfu"] == pytest.approx(r["achieved_flops"] / 1e12)
+
+
+def test_synchronize_waits_for_the_devices_own_queue(monkeypatch):
+    import bench
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("cuda", device)))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append(("mps", None)))
+    bench.synchronize(torch.device("cuda", 1))
+    bench.synchronize(torch.device("mps"))
+    bench.synchronize(torch.device("cpu"))  # nothing to wait for on a CPU, and no error
+    assert calls == [("cuda", torch.device("cuda", 1)), ("mps", None)]

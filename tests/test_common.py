@@ -39,7 +39,6 @@ from common import (
     problems_of,
     resolve_dtype,
     setting,
-    synchronize,
     write_settings,
 )
 
@@ -625,17 +624,6 @@ def test_autocast_and_scaler(dtype, expected, scaled):
     with autocast:
         product = a @ b
     assert product.dtype == (expected or torch.float32)
-    synchronize(cpu)  # nothing to wait for on a CPU, and no error
-
-
-def test_synchronize_waits_for_the_devices_own_queue(monkeypatch):
-    calls = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("cuda", device)))
-    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append(("mps", None)))
-    synchronize(torch.device("cuda", 1))
-    synchronize(torch.device("mps"))
-    synchronize(torch.device("cpu"))
-    assert calls == [("cuda", torch.device("cuda", 1)), ("mps", None)]
 
 
 def test_compile_by_default_needs_cuda_triton_and_not_windows(monkeypatch):
