@@ -5,6 +5,7 @@ weights and configs, GPT-2's tokenizer, and a model card with the run's steps, v
 """
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -54,7 +55,8 @@ def to_hf(model, dtype=torch.float32):
     # GPT2Config's defaults are GPT-2's (gelu_new, layer_norm_epsilon 1e-5), but for dropout, which ours has not
     hf_model = GPT2LMHeadModel(GPT2Config(**sizes, **tokens, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
     copy_weights(model.state_dict(), hf_model.state_dict())
-    sampling = dict(do_sample=True, top_k=50, max_length=c.block_size)
+    # max_new_tokens, not max_length: a caller's own max_new_tokens then replaces it without a warning
+    sampling = dict(do_sample=True, top_k=50, max_new_tokens=32)
     hf_model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, **sampling)
     return hf_model.to(dtype)
 
@@ -64,7 +66,12 @@ def save_folder(hf_model, directory, training=""):
     if problem := occupied(directory):
         raise ValueError(problem)
     parent, name = os.path.split(os.path.abspath(directory))
-    staging = os.path.join(parent, f".{name}.{socket.gethostname()}.{os.getpid()}.tmp")  # this process's own
+    host = socket.gethostname()
+    for stale in glob.glob(os.path.join(glob.escape(parent), f".*.{glob.escape(host)}.*.tmp")):
+        pid = stale.rsplit(".", 2)[-2]
+        if pid.isdigit() and not pid_alive(int(pid)):  # the staging folder of a killed export on this machine
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = os.path.join(parent, f".{name}.{host}.{os.getpid()}.tmp")  # this process's own
     os.makedirs(staging)
     try:
         hf_model.save_pretrained(staging)
@@ -72,9 +79,12 @@ def save_folder(hf_model, directory, training=""):
         if has_tokenizer:
             tokenizer.save_for_transformers(staging, model_max_length=hf_model.config.n_positions)
         Path(staging, "README.md").write_text(model_card(hf_model, directory, has_tokenizer, training))
+        umask = os.umask(0)
+        os.umask(umask)
         for file in os.listdir(staging):  # on disk before the rename makes the folder visible
             with open(os.path.join(staging, file), "rb") as f:
                 os.fsync(f.fileno())
+                os.fchmod(f.fileno(), 0o666 & ~umask)  # safetensors writes 0600: the umask decides, as for the rest
         os.replace(staging, directory)  # takes the place of an empty directory, never of a full one
         fsync_directory(parent)
     finally:
@@ -112,8 +122,9 @@ def training_section(checkpoint, source):
     tokens = f" of {batch:,} tokens: {step * batch:,} tokens in all." if batch else "."
     lines = [f"Trained with train_gpt2.py for {step:,} steps{tokens}"]
     source, events = Path(source).absolute(), []  # source: a log directory, or <log dir>/checkpoints/step_N.pt
-    log_dir = source if source.is_dir() else source.parent.parent if source.parent.name == "checkpoints" else None
-    if log_dir and (log_dir / "metrics.jsonl").is_file():
+    in_log = source.is_dir() or source.parent.name == "checkpoints"  # not a checkpoint copied away from its log
+    log_dir = source if source.is_dir() else source.parent.parent
+    if in_log and (log_dir / "metrics.jsonl").is_file():
         for line in (log_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
             with contextlib.suppress(ValueError):  # a line cut short by a crash
                 events.append(json.loads(line))
@@ -121,6 +132,16 @@ def training_section(checkpoint, source):
         logged = sorted((e["step"], e[key]) for e in events if e.get(key) is not None and e["step"] <= step)
         lines += [f"- {label}: {value:.4f} at step {at:,}" for at, value in logged[-1:]]  # the last one
     return "\n".join(lines)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def occupied(directory):
