@@ -335,3 +335,24 @@ def test_every_exported_file_has_the_permissions_the_umask_gives(tmp_path, umask
     modes = {name: os.stat(tmp_path / "out" / name).st_mode & 0o777 for name in os.listdir(tmp_path / "out")}
     assert "model.safetensors" in modes and "tokenizer.json" in modes
     assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+
+
+def test_to_hf_round_trips_into_transformers_without_dropout_and_samples_as_generate(tmp_path):
+    # A random GPT, perturbed so that a transposed or misplaced weight shows; its export in transformers gives the
+    # same logits, in eval and in train mode (ours has no dropout, nor has its export), and samples as generate()
+    from transformers import GenerationConfig, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(block_size=40, vocab_size=101, n_layer=3, n_head=3, n_embd=48)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    export.save_folder(export.to_hf(model), str(tmp_path / "export"))
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    idx = torch.randint(0, 101, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(reloaded.train()(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
+    generation = GenerationConfig.from_pretrained(tmp_path / "export")
+    assert (generation.do_sample, generation.top_k, generation.max_new_tokens) == (True, 50, 32)
+    assert generation.eos_token_id == generation.pad_token_id == generation.bos_token_id == 50256

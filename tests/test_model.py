@@ -1,19 +1,22 @@
 """model.py against independent references: transformers' GPT2LMHeadModel, plain re-computations."""
 
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import export
 from model import GPT, GPT2_SIZES, GPTConfig
+
+ADAMW = dict(weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)  # the recipe's
 
 
 @pytest.fixture(scope="module")
 def hf_small(tmp_path_factory):
     """A random transformers GPT-2 with non-square sizes, saved in HF format, and the model."""
     from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(1)
     config = GPT2Config(n_positions=40, n_embd=48, n_layer=3, n_head=3, vocab_size=101)
     model = GPT2LMHeadModel(config).eval()
@@ -40,31 +43,9 @@ def test_from_pretrained_matches_transformers(hf_small):
     torch.testing.assert_close(our_loss, their_loss, atol=1e-5, rtol=0)
 
 
-def test_save_pretrained_round_trips_into_transformers(hf_small, tmp_path):
-    from transformers import GenerationConfig, GPT2LMHeadModel
-    path, _ = hf_small
-    model = GPT.from_pretrained(path).eval()
-    model.save_pretrained(tmp_path / "export")
-    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
-    idx = torch.randint(0, 101, (2, 17), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
-        # Our GPT has no dropout; nor has its export, even in training mode (fine-tuning it trains the same model).
-        torch.testing.assert_close(reloaded.train()(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
-    # Generation as generate() samples: top-k 50, up to the model's context, ending at <|endoftext|>.
-    generation = GenerationConfig.from_pretrained(tmp_path / "export")
-    assert (generation.do_sample, generation.top_k, generation.max_length) == (True, 50, 40)
-    assert generation.eos_token_id == generation.pad_token_id == generation.bos_token_id == 50256
-    # bfloat16 halves the folder: the weights are stored in it, and read back as bfloat16 values of ours.
-    model.save_pretrained(tmp_path / "half", dtype=torch.bfloat16)
-    half = GPT2LMHeadModel.from_pretrained(tmp_path / "half", dtype="auto")
-    assert half.dtype == torch.bfloat16
-    wte = model.transformer.wte.weight.to(torch.bfloat16)
-    assert torch.equal(half.transformer.wte.weight, wte)
-
-
 def test_padded_vocab_loads_trains_and_exports_without_the_padding(hf_gpt2_dir, tmp_path):
     from transformers import GPT2LMHeadModel
+
     hf_model = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
     model = GPT.from_pretrained(hf_gpt2_dir, vocab_size=50304)
     assert model.config.vocab_size == 50304
@@ -78,14 +59,14 @@ def test_padded_vocab_loads_trains_and_exports_without_the_padding(hf_gpt2_dir, 
     torch.testing.assert_close(model.lm_head.weight[50257:], mean_row.expand(47, -1), atol=1e-6, rtol=0)
     assert (logits[..., 50257:].max(-1).values < reference.max(-1).values).all()
     # Training steps through the padded model, then export drops the padding rows.
-    optimizer, _ = model.configure_optimizers(0.1, 1e-3, device_type="cpu")
+    optimizer = model.configure_optimizers(1e-3, ADAMW)[0]["optimizer"]
     for _ in range(2):
         _, loss = model(idx, torch.roll(idx, -1, 1))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     assert torch.isfinite(loss)
-    model.eval().save_pretrained(tmp_path / "export")
+    export.save_folder(export.to_hf(model.eval()), str(tmp_path / "export"))
     exported = GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
     assert exported.config.vocab_size == 50257
     with torch.no_grad():
@@ -108,14 +89,20 @@ def test_124m_parameter_count_and_tied_weights():
 
 def test_gpt2_sizes_by_name():
     sizes = {name: (c.n_layer, c.n_head, c.n_embd) for name in GPT2_SIZES for c in [GPTConfig.from_name(name)]}
-    assert sizes == {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
-                     "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
+    assert sizes == {
+        "gpt2": (12, 12, 768),
+        "gpt2-medium": (24, 16, 1024),
+        "gpt2-large": (36, 20, 1280),
+        "gpt2-xl": (48, 25, 1600),
+    }
     assert GPTConfig.from_name("gpt2", vocab_size=50304).vocab_size == 50304
     with pytest.raises(ValueError, match="gpt2-small"):
         GPTConfig.from_name("gpt2-small")
     assert GPTConfig(n_embd=50, n_head=3).problems() == ["n_embd=50 is not divisible by n_head=3"]
-    assert GPTConfig(n_layer=0, block_size=-1).problems() == ["block_size=-1 must be positive",
-                                                              "n_layer=0 must be positive"]
+    assert GPTConfig(n_layer=0, block_size=-1).problems() == [
+        "block_size=-1 must be positive",
+        "n_layer=0 must be positive",
+    ]
     assert GPTConfig().problems() == []
 
 
@@ -183,7 +170,7 @@ def test_logit_positions_give_those_positions_logits_and_loss(hf_small):
 def greedy_without_cache(model, idx, max_new_tokens):
     """The reference: a full forward over the (cropped) context for every new token."""
     for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -model.config.block_size:])
+        logits, _ = model(idx[:, -model.config.block_size :])
         idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return idx
 
@@ -216,7 +203,7 @@ def test_seeded_sampling_repeats_and_seeds_differ():
 def test_tiny_model_overfits_one_batch(dtype, tiny_config):
     torch.manual_seed(0)
     model = GPT(tiny_config)
-    optimizer, _ = model.configure_optimizers(weight_decay=0.0, learning_rate=1e-2, device_type="cpu")
+    optimizer = model.configure_optimizers(1e-2, ADAMW | dict(weight_decay=0.0))[0]["optimizer"]
     idx = torch.randint(0, tiny_config.vocab_size, (4, 32))
     targets = torch.roll(idx, -1, 1)
     for _ in range(80):
@@ -228,28 +215,94 @@ def test_tiny_model_overfits_one_batch(dtype, tiny_config):
     assert loss.item() < 0.1
 
 
-def test_adamw_gets_the_recipes_hyperparameters(tiny_config):
+def test_adamw_gets_the_settings_it_is_given(tiny_config):
     model = GPT(tiny_config)
-    optimizer, _ = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
-    for group in optimizer.param_groups:  # GPT-3's: betas (0.9, 0.95), eps 1e-8
+    optimizers, _ = model.configure_optimizers(6e-4, ADAMW)
+    assert list(optimizers) == ["optimizer"]  # AdamW alone: the recipe
+    for group in optimizers["optimizer"].param_groups:  # GPT-3's: betas (0.9, 0.95), eps 1e-8
         assert (group["lr"], group["betas"], group["eps"]) == (6e-4, (0.9, 0.95), 1e-8)
-    optimizer, _ = model.configure_optimizers(0.0, 1e-3, betas=(0.8, 0.9), eps=1e-6, device_type="cpu")
+    optimizer = model.configure_optimizers(1e-3, dict(weight_decay=0.0, betas=(0.8, 0.9), eps=1e-6))[0]["optimizer"]
     assert all((g["lr"], g["betas"], g["eps"]) == (1e-3, (0.8, 0.9), 1e-6) for g in optimizer.param_groups)
 
 
 def test_weight_decay_groups(tiny_config):
     model = GPT(tiny_config)
-    optimizer, info = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, device_type="cpu")
-    decay, no_decay = optimizer.param_groups
+    optimizers, info = model.configure_optimizers(1e-3, ADAMW)
+    decay, no_decay = optimizers["optimizer"].param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    grouped = [id(p) for g in optimizers["optimizer"].param_groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each exactly once
-    assert all(p.dim() < 2 for p in no_decay["params"]) and all(p.dim() >= 2 for p in decay["params"])
     named = {id(p): n for n, p in model.named_parameters()}
-    assert {named[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters()
-                                                          if n.endswith("bias") or ".ln_" in n or "ln_f" in n}
-    assert info["num_decay_params"] + info["num_nodecay_params"] == model.num_parameters()
-    assert info["num_nodecay_params"] == sum(p.numel() for p in no_decay["params"])
+    no_decay_names = {n for n, p in model.named_parameters() if n.endswith("bias") or ".ln_" in n or "ln_f" in n}
+    assert {named[id(p)] for p in no_decay["params"]} == no_decay_names
+    n_decay = sum(p.numel() for p in decay["params"])
+    n_no_decay = model.num_parameters() - n_decay
+    assert info == f"AdamW with weight decay on {n_decay:,} parameters, without on {n_no_decay:,}"
+
+
+MUON = dict(momentum=0.95, weight_decay=0.1, ns_steps=5)
+BLOCK_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny_config):
+    model = GPT(tiny_config)
+    optimizers, info = model.configure_optimizers(1e-3, ADAMW, MUON)
+    named = {id(p): n for n, p in model.named_parameters()}
+    muon_names = [named[id(p)] for g in optimizers["muon"].param_groups for p in g["params"]]
+    expected = [f"transformer.h.{i}.{m}" for i in range(tiny_config.n_layer) for m in BLOCK_MATRICES]
+    assert sorted(muon_names) == sorted(expected)
+    decay, no_decay = optimizers["optimizer"].param_groups
+    assert {named[id(p)] for p in decay["params"]} == {"transformer.wte.weight", "transformer.wpe.weight"}
+    adamw_names = {named[id(p)] for p in decay["params"] + no_decay["params"]}
+    assert adamw_names | set(muon_names) == {n for n, _ in model.named_parameters()}  # lm_head: wte, tied
+    assert not adamw_names & set(muon_names)
+    group = optimizers["muon"].param_groups[0]
+    assert (group["momentum"], group["weight_decay"], group["ns_steps"], group["nesterov"]) == (0.95, 0.1, 5, True)
+    assert group["adjust_lr_fn"] == "match_rms_adamw" and group["lr"] == 1e-3
+    n_muon = sum(p.numel() for _, p in model.named_parameters() if p.dim() == 2 and ".h." in _)
+    assert info.startswith(f"Muon on {n_muon:,} parameters, AdamW with weight decay on ")
+
+
+def newton_schulz(g, steps):
+    """Keller Jordan's quintic Newton-Schulz iteration, written out here (in float64) as torch.optim.Muon documents
+    it: G on its wide orientation, scaled to norm 1, then X <- aX + (bA + cA^2)X with A = XX^T."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.double().T if g.size(0) > g.size(1) else g.double()
+    x = x / x.norm().clamp(min=1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if g.size(0) > g.size(1) else x
+
+
+def test_a_muon_step_is_nesterov_momentum_orthogonalised_and_scaled_as_adamw(tiny_config):
+    # Three steps on one batch; before each, the expected new value of every Muon matrix is worked out from its
+    # value and gradient: momentum m = 0.95 m + 0.05 g, Nesterov's update 0.05 g + 0.95 m, Newton-Schulz,
+    # decoupled weight decay p (1 - lr wd), then lr scaled by 0.2 sqrt(max(rows, cols)) (match_rms_adamw).
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    lr = 2e-2
+    optimizers, _ = model.configure_optimizers(lr, ADAMW, MUON)
+    matrices = [p for g in optimizers["muon"].param_groups for p in g["params"]]
+    momentum = [torch.zeros_like(p) for p in matrices]
+    for seed in range(3):  # a new batch each step: the momentum then points elsewhere than the gradient
+        idx = torch.randint(0, tiny_config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(seed))
+        for optimizer in optimizers.values():
+            optimizer.zero_grad()
+        model(idx, torch.roll(idx, -1, 1))[1].backward()
+        before = [p.detach().clone() for p in matrices]
+        expected = []
+        for p, m in zip(matrices, momentum):
+            m.mul_(0.95).add_(p.grad, alpha=0.05)
+            update = newton_schulz(0.05 * p.grad + 0.95 * m, 5)
+            expected.append(p.detach() * (1 - lr * 0.1) - lr * 0.2 * math.sqrt(max(p.shape)) * update)
+        for optimizer in optimizers.values():
+            optimizer.step()
+        for p, old, want in zip(matrices, before, expected):
+            step, want_step = p.detach() - old, want - old
+            # torch runs Newton-Schulz in bfloat16: its direction is this float64 one's to about 0.998, its size to 1e-3
+            cosine = F.cosine_similarity(step.double().flatten(), want_step.flatten(), dim=0)
+            assert cosine > 0.99 and abs(step.norm() / want_step.norm() - 1) < 0.01
 
 
 def test_flops_per_token_matches_the_architecture():
@@ -259,17 +312,6 @@ def test_flops_per_token_matches_the_architecture():
     matmul_params = V * C + L * per_layer + 2 * C  # wte/lm_head once, blocks, ln_f; no wpe
     expected = 6 * matmul_params + 12 * L * C * T
     assert GPT(config).flops_per_token(T) == expected
-
-
-def test_from_checkpoint_restores_the_model(tiny_config, tmp_path):
-    from dataclasses import asdict
-    torch.manual_seed(0)
-    model = GPT(tiny_config)
-    torch.save({"model": model.state_dict(), "model_config": asdict(tiny_config)}, tmp_path / "ckpt.pt")
-    restored = GPT.from_checkpoint(tmp_path / "ckpt.pt")
-    idx = torch.randint(0, tiny_config.vocab_size, (2, 8))
-    assert restored.config == tiny_config
-    assert torch.equal(restored(idx)[0], model(idx)[0])
 
 
 def test_stream_yields_the_tokens_generate_returns(tiny_config):
@@ -292,6 +334,7 @@ def empirical(samples, vocab_size):
 
 def test_top_k_one_is_argmax_and_top_k_never_leaves_the_k_most_likely():
     from model import sample_next_token
+
     logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 3
     for temperature in (0.3, 1.0, 5.0):
         greedy = sample_next_token(logits, temperature, top_k=1, generator=torch.Generator().manual_seed(1))
@@ -308,6 +351,7 @@ def test_top_k_one_is_argmax_and_top_k_never_leaves_the_k_most_likely():
 
 def test_temperature_reshapes_the_distribution_as_softmax_of_logits_over_t():
     from model import sample_next_token
+
     logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(0)) * 2
     rows = logits.expand(20_000, -1)
     entropies = []
@@ -341,6 +385,7 @@ def test_a_sequence_longer_than_block_size_is_refused(tiny_config):
 
 def test_from_pretrained_refuses_a_smaller_vocab_and_another_activation(hf_small, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
+
     path, _ = hf_small
     with pytest.raises(ValueError, match="vocab_size 100 is smaller than the checkpoint's 101"):
         GPT.from_pretrained(path, vocab_size=100)
@@ -348,82 +393,3 @@ def test_from_pretrained_refuses_a_smaller_vocab_and_another_activation(hf_small
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "relu")
     with pytest.raises(ValueError, match="uses activation 'relu'; GPT-2 uses gelu_new"):
         GPT.from_pretrained(tmp_path / "relu")
-
-
-def test_load_model_takes_each_kind_of_name(hf_gpt2_dir, tmp_path):
-    from dataclasses import asdict
-    from transformers import GPT2LMHeadModel
-
-    from model import load_model
-    idx = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        reference = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()(idx).logits
-        hf_folder = load_model(hf_gpt2_dir).eval()  # a Hugging Face folder
-        torch.testing.assert_close(hf_folder(idx)[0], reference, atol=1e-5, rtol=0)
-        (tmp_path / "log" / "checkpoints").mkdir(parents=True)
-        padded = GPT.from_pretrained(hf_gpt2_dir, vocab_size=50304)
-        checkpoint = {"model": padded.state_dict(), "model_config": asdict(padded.config), "step": 5}
-        torch.save(checkpoint, tmp_path / "log" / "checkpoints" / "step_00000005.pt")
-        for name in (tmp_path / "log", tmp_path / "log" / "checkpoints" / "step_00000005.pt"):  # a log, a file
-            ours = load_model(str(name)).eval()
-            assert ours.config.vocab_size == 50304
-            torch.testing.assert_close(ours(idx)[0][..., :50257], reference, atol=1e-5, rtol=0)
-    # One token short of GPT-2's vocabulary: its tokenizer would produce an id the model does not have.
-    small = GPT(GPTConfig(block_size=8, vocab_size=50256, n_layer=1, n_head=1, n_embd=8))
-    torch.save({"model": small.state_dict(), "model_config": asdict(small.config)}, tmp_path / "small.pt")
-    with pytest.raises(ValueError, match="small.pt has vocab_size 50256; GPT-2's tokenizer needs 50257"):
-        load_model(str(tmp_path / "small.pt"))
-
-
-def test_read_checkpoint_refuses_what_is_not_a_plain_checkpoint(tiny_config, tmp_path):
-    import argparse
-    from dataclasses import asdict
-
-    from model import read_checkpoint
-    model = GPT(tiny_config)
-    # Code in a checkpoint never runs: an object that only unpickling code could build is refused.
-    torch.save({"model": model.state_dict(), "model_config": asdict(tiny_config), "args": argparse.Namespace(a=1)},
-               tmp_path / "pickled.pt")
-    with pytest.raises(ValueError, match="pickled.pt is not a readable train_gpt2.py checkpoint"):
-        read_checkpoint(tmp_path / "pickled.pt")
-    torch.save({"model": model.state_dict(), "step": 3}, tmp_path / "no_config.pt")
-    with pytest.raises(ValueError, match=r"no_config.pt is not a train_gpt2.py checkpoint \(it holds no model and"):
-        read_checkpoint(tmp_path / "no_config.pt")
-
-
-def test_read_checkpoint_of_a_log_dir_takes_the_latest_readable_one(tiny_config, tmp_path):
-    from dataclasses import asdict
-    from model import read_checkpoint
-    checkpoints = tmp_path / "checkpoints"
-    checkpoints.mkdir()
-    model = GPT(tiny_config)
-    for step in (2, 4):
-        torch.save({"model": model.state_dict(), "model_config": asdict(tiny_config), "step": step},
-                   checkpoints / f"step_{step:08d}.pt")
-    assert read_checkpoint(tmp_path)["step"] == 4
-    # Only step_N.pt files are the run's checkpoints: a copy kept under another name is not the latest.
-    torch.save({"model": model.state_dict(), "model_config": asdict(tiny_config), "step": 99}, checkpoints / "zz.pt")
-    assert read_checkpoint(tmp_path)["step"] == 4
-    (checkpoints / "step_00000006.pt").write_bytes((checkpoints / "step_00000004.pt").read_bytes()[:1000])  # cut short
-    assert read_checkpoint(tmp_path)["step"] == 4
-    assert GPT.from_checkpoint(tmp_path).config == tiny_config
-    with pytest.raises(ValueError, match=r"holds no readable checkpoint \(train_gpt2.py --log-dir"):
-        read_checkpoint(checkpoints)  # the checkpoints folder itself is not a log directory
-
-
-def test_save_pretrained_writes_the_whole_folder_once(hf_gpt2_dir, hf_small, tmp_path):
-    from transformers import AutoTokenizer
-    model = GPT.from_pretrained(hf_gpt2_dir)
-    model.save_pretrained(tmp_path / "gpt2")
-    assert sorted(os.listdir(tmp_path / "gpt2")) == ["README.md", "config.json", "generation_config.json",
-                                                     "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
-    assert AutoTokenizer.from_pretrained(tmp_path / "gpt2").model_max_length == 64  # its block_size
-    card = (tmp_path / "gpt2" / "README.md").read_text()
-    assert f"{model.num_parameters():,} parameters" in card and "Not recorded" in card
-    with pytest.raises(ValueError, match="already exists and is not an empty directory"):
-        model.save_pretrained(tmp_path / "gpt2")
-    # GPT-2's tokenizer only goes with GPT-2's vocabulary.
-    GPT.from_pretrained(hf_small[0]).save_pretrained(tmp_path / "small")
-    assert "tokenizer.json" not in os.listdir(tmp_path / "small")
-    assert "101 token ids (no tokenizer)" in (tmp_path / "small" / "README.md").read_text()
-    assert sorted(os.listdir(tmp_path)) == ["gpt2", "small"]  # no staging folder left behind
