@@ -54,7 +54,7 @@ def reference_shards(tokens, shard_size, prefix):
     shards = {}
     for index, start in enumerate(range(0, len(tokens), shard_size)):
         buffer = io.BytesIO()
-        np.save(buffer, tokens[start:start + shard_size].astype(np.uint16))
+        np.save(buffer, tokens[start : start + shard_size].astype(np.uint16))
         shards[expected_names(prefix, index + 1)[-1]] = buffer.getvalue()
     return shards
 
@@ -96,8 +96,9 @@ def leftovers(directory):
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, FINEWEB, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=WAIT)
+    return subprocess.run(
+        [sys.executable, FINEWEB, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=WAIT
+    )
 
 
 def write_jsonl(path, documents, replace=None):
@@ -115,11 +116,13 @@ def fineweb_edu_copy(directory, documents, files=2):
     """A local dataset repository in FineWeb-Edu's layout: a README whose YAML names the config
     sample-10BT and its parquet files (sample/10BT/*), which carry more columns than text."""
     (directory / "sample" / "10BT").mkdir(parents=True)
-    (directory / "README.md").write_text("---\nconfigs:\n- config_name: sample-10BT\n  data_files:\n  - split: train\n"
-                                         "    path: sample/10BT/*\n---\n")
+    (directory / "README.md").write_text(
+        "---\nconfigs:\n- config_name: sample-10BT\n  data_files:\n  - split: train\n    path: sample/10BT/*\n---\n"
+    )
     for i, part in enumerate(np.array_split(np.array(documents, dtype=object), files)):
-        table = pa.table({"text": list(part), "id": [f"<urn:{j}>" for j in range(len(part))],
-                          "score": [3.5] * len(part)})
+        table = pa.table(
+            {"text": list(part), "id": [f"<urn:{j}>" for j in range(len(part))], "score": [3.5] * len(part)}
+        )
         pq.write_table(table, directory / "sample" / "10BT" / f"{i:03d}_00000.parquet", row_group_size=10)
     return directory
 
@@ -128,8 +131,10 @@ def fineweb_edu_copy(directory, documents, files=2):
 def time_limit():
     """A test still running after 4 * WAIT seconds fails (SIGALRM) instead of hanging the suite: a writer that
     loops without progress runs in this process, where no other timeout reaches it."""
+
     def expire(number, frame):
         raise TimeoutError(f"the test ran past {4 * WAIT} s")
+
     previous = signal.signal(signal.SIGALRM, expire)
     signal.alarm(4 * WAIT)
     yield
@@ -153,8 +158,12 @@ def straight_run(reference):
 
 
 def test_tokenize_document_is_eot_then_ordinary_tokens(tokenizer):
-    texts = ["Hello, I'm a language model,", "", "naïve café — 東京 🙂\r\n\ttabs",
-             "a literal <|endoftext|> in a document is plain text"]
+    texts = [
+        "Hello, I'm a language model,",
+        "",
+        "naïve café — 東京 🙂\r\n\ttabs",
+        "a literal <|endoftext|> in a document is plain text",
+    ]
     for text in texts:
         tokens = fineweb.tokenize_document(text)
         assert tokens.dtype == np.uint16
@@ -208,12 +217,27 @@ def test_input_formats_give_the_same_shards(corpus_documents, straight_run, tmp_
         (txt_dir / f"doc_{i:03d}.txt").write_bytes(text.encode("utf-8"))
     txt_files = sorted(glob.glob(str(txt_dir / "*.txt")))
 
-    runs = {"jsonl": ["--input", "corpus.jsonl"], "json": ["--input", "corpus.json"],
-            "parquet": ["--input", "a.parquet", "b.parquet"], "txt": ["--input", *txt_files],
-            "python-docs": ["--dataset", "python-docs"]}
+    runs = {
+        "jsonl": ["--input", "corpus.jsonl"],
+        "json": ["--input", "corpus.json"],
+        "parquet": ["--input", "a.parquet", "b.parquet"],
+        "txt": ["--input", *txt_files],
+        "python-docs": ["--dataset", "python-docs"],
+    }
     for name, args in runs.items():
-        result = run_cli(*args, "--output-dir", f"out_{name}", "--prefix", "pydocs", "--shard-size", SHARD,
-                         "--num-proc", 2, "--no-progress", cwd=tmp_path)
+        result = run_cli(
+            *args,
+            "--output-dir",
+            f"out_{name}",
+            "--prefix",
+            "pydocs",
+            "--shard-size",
+            SHARD,
+            "--num-proc",
+            2,
+            "--no-progress",
+            cwd=tmp_path,
+        )
         assert result.returncode == 0, (name, result.stderr)
         assert differences(shard_bytes(tmp_path / f"out_{name}"), straight_run) == [], name
         assert f"{len(straight_run)} shards (1 val, {len(straight_run) - 1} train)" in result.stdout
@@ -222,8 +246,23 @@ def test_input_formats_give_the_same_shards(corpus_documents, straight_run, tmp_
 def test_hub_streaming_path_reads_a_local_copy_in_fineweb_edu_layout(corpus_documents, straight_run, tmp_path):
     """The `datasets` streaming code users run against the hub, pointed at a dataset repository on disk."""
     repo = fineweb_edu_copy(tmp_path / "fineweb-edu", corpus_documents)
-    result = run_cli("--dataset", repo, "--subset", "sample-10BT", "--output-dir", "out", "--prefix", "pydocs",
-                     "--shard-size", SHARD, "--num-proc", 2, "--progress", "--no-disk-check", cwd=tmp_path)
+    result = run_cli(
+        "--dataset",
+        repo,
+        "--subset",
+        "sample-10BT",
+        "--output-dir",
+        "out",
+        "--prefix",
+        "pydocs",
+        "--shard-size",
+        SHARD,
+        "--num-proc",
+        2,
+        "--progress",
+        "--no-disk-check",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert differences(shard_bytes(tmp_path / "out"), straight_run) == []
     assert "/10.0G" in result.stderr  # sample-10BT: the bar's total is the card's ~10B tokens
@@ -241,43 +280,67 @@ def endless(documents, drawn, rounds=100):
 def test_max_tokens_stops_the_stream_and_reads_lazily(corpus_documents, reference, tmp_path):
     # An endless input: only a writer that streams, and stops, can finish.
     limit, drawn = 3 * len(reference) + 7, [0]
-    paths = fineweb.write_shards(endless(corpus_documents, drawn), str(tmp_path / "a"), "pydocs", 40_000,
-                                 num_proc=2, max_tokens=limit, progress=False)
+    paths = fineweb.write_shards(
+        endless(corpus_documents, drawn),
+        str(tmp_path / "a"),
+        "pydocs",
+        40_000,
+        num_proc=2,
+        max_tokens=limit,
+        progress=False,
+    )
     sizes = [np.load(p).size for p in paths]
     assert sizes == [40_000] * (limit // 40_000) + [limit % 40_000]
-    assert np.array_equal(np.concatenate([np.load(p) for p in paths]),
-                          np.concatenate([reference, reference, reference, reference[:7]]))
+    assert np.array_equal(
+        np.concatenate([np.load(p) for p in paths]), np.concatenate([reference, reference, reference, reference[:7]])
+    )
     read_ahead = 2 * fineweb.CHUNK_DOCS * fineweb.BLOCK_CHUNKS * 2  # two blocks of 2 workers' chunks
     assert drawn[0] <= 4 * len(corpus_documents) + read_ahead
     # A limit on a shard boundary leaves no empty shard behind; one past it, a shard of one token.
     for extra in (0, 1):
-        paths = fineweb.write_shards(corpus_documents, str(tmp_path / f"b{extra}"), "pydocs", SHARD, num_proc=2,
-                                     max_tokens=2 * SHARD + extra, progress=False)
-        assert [np.load(p).size for p in paths] == [SHARD, SHARD, 1][:2 + extra]
-        assert np.array_equal(np.concatenate([np.load(p) for p in paths]), reference[:2 * SHARD + extra])
+        paths = fineweb.write_shards(
+            corpus_documents,
+            str(tmp_path / f"b{extra}"),
+            "pydocs",
+            SHARD,
+            num_proc=2,
+            max_tokens=2 * SHARD + extra,
+            progress=False,
+        )
+        assert [np.load(p).size for p in paths] == [SHARD, SHARD, 1][: 2 + extra]
+        assert np.array_equal(np.concatenate([np.load(p) for p in paths]), reference[: 2 * SHARD + extra])
 
 
 def test_max_tokens_counts_the_finished_shards_of_a_resumed_run(corpus_documents, reference, tmp_path):
     whole_shards = len(reference) // SHARD - 1
     limit = whole_shards * SHARD + 123  # the stream's end is never reached
     with pytest.raises(UserError, match="connection lost"):
-        fineweb.write_shards(failing_after(corpus_documents, 40), str(tmp_path), "pydocs", SHARD, num_proc=2,
-                             max_tokens=limit, progress=False)
+        fineweb.write_shards(
+            failing_after(corpus_documents, 40),
+            str(tmp_path),
+            "pydocs",
+            SHARD,
+            num_proc=2,
+            max_tokens=limit,
+            progress=False,
+        )
     assert 1 <= len(progress(tmp_path / "pydocs_progress.jsonl")[0]) < whole_shards
-    paths = fineweb.write_shards(corpus_documents, str(tmp_path), "pydocs", SHARD, num_proc=2, max_tokens=limit,
-                                 progress=False)
+    paths = fineweb.write_shards(
+        corpus_documents, str(tmp_path), "pydocs", SHARD, num_proc=2, max_tokens=limit, progress=False
+    )
     assert [np.load(p).size for p in paths] == [SHARD] * whole_shards + [123]
     assert np.array_equal(np.concatenate([np.load(p) for p in paths]), reference[:limit])
 
 
 def test_a_resumed_input_shorter_than_the_finished_shards_is_refused(corpus_documents, tmp_path):
     with pytest.raises(UserError, match="connection lost"):
-        fineweb.write_shards(failing_after(corpus_documents, 40), str(tmp_path), "pydocs", SHARD, num_proc=2,
-                             progress=False)
+        fineweb.write_shards(
+            failing_after(corpus_documents, 40), str(tmp_path), "pydocs", SHARD, num_proc=2, progress=False
+        )
     shards, _ = progress(tmp_path / "pydocs_progress.jsonl")
     before = shard_bytes(tmp_path)
     # One document fewer than the finished shards cover: the input changed.
-    shorter = corpus_documents[:shards[-1]["next_document"] - 1]
+    shorter = corpus_documents[: shards[-1]["next_document"] - 1]
     with pytest.raises(UserError, match=f"fewer documents than the {shards[-1]['next_document']} of the finished"):
         fineweb.write_shards(shorter, str(tmp_path), "pydocs", SHARD, num_proc=2, progress=False)
     assert differences(shard_bytes(tmp_path), before) == []
@@ -326,6 +389,7 @@ def test_a_hub_stream_resumes_from_its_own_position(corpus_documents, reference,
                 raise ConnectionError("connection lost")
             rows_read.append(len(batch["text"]))
             yield batch
+
     monkeypatch.setattr(datasets.IterableDataset, "iter", counted)
 
     out = str(tmp_path / "out")
@@ -411,7 +475,7 @@ class Feeder(threading.Thread):
         """All of data, waiting while the pipe is full; False if finish() came first."""
         while data and not self.stop.is_set():
             try:
-                data = data[os.write(fd, data):]
+                data = data[os.write(fd, data) :]
             except BlockingIOError:
                 select.select([], [fd], [], 0.1)
         return not data
@@ -436,9 +500,14 @@ class PipedRuns:
         os.mkfifo(directory / "big.jsonl")
 
     def start(self, documents, args=PIPE_ARGS, close=False):
-        process = subprocess.Popen([sys.executable, FINEWEB, *map(str, args)], cwd=self.directory,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, FINEWEB, *map(str, args)],
+            cwd=self.directory,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         feeder = Feeder(self.directory / "big.jsonl", documents, close)
         feeder.start()
         self.started.append((process, feeder))
@@ -527,8 +596,9 @@ def assert_piped_run_finishes_like_a_straight_one(piped, documents, tokenizer):
 
 
 @pytest.mark.multiprocess
-def test_interrupted_terminated_and_killed_cli_runs_resume_to_identical_bytes(corpus_documents, tokenizer, tmp_path,
-                                                                              piped):
+def test_interrupted_terminated_and_killed_cli_runs_resume_to_identical_bytes(
+    corpus_documents, tokenizer, tmp_path, piped
+):
     documents = piped_input(corpus_documents)
     progress_file = tmp_path / "out" / "edufineweb_progress.jsonl"
     code, stderr = stop_piped(piped, documents, 3, lambda p: os.killpg(p.pid, signal.SIGINT))  # Ctrl-C
@@ -548,6 +618,7 @@ def test_interrupted_terminated_and_killed_cli_runs_resume_to_identical_bytes(co
         for pid in orphans:
             os.kill(pid, signal.SIGKILL)  # a failing test leaves nothing behind
         assert not orphans, f"workers {orphans} outlived the killed run"
+
     code, _ = stop_piped(piped, documents, terminated + 3, kill)
     assert code == -signal.SIGKILL and len(workers) == 2
     shards, complete = progress(progress_file)
@@ -575,14 +646,16 @@ def test_a_dead_worker_is_one_line_and_the_rerun_resumes(corpus_documents, token
 
 
 @pytest.mark.multiprocess
-def test_a_second_run_on_one_directory_is_refused_and_the_first_finishes(corpus_documents, straight_run, tmp_path,
-                                                                        piped):
+def test_a_second_run_on_one_directory_is_refused_and_the_first_finishes(
+    corpus_documents, straight_run, tmp_path, piped
+):
     args = ["--output-dir", "out", "--prefix", "pydocs", "--num-proc", 1, "--no-progress"]
     first, feeder = piped.start(corpus_documents, ["--input", "big.jsonl", "--shard-size", SHARD, *args])
     lock = tmp_path / "out" / ".lock"
     wait_until(lambda: lock.exists() and f"pid {first.pid} " in lock.read_text(), first, "the first run's lock")
-    second = run_cli("--input", "big.jsonl", "--shard-size", 6_000, *args,
-                     cwd=tmp_path)  # the first one waits on its pipe
+    second = run_cli(
+        "--input", "big.jsonl", "--shard-size", 6_000, *args, cwd=tmp_path
+    )  # the first one waits on its pipe
     line = second.stderr.strip()
     assert second.returncode == 1 and "\n" not in line and "Traceback" not in line, second.stderr
     assert f"pid {first.pid} on {socket.gethostname()}" in line and "out is in use" in line
@@ -595,8 +668,19 @@ def test_a_second_run_on_one_directory_is_refused_and_the_first_finishes(corpus_
 
 def test_a_malformed_line_keeps_finished_shards_and_a_fixed_file_resumes(corpus_documents, straight_run, tmp_path):
     write_jsonl(tmp_path / "corpus.jsonl", corpus_documents, replace=(60, '{"text": "unfinished\n'))
-    args = ["--input", "corpus.jsonl", "--output-dir", "out", "--prefix", "pydocs", "--shard-size", SHARD,
-            "--num-proc", 2, "--no-progress"]
+    args = [
+        "--input",
+        "corpus.jsonl",
+        "--output-dir",
+        "out",
+        "--prefix",
+        "pydocs",
+        "--shard-size",
+        SHARD,
+        "--num-proc",
+        2,
+        "--no-progress",
+    ]
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
@@ -656,10 +740,16 @@ ERRORS = {
     "missing file": (["--input", "nope.jsonl"], 2, ["nope.jsonl does not exist"]),
     "unknown format": (["--input", "data.csv"], 2, ["data.csv", "unknown format .csv", ".jsonl"]),
     "directory": (["--input", "a_dir"], 2, ["a_dir is not a file"]),
-    "bad flags": (["--dataset", "python-docs", "--shard-size", "0", "--num-proc", "0", "--max-tokens", "-5",
-                   "--prefix", "a/b"], 2, ["--shard-size 0", "--num-proc 0", "--max-tokens -5", "--prefix 'a/b'"]),
-    "output under a file": (["--dataset", "python-docs", "--output-dir", "a_file/out"], 2,
-                            ["--output-dir 'a_file/out'", "directory"]),
+    "bad flags": (
+        ["--dataset", "python-docs", "--shard-size", "0", "--num-proc", "0", "--max-tokens", "-5", "--prefix", "a/b"],
+        2,
+        ["--shard-size 0", "--num-proc 0", "--max-tokens -5", "--prefix 'a/b'"],
+    ),
+    "output under a file": (
+        ["--dataset", "python-docs", "--output-dir", "a_file/out"],
+        2,
+        ["--output-dir 'a_file/out'", "directory"],
+    ),
     "malformed json": (["--input", "bad.jsonl"], 1, ["bad.jsonl line 3", "malformed JSON"]),
     "no text field": (["--input", "notext.jsonl"], 1, ["notext.jsonl line 1", '"text"']),
     "json array": (["--input", "array.json"], 1, ["array.json holds a JSON array", "jq"]),
@@ -668,8 +758,11 @@ ERRORS = {
     "not utf-8": (["--input", "latin1.txt"], 1, ["latin1.txt", "UTF-8"]),
     "empty input": (["--input", "empty.jsonl"], 1, ["no documents"]),
     "blank lines": (["--input", "blank.jsonl"], 1, ["no documents"]),
-    "hub unreachable": (["--dataset", "HuggingFaceFW/fineweb-edu", "--no-disk-check"], 1,
-                        ["Hugging Face hub", "--input"]),
+    "hub unreachable": (
+        ["--dataset", "HuggingFaceFW/fineweb-edu", "--no-disk-check"],
+        1,
+        ["Hugging Face hub", "--input"],
+    ),
 }
 
 
@@ -678,8 +771,9 @@ def test_errors_are_one_clean_line(case, tmp_path):
     make_inputs(tmp_path)
     args, code, phrases = ERRORS[case]
     # conftest.py set HF_HUB_OFFLINE=1, which the subprocess inherits: the hub is "unreachable" at once.
-    result = run_cli("--output-dir", "out", "--shard-size", SHARD, "--num-proc", 1, "--no-progress", *args,
-                     cwd=tmp_path)
+    result = run_cli(
+        "--output-dir", "out", "--shard-size", SHARD, "--num-proc", 1, "--no-progress", *args, cwd=tmp_path
+    )
     assert result.returncode == code, result.stderr
     line = result.stderr.strip()
     assert "\n" not in line and "Traceback" not in line and line.startswith("fineweb.py: error:"), result.stderr
@@ -700,8 +794,19 @@ def test_local_files_are_read_as_written(tokenizer, tmp_path, run_main):
     text = "First line\r\nsecond line\r\n\ttabbed \u00e9\r\n"
     (tmp_path / "NOTES.TXT").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
     write_jsonl(tmp_path / "MORE.JSONL", ["a document", "another one"])
-    code, _, err = run_main(fineweb.main, "--input", tmp_path / "NOTES.TXT", tmp_path / "MORE.JSONL", "--output-dir",
-                            tmp_path / "out", "--num-proc", 1, "--no-progress", "--shard-size", 10)
+    code, _, err = run_main(
+        fineweb.main,
+        "--input",
+        tmp_path / "NOTES.TXT",
+        tmp_path / "MORE.JSONL",
+        "--output-dir",
+        tmp_path / "out",
+        "--num-proc",
+        1,
+        "--no-progress",
+        "--shard-size",
+        10,
+    )
     assert code is None, err  # main() returns nothing when it succeeds
     names = expected_names("edufineweb", len(shard_files(tmp_path / "out")))
     shards = [np.load(tmp_path / "out" / name) for name in names]
@@ -714,10 +819,20 @@ def test_parquet_text_that_is_not_strings_or_is_null_is_refused_naming_the_row(t
     texts = [f"document {i}" for i in range(1030)]
     texts[1027] = None  # in the second batch of 1,024 rows
     pq.write_table(pa.table({"text": texts}), tmp_path / "holes.parquet", row_group_size=100)
-    for name, message in (("numbers", 'numbers.parquet has no "text" column of strings'),
-                          ("holes", 'holes.parquet row 1027: "text" is null')):
-        code, _, err = run_main(fineweb.main, "--input", tmp_path / f"{name}.parquet", "--output-dir",
-                                tmp_path / name, "--num-proc", 1, "--no-progress")
+    for name, message in (
+        ("numbers", 'numbers.parquet has no "text" column of strings'),
+        ("holes", 'holes.parquet row 1027: "text" is null'),
+    ):
+        code, _, err = run_main(
+            fineweb.main,
+            "--input",
+            tmp_path / f"{name}.parquet",
+            "--output-dir",
+            tmp_path / name,
+            "--num-proc",
+            1,
+            "--no-progress",
+        )
         assert code == 1 and err.count("\n") == 1 and message in err, err
 
 
@@ -745,15 +860,26 @@ def test_shards_without_a_progress_file_are_not_overwritten(tmp_path):
 
 def test_write_shards_refuses_sizes_below_one(corpus_documents, tmp_path):
     with pytest.raises(UserError, match="shard_size=0 .*num_proc=-1 .*max_tokens=0") as error:
-        fineweb.write_shards(corpus_documents, str(tmp_path / "out"), "pydocs", 0, num_proc=-1, max_tokens=0,
-                             progress=False)
+        fineweb.write_shards(
+            corpus_documents, str(tmp_path / "out"), "pydocs", 0, num_proc=-1, max_tokens=0, progress=False
+        )
     assert error.value.exit_code == 2  # a usage error
     assert not os.path.exists(tmp_path / "out")
 
 
 def test_an_input_that_fills_only_the_val_shard_warns_naming_shard_size(tmp_path):
-    result = run_cli("--dataset", "python-docs", "--output-dir", "out", "--shard-size", 10**9, "--num-proc", 1,
-                     "--no-progress", cwd=tmp_path)
+    result = run_cli(
+        "--dataset",
+        "python-docs",
+        "--output-dir",
+        "out",
+        "--shard-size",
+        10**9,
+        "--num-proc",
+        1,
+        "--no-progress",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0 and "1 shards (1 val, 0 train)" in result.stdout
     assert result.stderr.count("\n") == 1 and "no train shard" in result.stderr and "--shard-size" in result.stderr
 
@@ -762,8 +888,19 @@ def test_a_run_that_will_not_fit_on_the_disk_is_refused_before_it_starts(monkeyp
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(fineweb.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 19_999, 19_999))
     handler = signal.getsignal(signal.SIGTERM)
-    args = ["--dataset", "python-docs", "--max-tokens", 10_000, "--shard-size", SHARD, "--output-dir", tmp_path / "out",
-            "--num-proc", 1, "--no-progress"]
+    args = [
+        "--dataset",
+        "python-docs",
+        "--max-tokens",
+        10_000,
+        "--shard-size",
+        SHARD,
+        "--output-dir",
+        tmp_path / "out",
+        "--num-proc",
+        1,
+        "--no-progress",
+    ]
     with pytest.raises(SystemExit) as exit:
         fineweb.main(list(map(str, args)))  # 10,000 tokens need 20,000 bytes
     line = capsys.readouterr().err.strip()
