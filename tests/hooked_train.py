@@ -13,7 +13,7 @@ step STEP trains (after that step's evaluations):
     kill-in-checkpoint          SIGKILL while the checkpoint after step STEP is half written
 and RANK:argv:FLAG=VALUE replaces a flag's value on that rank before anything runs,
 RANK:setup:blind makes every checkpoint unreadable on that rank (a node that does not see them), and
-RANK:setup:older makes that rank read the checkpoint before the one rank 0 chose (a stale view of them).
+RANK:setup:older makes that rank read the checkpoint before the newest (a stale view of them).
 """
 
 import os
@@ -38,15 +38,18 @@ for step, action in mine:
     if step == "argv":
         flag, value = action.split("=", 1)
         argv[argv.index(flag) + 1] = value
-    elif action == "blind":
+    elif action == "blind":  # logdir.resume reads the checkpoint through logdir.read_checkpoint
         def read_checkpoint(path):
             raise ValueError(f"{path} does not exist")
-        train_gpt2.read_checkpoint = logdir.read_checkpoint = read_checkpoint
+        logdir.read_checkpoint = read_checkpoint
     elif action == "older":
         def read_older_checkpoint(path, read=logdir.read_checkpoint):
-            saved = logdir.list_checkpoints(os.path.dirname(os.path.dirname(path)))
-            return read(saved[saved.index(path) - 1])
-        train_gpt2.read_checkpoint = read_older_checkpoint  # what a rank other than 0 reads
+            if not os.path.isdir(path):
+                return read(path)  # read(a log dir) reads each candidate file through this function
+            newest = read(path)["path"]
+            saved = logdir.list_checkpoints(path)
+            return read(saved[saved.index(newest) - 1])
+        logdir.read_checkpoint = read_older_checkpoint
 
 actions = {int(step): action for step, action in mine if step not in ("argv", "setup")}
 nan_now = infgrad_now = False

@@ -3,7 +3,7 @@
     GPT2_TIKTOKEN_FILE=$PWD/gpt2.tiktoken python -m pytest -q -m gpu tests
 
 Each check is one helper taking a device. The test marked `gpu` runs it on "cuda" with what a GPU
-gets by default (`--dtype auto`: bf16 autocast from Ampere on; `--compile auto`: on) and is
+gets by default (`--dtype auto`: bf16 autocast from Ampere on; compile on where Triton runs) and is
 skipped where CUDA is absent; its CPU twin runs the same helper on "cpu" with CPU settings, so the
 checking code itself runs in every test run, not only on the rare machine with a GPU. Offline,
 GPT-2's vocabulary comes from GPT2_TIKTOKEN_FILE (tokenizer.py); nothing here needs `datasets`.
@@ -28,8 +28,8 @@ import common
 import fineweb
 import train_gpt2
 from common import resolve_dtype
-from test_train import HELLASWAG, SCRIPT, args, checkpoint, series
-from train_gpt2 import main
+from test_train import HELLASWAG, SCRIPT, args, checkpoint, model_flops_per_token, series
+from train_gpt2 import main, parse_args
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
@@ -65,13 +65,19 @@ def check_demo_with_auto_defaults(device, tmp_path, hellaswag_file, monkeypatch,
     train_step = train_gpt2.train_step
     monkeypatch.setattr(train_gpt2, "train_step", counting_train_step)
     log, half = tmp_path / "log", steps // 2
-    assert main(["--demo", "--device", device, "--dtype", "auto", "--compile", "auto", "--data-dir",
+    # demo.toml pins float32 and no compile (the CPU demo), and no flag gives either back to the device: its copy
+    # without those two lines (demo = true in it: the same data and preset otherwise)
+    settings = tmp_path / "demo-auto.toml"
+    with open(train_gpt2.DEMO_CONFIG) as f:
+        settings.write_text("".join(line for line in f if not line.startswith(("dtype ", "compile "))))
+    assert main(["--config", str(settings), "--device", device, "--data-dir",
                  str(tmp_path / "demo_data"), "--log-dir", str(log), "--hellaswag-file", hellaswag_file,
                  "--max-steps", str(steps), "--warmup-steps", str(steps // 5), "--eval-interval", str(half),
                  "--hellaswag-interval", str(half), "--sample-interval", str(half), "--sample-tokens", "16"]) == 0
     dtype, compiled = resolve_dtype("auto", torch.device(device)), common.compile_by_default(torch.device(device))
-    printed = f"dtype {dtype} (auto), compile {'on' if compiled else 'off'} (auto), batch size 8\n"
-    assert printed in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"dtype {dtype} (auto), compile {'on' if compiled else 'off'} (auto); " in out
+    assert "tokens per step = 8 x 128 x 1 devices x 2 micro steps; " in out  # demo.toml's micro batch
     config = checkpoint(log, steps)["config"]
     assert (config["dtype"], config["compile"]) == (dtype, compiled)  # what ran, not "auto"
     losses = series(log, "train_loss")
@@ -113,14 +119,15 @@ def attention_ops(device, compiled):
     config = train_gpt2.parse_args(["--demo", "--device", device.type])
     config = replace(config, dtype=resolve_dtype("auto", device), compile=compiled)
     raw_model = train_gpt2.build_model(config, device)
-    optimizer, _ = raw_model.configure_optimizers(0.1, 1e-3, device_type=device.type)
+    adamw = dict(weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    optimizers, _ = raw_model.configure_optimizers(1e-3, adamw)
     model = torch.compile(raw_model) if compiled else raw_model
     autocast, scaler = common.autocast_and_scaler(config.dtype, device)
     tokens = torch.randint(0, 50257, (config.batch_size * config.seq_len + 1,))
     loader = bench.RepeatedBatch(tokens, config.batch_size, config.seq_len)
 
     def step():
-        train_gpt2.train_step(model, optimizer, loader, 1, 1e-3, config, device, autocast, scaler)
+        train_gpt2.train_step(model, optimizers, loader, 1, 1e-3, config, device, autocast, scaler)
 
     step()  # compiles, when compiled
     return set(bench.attention_kernels(step, device))
@@ -144,12 +151,17 @@ def test_attention_runs_the_fused_sdpa_kernel_on_cpu():
 # Stop and resume; float16 with its gradient scaler
 
 
+def device_args(data_dir, log_dir, device, *flags):
+    """test_train's tiny run on `device`, with compile left to the device (on where Triton runs)."""
+    return [flag for flag in args(data_dir, log_dir, "--device", device, *flags) if flag != "--no-compile"]
+
+
 def check_stop_and_resume(device, data_dir, tmp_path, tolerance, *flags):
     """A run stopped at step 4 and relaunched against one straight run of 8 steps (tiny GPT)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for log_dir, stop in ((straight, ()), (resumed, ("--stop-at-step", "4")), (resumed, ())):
         torch._dynamo.reset()  # each launch compiles afresh, as a new process does
-        assert main(args(data_dir, log_dir, "--device", device, *flags, *stop)) == 0
+        assert main(device_args(data_dir, log_dir, device, *flags, *stop)) == 0
     for key in ("train_loss", "grad_norm", "val_loss"):
         got, want = series(resumed, key), series(straight, key)
         assert got.keys() == want.keys()
@@ -158,7 +170,7 @@ def check_stop_and_resume(device, data_dir, tmp_path, tolerance, *flags):
     losses = series(straight, "train_loss")
     assert all(math.isfinite(v) for v in losses.values()) and losses[7] < losses[0] - 0.5
     # float16's loss scale and its count of good steps continue across the relaunch
-    assert checkpoint(resumed, 8)["scaler"] == checkpoint(straight, 8)["scaler"]
+    assert checkpoint(resumed, 8).get("scaler") == checkpoint(straight, 8).get("scaler")  # None: no scaler
     return checkpoint(straight, 8)
 
 
@@ -167,20 +179,20 @@ def check_stop_and_resume(device, data_dir, tmp_path, tolerance, *flags):
 def test_stop_and_resume_on_cuda_continues_within_a_small_tolerance(data_dir, tmp_path):
     # bf16 on a GPU is not bitwise from run to run (atomic adds in some backward kernels): within 1e-3, which
     # a lost piece of state (the loader's position, the optimizer's moments, the schedule) exceeds many times
-    final = check_stop_and_resume("cuda", data_dir, tmp_path, 1e-3, "--dtype", "auto", "--compile", "auto")
+    final = check_stop_and_resume("cuda", data_dir, tmp_path, 1e-3, "--dtype", "auto")  # compile: on (Triton)
     assert final["config"]["dtype"] == resolve_dtype("auto", torch.device("cuda")) and final["config"]["compile"]
 
 
 @pytest.mark.gpu
 @needs_cuda
 def test_float16_with_the_scaler_trains_and_resumes_on_cuda(data_dir, tmp_path):
-    final = check_stop_and_resume("cuda", data_dir, tmp_path, 1e-3, "--dtype", "float16", "--compile", "auto")
+    final = check_stop_and_resume("cuda", data_dir, tmp_path, 1e-3, "--dtype", "float16")
     assert final["config"]["dtype"] == "float16" and final["scaler"]["scale"] > 0
 
 
 def test_stop_and_resume_on_cpu_with_the_auto_defaults_is_bitwise(data_dir, tmp_path):
-    final = check_stop_and_resume("cpu", data_dir, tmp_path, 0, "--dtype", "auto", "--compile", "auto")
-    assert final["config"]["dtype"] == "float32" and final["scaler"] is None
+    final = check_stop_and_resume("cpu", data_dir, tmp_path, 0, "--dtype", "auto")
+    assert final["config"]["dtype"] == "float32" and not final["config"]["compile"] and "scaler" not in final
 
 
 def test_float16_with_the_scaler_trains_and_resumes_bitwise_on_cpu(data_dir, tmp_path):
@@ -196,7 +208,7 @@ def test_float16_with_the_scaler_trains_and_resumes_bitwise_on_cpu(data_dir, tmp
 def check_torchrun_one_process(device, data_dir, tmp_path, *flags):
     env = dict(os.environ, OMP_NUM_THREADS="1", NCCL_DEBUG="INFO")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", SCRIPT,
-               *args(data_dir, tmp_path, "--device", device, *flags, "--stop-at-step", "4")]
+               *device_args(data_dir, tmp_path, device, *flags, "--stop-at-step", "4")]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 devices x 2 micro steps" in result.stdout
@@ -210,7 +222,7 @@ def check_torchrun_one_process(device, data_dir, tmp_path, *flags):
 @pytest.mark.gpu
 @needs_cuda
 def test_torchrun_with_nccl_trains_and_checkpoints(data_dir, tmp_path):
-    output = check_torchrun_one_process("cuda", data_dir, tmp_path, "--dtype", "auto", "--compile", "auto")
+    output = check_torchrun_one_process("cuda", data_dir, tmp_path, "--dtype", "auto")
     assert "NCCL INFO" in output  # the process group is NCCL's (setup_distributed picks it for cuda)
 
 
@@ -284,6 +296,14 @@ def smoke_run(device, tmp_path, hellaswag_file, monkeypatch, size_flags, batch_s
             break
     records = [json.loads(line) for line in open(log_dir / "metrics.jsonl")]
     later = [r for r in records if "train_loss" in r and r["step"] >= 2]
+    # MFU: the model's FLOPs of the logged tokens/s over the device's peak in the dtype the run computed in
+    dtype, flops_per_token = resolve_dtype("auto", torch.device(device)), model_flops_per_token(parse_args(flags))
+    peak = common.peak_flops_of(torch.cuda.get_device_name(), dtype) if cuda else None
+    for r in later:
+        if peak is None:  # a CPU, or a GPU not in the table: no MFU rather than a wrong one
+            assert r["mfu"] is None, r
+        else:
+            assert r["mfu"] == pytest.approx(flops_per_token * r["tokens_per_sec"] / peak, rel=1e-9), r
     total = torch.cuda.get_device_properties(device).total_memory if cuda else None
     seen = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
                 batch_size=batch_size, steps=steps, graphs_after_step_0=graphs[0], recompiles=graphs[-1] - graphs[0],
