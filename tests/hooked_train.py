@@ -30,7 +30,7 @@ from model import GPT  # noqa: E402
 
 split = sys.argv.index("--")
 hooks = [hook.split(":", 2) for hook in sys.argv[1:split]]
-argv = sys.argv[split + 1:]
+argv = sys.argv[split + 1 :]
 rank = os.environ.get("RANK", "0")
 mine = [(step, action) for who, step, action in hooks if who in ("*", rank)]
 
@@ -39,16 +39,20 @@ for step, action in mine:
         flag, value = action.split("=", 1)
         argv[argv.index(flag) + 1] = value
     elif action == "blind":  # logdir.resume reads the checkpoint through logdir.read_checkpoint
+
         def read_checkpoint(path):
             raise ValueError(f"{path} does not exist")
+
         logdir.read_checkpoint = read_checkpoint
     elif action == "older":
+
         def read_older_checkpoint(path, read=logdir.read_checkpoint):
             if not os.path.isdir(path):
                 return read(path)  # read(a log dir) reads each candidate file through this function
             newest = read(path)["path"]
             saved = logdir.list_checkpoints(path)
             return read(saved[saved.index(newest) - 1])
+
         logdir.read_checkpoint = read_older_checkpoint
 
 actions = {int(step): action for step, action in mine if step not in ("argv", "setup")}
@@ -68,7 +72,7 @@ def hooked_get_lr(step, config):  # train() calls it right before each step trai
         os.kill(os.getpid(), signal.SIGINT)
     elif action.startswith("wait="):
         signal.alarm(WAIT_LIMIT)  # its default action ends the process
-        with open(action[len("wait="):]) as f:
+        with open(action[len("wait=") :]) as f:
             f.read()
         signal.alarm(0)
     return get_lr(step, config)
@@ -85,6 +89,7 @@ def hooked_forward(self, *args, **kwargs):
         def poison(grad):
             handle.remove()  # once: later micro steps add finite gradients to the inf
             return grad + float("inf")
+
         handle = self.transformer.h[0].mlp.c_fc.weight.register_hook(poison)
     return logits, loss
 
@@ -100,6 +105,7 @@ def hooked_atomic_write(path, write):
         f.truncate(f.tell() // 2)
         f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+
     return atomic_write(path, write_half_then_die)
 
 

@@ -22,13 +22,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_train import HELLASWAG, SCRIPT, args, checkpoint, model_flops_per_token, series
 
 import bench
 import common
 import fineweb
 import train_gpt2
 from common import resolve_dtype
-from test_train import HELLASWAG, SCRIPT, args, checkpoint, model_flops_per_token, series
 from train_gpt2 import main, parse_args
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
@@ -70,10 +70,35 @@ def check_demo_with_auto_defaults(device, tmp_path, hellaswag_file, monkeypatch,
     settings = tmp_path / "demo-auto.toml"
     with open(train_gpt2.DEMO_CONFIG) as f:
         settings.write_text("".join(line for line in f if not line.startswith(("dtype ", "compile "))))
-    assert main(["--config", str(settings), "--device", device, "--data-dir",
-                 str(tmp_path / "demo_data"), "--log-dir", str(log), "--hellaswag-file", hellaswag_file,
-                 "--max-steps", str(steps), "--warmup-steps", str(steps // 5), "--eval-interval", str(half),
-                 "--hellaswag-interval", str(half), "--sample-interval", str(half), "--sample-tokens", "16"]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                str(settings),
+                "--device",
+                device,
+                "--data-dir",
+                str(tmp_path / "demo_data"),
+                "--log-dir",
+                str(log),
+                "--hellaswag-file",
+                hellaswag_file,
+                "--max-steps",
+                str(steps),
+                "--warmup-steps",
+                str(steps // 5),
+                "--eval-interval",
+                str(half),
+                "--hellaswag-interval",
+                str(half),
+                "--sample-interval",
+                str(half),
+                "--sample-tokens",
+                "16",
+            ]
+        )
+        == 0
+    )
     dtype, compiled = resolve_dtype("auto", torch.device(device)), common.compile_by_default(torch.device(device))
     out = capsys.readouterr().out
     assert f"dtype {dtype} (auto), compile {'on' if compiled else 'off'} (auto); " in out
@@ -106,7 +131,9 @@ def test_demo_on_cuda_with_bf16_and_compile(tmp_path, hellaswag_file, monkeypatc
 
 def test_demo_on_cpu_with_the_auto_defaults(tmp_path, hellaswag_file, monkeypatch, capsys):
     assert check_demo_with_auto_defaults("cpu", tmp_path, hellaswag_file, monkeypatch, capsys, steps=8) == (
-        "float32", False)
+        "float32",
+        False,
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -136,8 +163,11 @@ def attention_ops(device, compiled):
 @pytest.mark.gpu
 @needs_cuda
 def test_attention_runs_a_fused_sdpa_kernel_on_cuda():
-    fused = {"aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
-             "aten::_scaled_dot_product_cudnn_attention"}  # cuDNN's is a flash-style kernel too (H100)
+    fused = {
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_cudnn_attention",
+    }  # cuDNN's is a flash-style kernel too (H100)
     for compiled in (True, False):  # the default on a GPU, and --no-compile
         ops = attention_ops("cuda", compiled)
         assert ops & fused and "aten::_scaled_dot_product_attention_math" not in ops, (compiled, ops)
@@ -198,7 +228,7 @@ def test_stop_and_resume_on_cpu_with_the_auto_defaults_is_bitwise(data_dir, tmp_
 def test_float16_with_the_scaler_trains_and_resumes_bitwise_on_cpu(data_dir, tmp_path):
     final = check_stop_and_resume("cpu", data_dir, tmp_path, 0, "--dtype", "float16")
     # 8 good steps in a row: the resumed run counted on from the checkpoint's 4, not from 0
-    assert final["scaler"]["scale"] == 2.0 ** 16 and final["scaler"]["_growth_tracker"] == 8
+    assert final["scaler"]["scale"] == 2.0**16 and final["scaler"]["_growth_tracker"] == 8
 
 
 # -----------------------------------------------------------------------------
@@ -207,8 +237,15 @@ def test_float16_with_the_scaler_trains_and_resumes_bitwise_on_cpu(data_dir, tmp
 
 def check_torchrun_one_process(device, data_dir, tmp_path, *flags):
     env = dict(os.environ, OMP_NUM_THREADS="1", NCCL_DEBUG="INFO")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", SCRIPT,
-               *device_args(data_dir, tmp_path, device, *flags, "--stop-at-step", "4")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        SCRIPT,
+        *device_args(data_dir, tmp_path, device, *flags, "--stop-at-step", "4"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 devices x 2 micro steps" in result.stdout
@@ -250,13 +287,32 @@ def gpu_memory_cap(gib):
 @pytest.mark.gpu
 @needs_cuda
 def test_out_of_memory_on_a_gpu_is_one_line_naming_a_smaller_batch_size(data_dir, tmp_path, capsys):
-    gpt2 = ["--data-dir", data_dir, "--device", "cuda", "--no-compile", "--total-batch-size", "65536", "--max-steps",
-            "1", "--warmup-steps", "0", "--eval-interval", "0", "--hellaswag-interval", "0", "--sample-interval", "0"]
+    gpt2 = [
+        "--data-dir",
+        data_dir,
+        "--device",
+        "cuda",
+        "--no-compile",
+        "--total-batch-size",
+        "65536",
+        "--max-steps",
+        "1",
+        "--warmup-steps",
+        "0",
+        "--eval-interval",
+        "0",
+        "--hellaswag-interval",
+        "0",
+        "--sample-interval",
+        "0",
+    ]
     with gpu_memory_cap(6):  # GPT-2 124M at 64 x 1024 tokens needs far more for its activations
         assert main([*gpt2, "--log-dir", str(tmp_path / "64"), "--batch-size", "64"]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: out of memory with --batch-size 64; relaunch with --batch-size 32 (the same total "
-                      "batch in more micro steps)"]
+    assert errors == [
+        "error: out of memory with --batch-size 64; relaunch with --batch-size 32 (the same total "
+        "batch in more micro steps)"
+    ]
     assert not os.path.exists(tmp_path / "64" / "metrics.jsonl")
 
 
@@ -285,11 +341,35 @@ def smoke_run(device, tmp_path, hellaswag_file, monkeypatch, size_flags, batch_s
         torch.cuda.reset_peak_memory_stats()
     for batch_size in batch_sizes:  # the recipe's 64, or the largest the card holds
         log_dir = tmp_path / f"smoke-{batch_size}"
-        flags = ["--data-dir", str(tmp_path / "data"), "--log-dir", str(log_dir), "--device", device, *size_flags,
-                 "--batch-size", str(batch_size), "--total-batch-size", str(batch_size * 1024 if cuda else batch_size * 32),
-                 "--max-steps", str(steps), "--warmup-steps", "2", "--eval-interval", str(steps // 2),
-                 "--val-tokens", "16384" if cuda else "512", "--hellaswag-interval", str(steps // 2),
-                 "--hellaswag-file", hellaswag_file, "--sample-interval", "0", "--checkpoint-interval", "0"]
+        flags = [
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--log-dir",
+            str(log_dir),
+            "--device",
+            device,
+            *size_flags,
+            "--batch-size",
+            str(batch_size),
+            "--total-batch-size",
+            str(batch_size * 1024 if cuda else batch_size * 32),
+            "--max-steps",
+            str(steps),
+            "--warmup-steps",
+            "2",
+            "--eval-interval",
+            str(steps // 2),
+            "--val-tokens",
+            "16384" if cuda else "512",
+            "--hellaswag-interval",
+            str(steps // 2),
+            "--hellaswag-file",
+            hellaswag_file,
+            "--sample-interval",
+            "0",
+            "--checkpoint-interval",
+            "0",
+        ]
         graphs.clear()
         ends.clear()
         if main(flags) == 0:
@@ -305,14 +385,22 @@ def smoke_run(device, tmp_path, hellaswag_file, monkeypatch, size_flags, batch_s
         else:
             assert r["mfu"] == pytest.approx(flops_per_token * r["tokens_per_sec"] / peak, rel=1e-9), r
     total = torch.cuda.get_device_properties(device).total_memory if cuda else None
-    seen = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-                batch_size=batch_size, steps=steps, graphs_after_step_0=graphs[0], recompiles=graphs[-1] - graphs[0],
-                seconds_to_step_0=ends[0], tokens_per_sec=statistics.median(r["tokens_per_sec"] for r in later),
-                mfu=statistics.median(r["mfu"] for r in later) if later[0]["mfu"] is not None else None,
-                peak_reserved_bytes=torch.cuda.max_memory_reserved() if cuda else None, device_bytes=total,
-                losses=[r["train_loss"] for r in records if "train_loss" in r],
-                val_losses=[r["val_loss"] for r in records if "val_loss" in r],
-                hellaswag=[r["hellaswag_acc"] for r in records if "hellaswag_acc" in r])
+    seen = dict(
+        device=torch.cuda.get_device_name() if cuda else "cpu",
+        torch=torch.__version__,
+        batch_size=batch_size,
+        steps=steps,
+        graphs_after_step_0=graphs[0],
+        recompiles=graphs[-1] - graphs[0],
+        seconds_to_step_0=ends[0],
+        tokens_per_sec=statistics.median(r["tokens_per_sec"] for r in later),
+        mfu=statistics.median(r["mfu"] for r in later) if later[0]["mfu"] is not None else None,
+        peak_reserved_bytes=torch.cuda.max_memory_reserved() if cuda else None,
+        device_bytes=total,
+        losses=[r["train_loss"] for r in records if "train_loss" in r],
+        val_losses=[r["val_loss"] for r in records if "val_loss" in r],
+        hellaswag=[r["hellaswag_acc"] for r in records if "hellaswag_acc" in r],
+    )
     out = os.environ.get("GPU_SMOKE_JSON") or str(tmp_path / "smoke.json")
     with open(out, "w") as f:
         json.dump(seen, f, indent=1)
@@ -332,9 +420,30 @@ def check_smoke(seen, steps):
 @needs_cuda
 def test_a_124m_smoke_run_fits_compiles_once_and_says_how_fast(tmp_path, hellaswag_file, monkeypatch):
     fineweb.write_python_docs(str(tmp_path / "data"))
-    seen = smoke_run("cuda", tmp_path, hellaswag_file, monkeypatch, ["--model", "gpt2", "--n-layer", "12",
-                     "--n-head", "12", "--n-embd", "768", "--block-size", "1024", "--seq-len", "1024",
-                     "--vocab-size", "50304"], (64, 32, 16, 8), steps=20)
+    seen = smoke_run(
+        "cuda",
+        tmp_path,
+        hellaswag_file,
+        monkeypatch,
+        [
+            "--model",
+            "gpt2",
+            "--n-layer",
+            "12",
+            "--n-head",
+            "12",
+            "--n-embd",
+            "768",
+            "--block-size",
+            "1024",
+            "--seq-len",
+            "1024",
+            "--vocab-size",
+            "50304",
+        ],
+        (64, 32, 16, 8),
+        steps=20,
+    )
     check_smoke(seen, 20)
     assert seen["graphs_after_step_0"] > 0  # compile is on by default on a GPU with Triton
     assert seen["peak_reserved_bytes"] < 0.9 * seen["device_bytes"]
@@ -344,8 +453,22 @@ def test_a_124m_smoke_run_fits_compiles_once_and_says_how_fast(tmp_path, hellasw
 
 def test_the_smoke_run_on_cpu(tmp_path, hellaswag_file, monkeypatch):
     fineweb.write_python_docs(str(tmp_path / "data"))
-    tiny = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "64", "--seq-len", "32", "--max-lr",
-            "1e-2", "--min-lr", "1e-3"]
+    tiny = [
+        "--n-layer",
+        "2",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "32",
+        "--block-size",
+        "64",
+        "--seq-len",
+        "32",
+        "--max-lr",
+        "1e-2",
+        "--min-lr",
+        "1e-3",
+    ]
     seen = smoke_run("cpu", tmp_path, hellaswag_file, monkeypatch, tiny, (8,), steps=8)
     check_smoke(seen, 8)
     assert seen["graphs_after_step_0"] == 0 and seen["mfu"] is None  # no compile, no peak on a CPU

@@ -51,8 +51,10 @@ STEPS = 8
 def main(argv, seconds=180):
     """train_gpt2.main(argv) in this process, failing after `seconds` (SIGALRM) rather than running forever when a
     broken stop condition never ends the loop."""
+
     def expire(signum, frame):
         raise TimeoutError(f"train_gpt2.main ran over {seconds} s")
+
     previous = signal.signal(signal.SIGALRM, expire)
     signal.alarm(seconds)
     try:
@@ -74,12 +76,52 @@ def one_thread():
 def args(data_dir, log_dir, *extra):
     """A tiny GPT (2 layers, 2 heads, 32 wide), 256 tokens per step = 4 x 32 x 2 micro steps. The val loss
     covers 10 windows: not a multiple of the micro batch (4), nor of 2 ranks x 4, so its padding is real."""
-    return ["--data-dir", data_dir, "--log-dir", str(log_dir), "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
-            "--block-size", "64", "--vocab-size", "50257", "--seq-len", "32", "--batch-size", "4",
-            "--total-batch-size", "256", "--max-steps", str(STEPS), "--warmup-steps", "2", "--max-lr", "1e-2",
-            "--min-lr", "1e-3", "--eval-interval", "4", "--val-tokens", "320", "--hellaswag-interval", "0",
-            "--sample-interval", "0", "--checkpoint-interval", "2", "--no-compile", "--dtype", "float32",
-            "--device", "cpu", *extra]
+    return [
+        "--data-dir",
+        data_dir,
+        "--log-dir",
+        str(log_dir),
+        "--n-layer",
+        "2",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "32",
+        "--block-size",
+        "64",
+        "--vocab-size",
+        "50257",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--total-batch-size",
+        "256",
+        "--max-steps",
+        str(STEPS),
+        "--warmup-steps",
+        "2",
+        "--max-lr",
+        "1e-2",
+        "--min-lr",
+        "1e-3",
+        "--eval-interval",
+        "4",
+        "--val-tokens",
+        "320",
+        "--hellaswag-interval",
+        "0",
+        "--sample-interval",
+        "0",
+        "--checkpoint-interval",
+        "2",
+        "--no-compile",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def metrics(log_dir):
@@ -115,8 +157,15 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 def run_process(command, timeout=300, env=(), **kwargs):
     """subprocess.run(command) with OMP_NUM_THREADS=1 and env added; past the timeout its whole process group
     is killed (torchrun's ranks included) and the test fails."""
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)}, **kwargs) as proc:
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)},
+        **kwargs,
+    ) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -140,8 +189,14 @@ class Background:
     wait with a deadline; leaving the `with` block kills whatever is left of it."""
 
     def __init__(self, command):
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        self.proc = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
         self.lines, self.seen = queue.Queue(), []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -253,13 +308,21 @@ def test_lr_schedule_warmup_peak_decay_and_floor():
     assert get_lr(110, config) == pytest.approx(1e-4) and get_lr(500, config) == pytest.approx(1e-4)  # the floor
 
 
-@pytest.mark.parametrize("name, flops", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H800 PCIe", 756e12), ("NVIDIA L40S", 362e12),
-    ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),  # "L4" is inside "L40S": longer names match first
-    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None),  # a slice of an H100 has a fraction of its FLOP/s
-    ("NVIDIA GeForce RTX 4090", None),  # unknown: no MFU rather than a wrong one (--peak-flops gives one)
-])
+@pytest.mark.parametrize(
+    "name, flops",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA H800 PCIe", 756e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L40", 181e12),
+        ("NVIDIA L4", 121e12),  # "L4" is inside "L40S": longer names match first
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None),  # a slice of an H100 has a fraction of its FLOP/s
+        ("NVIDIA GeForce RTX 4090", None),  # unknown: no MFU rather than a wrong one (--peak-flops gives one)
+    ],
+)
 def test_peak_flops_by_gpu_name(name, flops):
     assert common.peak_flops_of(name, "bfloat16") == flops
 
@@ -291,9 +354,18 @@ def epoch_windows(data_dir, split, seq_len, rng=None):
 
 def transformers_gpt2(config):
     """transformers' GPT-2 of a TrainConfig's shape: embeddings tied, no dropout (ours has none)."""
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size,
-                                    n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
-                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=config.vocab_size,
+            n_positions=config.block_size,
+            n_embd=config.n_embd,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     assert hf.lm_head.weight is hf.transformer.wte.weight
     return hf
 
@@ -324,12 +396,17 @@ def reference_run(data_dir, argv):
     initial = train_gpt2.build_model(c, torch.device("cpu")).state_dict()  # our names are transformers'
     hf.load_state_dict({k: v.t() if k.endswith(HF_TRANSPOSED) else v for k, v in initial.items()})
     params = list(hf.parameters())  # the tied embedding once
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  betas=(c.beta1, c.beta2), eps=c.adam_eps)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        betas=(c.beta1, c.beta2),
+        eps=c.adam_eps,
+    )
     train = epoch_windows(data_dir, "train", T, np.random.default_rng((c.seed, 0)) if c.shuffle else None)
     assert len(train) >= c.max_steps * accum * B  # every row read lies in epoch 0
-    val = epoch_windows(data_dir, "val", T)[:c.val_tokens // T]
+    val = epoch_windows(data_dir, "val", T)[: c.val_tokens // T]
     logged = {"train_loss": {}, "grad_norm": {}, "lr": {}, "val_loss": {}}
     for step in range(c.max_steps + 1):
         if step % c.eval_interval == 0 or step == c.max_steps:
@@ -341,7 +418,7 @@ def reference_run(data_dir, argv):
         loss = 0.0
         for micro_step in range(accum):
             first = (step * accum + micro_step) * B  # micro batches take the epoch's rows in turn
-            micro_loss = lm_loss(hf, train[first:first + B])
+            micro_loss = lm_loss(hf, train[first : first + B])
             (micro_loss / accum).backward()  # the step's gradient: of the mean over its micro batches
             loss += micro_loss.item() / accum
         norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or math.inf)  # the norm before clipping
@@ -371,15 +448,42 @@ def test_the_straight_run_is_the_recipe_computed_on_transformers_gpt2(straight, 
 # Optimizer settings away from the defaults, each of which moves the losses far beyond 1e-5 when
 # it does not reach AdamW as given (betas swapped: 2e-2; eps 1e-8: 1e-1; weight decay 0.1: 1e-3),
 # a clip that the norm exceeds on some steps and not others, windows in order, and a peak for MFU.
-TUNED = ["--beta1", "0.8", "--beta2", "0.99", "--adam-eps", "1e-3", "--weight-decay", "0.5", "--grad-clip", "1.1",
-         "--no-shuffle", "--peak-flops", "1e9"]
+TUNED = [
+    "--beta1",
+    "0.8",
+    "--beta2",
+    "0.99",
+    "--adam-eps",
+    "1e-3",
+    "--weight-decay",
+    "0.5",
+    "--grad-clip",
+    "1.1",
+    "--no-shuffle",
+    "--peak-flops",
+    "1e9",
+]
 
 
 def every_3_steps(hellaswag_file):
     """Evaluations, samples and checkpoints every 3 steps: the last step (8) is not one of them, so each must
     happen there because it is the last."""
-    return ["--eval-interval", "3", "--hellaswag-interval", "3", "--hellaswag-file", hellaswag_file,
-            "--sample-interval", "3", "--num-samples", "2", "--sample-tokens", "5", "--checkpoint-interval", "3"]
+    return [
+        "--eval-interval",
+        "3",
+        "--hellaswag-interval",
+        "3",
+        "--hellaswag-file",
+        hellaswag_file,
+        "--sample-interval",
+        "3",
+        "--num-samples",
+        "2",
+        "--sample-tokens",
+        "5",
+        "--checkpoint-interval",
+        "3",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -393,14 +497,18 @@ def test_betas_eps_weight_decay_and_clipping_reach_the_optimizer_step(tuned, dat
     norms = series(tuned, "grad_norm")
     clipped = [step for step in range(STEPS - 1) if norms[step] > 1.1]  # a later loss sees the clipped update
     assert clipped and len(clipped) < STEPS - 1
-    assert_matches_reference(tuned, reference_run(data_dir, args(data_dir, tuned, *TUNED,
-                                                                 *every_3_steps(hellaswag_file))))
+    assert_matches_reference(
+        tuned, reference_run(data_dir, args(data_dir, tuned, *TUNED, *every_3_steps(hellaswag_file)))
+    )
 
 
 def test_events_every_3_steps_and_at_the_last_step(tuned, tokenizer):
     # (the val losses of steps 0, 3, 6 and 8: test_betas_eps_...)
-    assert sorted(os.listdir(os.path.join(tuned, "checkpoints"))) == \
-        ["step_00000003.pt", "step_00000006.pt", "step_00000008.pt"]
+    assert sorted(os.listdir(os.path.join(tuned, "checkpoints"))) == [
+        "step_00000003.pt",
+        "step_00000006.pt",
+        "step_00000008.pt",
+    ]
     assert sorted(series(tuned, "hellaswag_acc")) == [0, 3, 6, 8]
     samples = series(tuned, "samples")
     assert sorted(samples) == [0, 3, 6, 8]
@@ -430,8 +538,23 @@ def test_mfu_is_the_model_flops_of_the_logged_tokens_per_second_over_the_peak(tu
 
 @pytest.mark.parametrize("vocab_size, seq_len", [(50257, 32), (50304, 64)])  # 64: all of its n_positions
 def test_init_from_a_local_gpt2_starts_from_its_loss(hf_gpt2_dir, data_dir, tmp_path, vocab_size, seq_len):
-    assert main(args(data_dir, tmp_path, "--init-from", hf_gpt2_dir, "--vocab-size", str(vocab_size),
-                     "--seq-len", str(seq_len), "--stop-at-step", "1")) == 0
+    assert (
+        main(
+            args(
+                data_dir,
+                tmp_path,
+                "--init-from",
+                hf_gpt2_dir,
+                "--vocab-size",
+                str(vocab_size),
+                "--seq-len",
+                str(seq_len),
+                "--stop-at-step",
+                "1",
+            )
+        )
+        == 0
+    )
     hf = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
 
     @torch.no_grad()
@@ -444,11 +567,11 @@ def test_init_from_a_local_gpt2_starts_from_its_loss(hf_gpt2_dir, data_dir, tmp_
             logits = torch.cat([logits, pad_logit[..., None].expand(-1, -1, padding)], dim=-1)
         return F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
 
-    val = epoch_windows(data_dir, "val", seq_len)[:320 // seq_len]  # --val-tokens 320
+    val = epoch_windows(data_dir, "val", seq_len)[: 320 // seq_len]  # --val-tokens 320
     train = epoch_windows(data_dir, "train", seq_len, np.random.default_rng((1337, 0)))  # --seed 1337, epoch 0
     assert series(tmp_path, "val_loss") == {0: pytest.approx(loss(val), rel=1e-5)}
     accum = 256 // (4 * seq_len)  # micro steps of 4 rows
-    step_0 = sum(loss(train[4 * i:4 * i + 4]) for i in range(accum)) / accum
+    step_0 = sum(loss(train[4 * i : 4 * i + 4]) for i in range(accum)) / accum
     assert series(tmp_path, "train_loss") == {0: pytest.approx(step_0, rel=1e-5)}
 
 
@@ -473,16 +596,22 @@ def same_model(log_dir, reference, step=STEPS):
 
 def snapshot(directory):
     """{relative path: sha256} of every file under directory."""
-    return {os.path.relpath(os.path.join(root, name), directory):
-            hashlib.sha256(open(os.path.join(root, name), "rb").read()).hexdigest()
-            for root, _, names in os.walk(directory) for name in names}
+    return {
+        os.path.relpath(os.path.join(root, name), directory): hashlib.sha256(
+            open(os.path.join(root, name), "rb").read()
+        ).hexdigest()
+        for root, _, names in os.walk(directory)
+        for name in names
+    }
 
 
 def test_a_stopped_run_resumed_with_the_same_arguments_matches_bitwise(straight, data_dir, tmp_path, capsys):
     # Stopped after an odd step, between two checkpoints of --checkpoint-interval 2: the stop writes its own.
     assert main(args(data_dir, tmp_path, "--stop-at-step", "3")) == 0
-    assert "stopped after step 2 (--stop-at-step); checkpoint step_00000003.pt saved; raise --stop-at-step or " \
-           "leave it out and relaunch to continue" in capsys.readouterr().out
+    assert (
+        "stopped after step 2 (--stop-at-step); checkpoint step_00000003.pt saved; raise --stop-at-step or "
+        "leave it out and relaunch to continue" in capsys.readouterr().out
+    )
     assert sorted(series(tmp_path, "train_loss")) == [0, 1, 2]
     assert main(args(data_dir, tmp_path, "--stop-at-step", "3")) == 0  # the same command says so, truthfully
     assert "nothing to do: " in capsys.readouterr().out
@@ -579,20 +708,38 @@ def test_rolling_back_to_a_perturbed_checkpoint_keeps_one_history(straight, data
     aside = glob.glob(str(log_dir / "abandoned" / "*-after-step-4"))
     assert len(aside) == 1 and sorted(os.listdir(aside[0])) == ["metrics.jsonl", "step_00000006.pt", "step_00000008.pt"]
     assert series(aside[0], "train_loss") == series(straight, "train_loss")  # the history of the branch left
-    assert torch.equal(checkpoint(log_dir, 8)["model"]["lm_head.weight"],
-                       checkpoint(reference, 8)["model"]["lm_head.weight"])
+    assert torch.equal(
+        checkpoint(log_dir, 8)["model"]["lm_head.weight"], checkpoint(reference, 8)["model"]["lm_head.weight"]
+    )
 
 
 def test_a_rollback_may_lower_the_learning_rate(straight, data_dir, tmp_path, capsys):
     log_dir = tmp_path / "run"
     shutil.copytree(straight, log_dir)
     capsys.readouterr()
-    assert main(args(data_dir, log_dir, "--resume", str(log_dir / "checkpoints" / "step_00000004.pt"),
-                     "--max-lr", "5e-3", "--warmup-steps", "1")) == 0
-    assert "note: max_lr=0.01 in the checkpoint, 0.005 now; warmup_steps=2 in the checkpoint, 1 now" \
+    assert (
+        main(
+            args(
+                data_dir,
+                log_dir,
+                "--resume",
+                str(log_dir / "checkpoints" / "step_00000004.pt"),
+                "--max-lr",
+                "5e-3",
+                "--warmup-steps",
+                "1",
+            )
+        )
+        == 0
+    )
+    assert (
+        "note: max_lr=0.01 in the checkpoint, 0.005 now; warmup_steps=2 in the checkpoint, 1 now"
         in capsys.readouterr().out
-    old, new = parse_args(args(data_dir, log_dir)), parse_args(args(data_dir, log_dir, "--max-lr", "5e-3",
-                                                                    "--warmup-steps", "1"))
+    )
+    old, new = (
+        parse_args(args(data_dir, log_dir)),
+        parse_args(args(data_dir, log_dir, "--max-lr", "5e-3", "--warmup-steps", "1")),
+    )
     assert series(log_dir, "lr") == {s: pytest.approx(get_lr(s, old if s < 4 else new)) for s in range(STEPS)}
     assert series(log_dir, "train_loss")[4] == series(straight, "train_loss")[4]  # same weights, same batch
     # config.toml repeats the run as it now goes: the new lr, and no --resume of step 4 (that would roll back again)
@@ -604,8 +751,10 @@ def test_sigterm_mid_run_checkpoints_exits_0_and_the_relaunch_continues_exactly(
     argv = args(data_dir, tmp_path)
     result = hooked(["0:3:SIGTERM"], argv)  # arrives while step 3 is about to train
     assert result.returncode == 0, result.stderr
-    assert "stopped after step 3 (SIGTERM); checkpoint step_00000004.pt saved; relaunch the same command to " \
-           "continue" in result.stdout
+    assert (
+        "stopped after step 3 (SIGTERM); checkpoint step_00000004.pt saved; relaunch the same command to "
+        "continue" in result.stdout
+    )
     assert sorted(series(tmp_path, "train_loss")) == [0, 1, 2, 3]
     result = run_subprocess(argv)
     assert result.returncode == 0, result.stderr
@@ -617,21 +766,26 @@ def test_ctrl_c_stops_cleanly_with_130_and_twice_quits_at_once(straight, data_di
     result = hooked(["0:3:SIGINT"], args(data_dir, tmp_path / "once"))
     assert result.returncode == 130 and "Traceback" not in result.stderr
     assert result.stderr == "SIGINT: stopping after this step, with a checkpoint (Ctrl-C again to quit at once)\n"
-    assert "stopped after step 3 (SIGINT); checkpoint step_00000004.pt saved; relaunch the same command" \
-        in result.stdout
+    assert (
+        "stopped after step 3 (SIGINT); checkpoint step_00000004.pt saved; relaunch the same command" in result.stdout
+    )
     assert checkpoint(tmp_path / "once", 4)["step"] == 4
     result = hooked(["0:3:SIGINT2"], args(data_dir, tmp_path / "twice"))
     assert result.returncode == 130 and "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
-    assert len(lines) == 2 and lines[1].startswith("interrupted; the last checkpoint is ") and \
-        lines[1].endswith("step_00000002.pt; relaunch the same command to resume")
+    assert (
+        len(lines) == 2
+        and lines[1].startswith("interrupted; the last checkpoint is ")
+        and lines[1].endswith("step_00000002.pt; relaunch the same command to resume")
+    )
     assert sorted(series(tmp_path / "twice", "train_loss")) == [0, 1, 2]  # step 3 never ran
     assert run_subprocess(args(data_dir, tmp_path / "twice")).returncode == 0
     assert series(tmp_path / "twice", "train_loss") == series(straight, "train_loss")
 
 
-def test_time_limit_stops_before_the_limit_with_room_for_a_step_and_a_checkpoint(straight, data_dir, tmp_path,
-                                                                                 monkeypatch, capsys):
+def test_time_limit_stops_before_the_limit_with_room_for_a_step_and_a_checkpoint(
+    straight, data_dir, tmp_path, monkeypatch, capsys
+):
     # A clock the test drives: each step "takes" 100 s, a val loss (steps 0, 4, 8) 30 s, a checkpoint 20 s.
     now = [0.0]
 
@@ -639,7 +793,9 @@ def test_time_limit_stops_before_the_limit_with_room_for_a_step_and_a_checkpoint
         def slow(*a, **k):
             now[0] += seconds
             return function(*a, **k)
+
         return slow
+
     monkeypatch.setattr(train_gpt2, "clock", lambda: now[0])
     for name, seconds in (("train_step", 100.0), ("evaluate_val", 30.0), ("save_checkpoint", 20.0)):
         monkeypatch.setattr(train_gpt2, name, taking(seconds, getattr(train_gpt2, name)))
@@ -665,7 +821,7 @@ def test_an_injected_non_finite_loss_or_gradient_is_skipped_and_training_goes_on
     assert all(math.isfinite(r["train_loss"]) for r in train if r["step"] != 2)
     # step 3's loss: the weights after step 1 (step 2 was skipped) on step 3's 8 rows of the shuffled epoch
     model = model_from_checkpoint(os.path.join(tmp_path, "checkpoints", "step_00000002.pt"))
-    rows = torch.from_numpy(epoch_windows(data_dir, "train", 32, np.random.default_rng((1337, 0)))[3 * 8:4 * 8])
+    rows = torch.from_numpy(epoch_windows(data_dir, "train", 32, np.random.default_rng((1337, 0)))[3 * 8 : 4 * 8])
     with torch.no_grad():
         loss = model(rows[:, :-1], rows[:, 1:].contiguous())[1].item()
     assert train[3]["train_loss"] == pytest.approx(loss, rel=1e-5)
@@ -678,8 +834,9 @@ def test_an_injected_non_finite_loss_or_gradient_is_skipped_and_training_goes_on
 
 def test_too_many_non_finite_steps_stop_with_a_checkpoint_and_a_relaunch_goes_on(data_dir, tmp_path, capsys):
     # lr 1e30: step 0 is fine, its update blows the weights up and every later loss is NaN.
-    argv = args(data_dir, tmp_path, "--max-lr", "1e30", "--warmup-steps", "0", "--max-skipped-steps", "3",
-                "--max-steps", "20")
+    argv = args(
+        data_dir, tmp_path, "--max-lr", "1e30", "--warmup-steps", "0", "--max-skipped-steps", "3", "--max-steps", "20"
+    )
     err = error_of(capsys, argv, 1)
     assert "3 steps in a row (to step 3) had a non-finite loss or gradient and were skipped" in err
     assert [r["step"] for r in metrics(tmp_path) if r.get("skipped")] == [1, 2, 3]
@@ -715,8 +872,9 @@ def test_ddp_with_accumulation_on_two_processes_matches_one_process(straight, da
     # MFU: the tokens of every rank over the peak of every device
     config = parse_args(args(data_dir, tmp_path))
     mfu, tokens_per_sec = series(tmp_path, "mfu"), series(tmp_path, "tokens_per_sec")
-    assert all(mfu[s] == pytest.approx(model_flops_per_token(config) * tokens_per_sec[s] / 2e9, rel=1e-12)
-               for s in range(5))
+    assert all(
+        mfu[s] == pytest.approx(model_flops_per_token(config) * tokens_per_sec[s] / 2e9, rel=1e-12) for s in range(5)
+    )
     # the DDP checkpoint resumes in one process (another world size and micro batch, same total batch)
     assert main(args(data_dir, tmp_path)) == 0
     assert_close_runs(tmp_path, straight, atol=1e-5)  # steps 0-4 on 2 ranks, 5-7 on one
@@ -727,8 +885,10 @@ def test_under_torchrun_only_rank_0_prints_and_every_rank_fails(data_dir, tmp_pa
     result = run_torchrun(args(data_dir, tmp_path, "--total-batch-size", "384"))  # 384 tokens over 2 x 4 x 32
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: invalid settings: total_batch_size=384 is not divisible by batch_size * seq_len * "
-                      "world_size = 4 * 32 * 2 = 256"]
+    assert errors == [
+        "error: invalid settings: total_batch_size=384 is not divisible by batch_size * seq_len * "
+        "world_size = 4 * 32 * 2 = 256"
+    ]
     assert "exitcode  : 2" in result.stderr  # torchrun's report (a rank still running is then stopped)
 
 
@@ -766,9 +926,11 @@ def test_under_torchrun_sigusr1_on_one_rank_stops_both_after_the_same_step(strai
 @pytest.mark.multiprocess
 def test_under_torchrun_a_setup_fault_on_rank_1_ends_both_ranks_with_its_message(data_dir, hellaswag_file, tmp_path):
     missing = str(tmp_path / "not-on-this-node" / "hellaswag_val.jsonl")
-    result = hooked([f"1:argv:--hellaswag-file={missing}"],
-                    args(data_dir, tmp_path / "log", "--hellaswag-interval", "4", "--hellaswag-file", hellaswag_file),
-                    torchrun=True)
+    result = hooked(
+        [f"1:argv:--hellaswag-file={missing}"],
+        args(data_dir, tmp_path / "log", "--hellaswag-interval", "4", "--hellaswag-file", hellaswag_file),
+        torchrun=True,
+    )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: rank 1: ") and missing in errors[0], result.stderr[-3000:]
@@ -789,8 +951,9 @@ def test_under_torchrun_every_rank_falls_back_to_the_same_checkpoint(straight, d
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("view, rank_1_step", [("older", 6), ("blind", 0)])
-def test_under_torchrun_ranks_that_would_resume_from_different_steps_end_the_job(straight, data_dir, tmp_path, view,
-                                                                                  rank_1_step):
+def test_under_torchrun_ranks_that_would_resume_from_different_steps_end_the_job(
+    straight, data_dir, tmp_path, view, rank_1_step
+):
     # Rank 1 reads the checkpoint before the newest (a stale view of the log dir), or none at all (another node's
     # view): it would resume at another step than rank 0 (8). The ranks agree once after set-up: every rank ends,
     # with one line, and the log dir is left as it was. (With nothing to resume, rank 1 reads nothing: every
@@ -841,8 +1004,9 @@ def test_gradients_do_not_depend_on_the_micro_batch(data_dir):
         model = train_gpt2.build_model(config, torch.device("cpu"))
         optimizers = adamw_of(model, lr=0.0, weight_decay=0.0)
         loader = ShardLoader(data_dir, "train", batch_size, 32)
-        loss, norm, skipped, stop = train_gpt2.train_step(model, optimizers, loader, 256 // (batch_size * 32), 0.0,
-                                                          config, torch.device("cpu"), nullcontext())
+        loss, norm, skipped, stop = train_gpt2.train_step(
+            model, optimizers, loader, 256 // (batch_size * 32), 0.0, config, torch.device("cpu"), nullcontext()
+        )
         assert not skipped and not stop
         grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
     # the reference: one forward over all 8 rows
@@ -861,21 +1025,53 @@ def test_gradients_do_not_depend_on_the_micro_batch(data_dir):
 # compile, bf16 autocast, HellaSwag and samples
 
 HELLASWAG = [
-    ("The chef cracked two eggs into the bowl and", ["whisked them with a fork.", "parked the car outside.",
-                                                     "sang to the audience.", "climbed the ladder to the roof."], 0),
-    ("To open the file, the program first", ["barks at the mailman.", "calls the open function with its name.",
-                                             "melts in the sun.", "plants a tree."], 1),
-    ("She put on her running shoes and", ["ate the shoes.", "read the newspaper upside down.",
-                                          "went for a jog around the park.", "turned into a bird."], 2),
-    ("A for loop in Python repeats its body", ["once for every item of the sequence.", "only on Tuesdays.",
-                                               "until the cat wakes up.", "in a different language."], 0),
-    ("The function returns None when it", ["is hungry.", "is painted red.",
-                                           "reaches the end without a return statement.", "sleeps."], 2),
+    (
+        "The chef cracked two eggs into the bowl and",
+        [
+            "whisked them with a fork.",
+            "parked the car outside.",
+            "sang to the audience.",
+            "climbed the ladder to the roof.",
+        ],
+        0,
+    ),
+    (
+        "To open the file, the program first",
+        ["barks at the mailman.", "calls the open function with its name.", "melts in the sun.", "plants a tree."],
+        1,
+    ),
+    (
+        "She put on her running shoes and",
+        ["ate the shoes.", "read the newspaper upside down.", "went for a jog around the park.", "turned into a bird."],
+        2,
+    ),
+    (
+        "A for loop in Python repeats its body",
+        [
+            "once for every item of the sequence.",
+            "only on Tuesdays.",
+            "until the cat wakes up.",
+            "in a different language.",
+        ],
+        0,
+    ),
+    (
+        "The function returns None when it",
+        ["is hungry.", "is painted red.", "reaches the end without a return statement.", "sleeps."],
+        2,
+    ),
     # Longer than 32 tokens: HellaSwag batches come in two lengths, 64 and 32, under compile too.
-    ("When the interpreter imports a module for the first time, it compiles the source to byte code, "
-     "stores that byte code in a cache directory next to the file, and on every later import it",
-     ["loads the cached byte code instead of compiling again.", "forgets the module.", "prints the file.",
-      "deletes the directory."], 0),
+    (
+        "When the interpreter imports a module for the first time, it compiles the source to byte code, "
+        "stores that byte code in a cache directory next to the file, and on every later import it",
+        [
+            "loads the cached byte code instead of compiling again.",
+            "forgets the module.",
+            "prints the file.",
+            "deletes the directory.",
+        ],
+        0,
+    ),
 ]
 
 
@@ -888,8 +1084,9 @@ def hellaswag_file(tmp_path_factory):
     return str(path)
 
 
-def test_compiled_training_evaluates_and_samples_without_recompiling(straight, data_dir, hellaswag_file, tmp_path,
-                                                                     monkeypatch):
+def test_compiled_training_evaluates_and_samples_without_recompiling(
+    straight, data_dir, hellaswag_file, tmp_path, monkeypatch
+):
     counters = torch._dynamo.utils.counters
     torch._dynamo.reset()
     graphs = []  # compiled graphs so far, after each training step (and the evals before it)
@@ -901,9 +1098,25 @@ def test_compiled_training_evaluates_and_samples_without_recompiling(straight, d
 
     train_step = train_gpt2.train_step
     monkeypatch.setattr(train_gpt2, "train_step", counting_train_step)
-    argv = args(data_dir, tmp_path, "--compile", "--stop-at-step", "4", "--eval-interval", "1",
-                "--hellaswag-interval", "1", "--hellaswag-file", hellaswag_file,
-                "--sample-interval", "1", "--sample-tokens", "6", "--num-samples", "2")
+    argv = args(
+        data_dir,
+        tmp_path,
+        "--compile",
+        "--stop-at-step",
+        "4",
+        "--eval-interval",
+        "1",
+        "--hellaswag-interval",
+        "1",
+        "--hellaswag-file",
+        hellaswag_file,
+        "--sample-interval",
+        "1",
+        "--sample-tokens",
+        "6",
+        "--num-samples",
+        "2",
+    )
     assert main(argv) == 0
     assert graphs[0] > 0 and graphs == [graphs[0]] * 4  # train, val and HellaSwag compiled once, in step 0
     # the compiled model trains like the plain one (val: at the steps both runs evaluated)
@@ -926,11 +1139,27 @@ def test_compiled_training_evaluates_and_samples_without_recompiling(straight, d
 
 @pytest.mark.multiprocess
 def test_compiled_model_inside_ddp_trains_like_the_plain_run_and_scores_hellaswag_over_ranks(
-        straight, data_dir, hellaswag_file, tmp_path):
+    straight, data_dir, hellaswag_file, tmp_path
+):
     # The 8-GPU set-up in small: torch.compile inside DDP (2 gloo ranks), val loss, HellaSwag split
     # over the ranks and all-reduced, samples on rank 0.
-    result = run_torchrun(args(data_dir, tmp_path, "--compile", "--stop-at-step", "4", "--hellaswag-interval", "2",
-                               "--hellaswag-file", hellaswag_file, "--sample-interval", "4", "--sample-tokens", "6"))
+    result = run_torchrun(
+        args(
+            data_dir,
+            tmp_path,
+            "--compile",
+            "--stop-at-step",
+            "4",
+            "--hellaswag-interval",
+            "2",
+            "--hellaswag-file",
+            hellaswag_file,
+            "--sample-interval",
+            "4",
+            "--sample-tokens",
+            "6",
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("sample 0: ") == 1  # step 0, printed once (rank 0)
     for key in ("train_loss", "grad_norm"):
@@ -977,9 +1206,11 @@ def test_the_written_config_repeats_the_run_and_flags_win(straight, data_dir, tm
 
 
 def test_config_files_with_mistakes_are_one_line(tmp_path, capsys):
-    cases = {"unknown.toml": ("max_lr = 1e-3\nlearning_rate = 1e-3\n", "unknown setting(s) learning_rate"),
-             "type.toml": ('max_steps = "many"\n', "argument --max-steps: invalid int value: 'many'"),
-             "syntax.toml": ("max_lr = \n", "cannot read --config")}
+    cases = {
+        "unknown.toml": ("max_lr = 1e-3\nlearning_rate = 1e-3\n", "unknown setting(s) learning_rate"),
+        "type.toml": ('max_steps = "many"\n', "argument --max-steps: invalid int value: 'many'"),
+        "syntax.toml": ("max_lr = \n", "cannot read --config"),
+    }
     for name, (text, phrase) in cases.items():
         (tmp_path / name).write_text(text)
         err = error_of(capsys, ["--config", str(tmp_path / name)], 2)
@@ -990,9 +1221,24 @@ def test_config_files_with_mistakes_are_one_line(tmp_path, capsys):
 # 19,073 steps (one pass over 10B tokens), AdamW (0.9, 0.95), eps 1e-8, weight decay 0.1, lr 6e-4 after 715
 # warmup steps, cosine to 6e-5, clip 1.0, GPT-2's vocabulary padded to 50,304, 1,024 tokens of context,
 # the val loss every 250 steps.
-RECIPE = {"model": "gpt2", "init_from": "scratch", "total_batch_size": 524288, "max_steps": 19073, "max_lr": 6e-4,
-          "warmup_steps": 715, "min_lr": 6e-5, "beta1": 0.9, "beta2": 0.95, "adam_eps": 1e-8, "weight_decay": 0.1,
-          "grad_clip": 1.0, "vocab_size": 50304, "block_size": 1024, "seq_len": 1024, "eval_interval": 250}
+RECIPE = {
+    "model": "gpt2",
+    "init_from": "scratch",
+    "total_batch_size": 524288,
+    "max_steps": 19073,
+    "max_lr": 6e-4,
+    "warmup_steps": 715,
+    "min_lr": 6e-5,
+    "beta1": 0.9,
+    "beta2": 0.95,
+    "adam_eps": 1e-8,
+    "weight_decay": 0.1,
+    "grad_clip": 1.0,
+    "vocab_size": 50304,
+    "block_size": 1024,
+    "seq_len": 1024,
+    "eval_interval": 250,
+}
 
 
 def recipe_of(config):
@@ -1003,8 +1249,12 @@ def test_the_defaults_are_the_gpt3_small_recipe(straight, data_dir):
     config = parse_args([])
     assert recipe_of(config) == RECIPE
     # 10,485,760 val tokens (20 x 512 x 1024), HellaSwag and samples every 250 steps, seed 1337
-    assert (config.val_tokens, config.hellaswag_interval, config.sample_interval, config.seed) \
-        == (10485760, 250, 250, 1337)
+    assert (config.val_tokens, config.hellaswag_interval, config.sample_interval, config.seed) == (
+        10485760,
+        250,
+        250,
+        1337,
+    )
     assert (config.checkpoint_interval, config.keep_checkpoints, config.max_skipped_steps) == (1000, 3, 5)
     # build-nanogpt's micro batch of 64 x 1024; AdamW alone, Muon (when chosen) at its usual settings
     assert config.batch_size == 64 and config.optimizer == "adamw"
@@ -1019,15 +1269,19 @@ def test_the_defaults_are_the_gpt3_small_recipe(straight, data_dir):
     assert all(state[i]["exp_avg"].dim() >= 2 for i in decay["params"])
     assert all(state[i]["exp_avg"].dim() < 2 for i in no_decay["params"])
     weights = list(transformers_gpt2(parse_args(args(data_dir, straight))).parameters())  # the tied embedding once
-    assert sorted(state[i]["exp_avg"].numel() for i in decay["params"]) == \
-        sorted(w.numel() for w in weights if w.dim() >= 2)
-    assert sorted(state[i]["exp_avg"].numel() for i in no_decay["params"]) == \
-        sorted(w.numel() for w in weights if w.dim() < 2)
+    assert sorted(state[i]["exp_avg"].numel() for i in decay["params"]) == sorted(
+        w.numel() for w in weights if w.dim() >= 2
+    )
+    assert sorted(state[i]["exp_avg"].numel() for i in no_decay["params"]) == sorted(
+        w.numel() for w in weights if w.dim() < 2
+    )
 
 
 def test_shipped_configs_are_the_recipes_they_say(data_dir):
-    configs = {os.path.basename(path): parse_args(["--config", path])
-               for path in glob.glob(os.path.join(ROOT, "configs", "*.toml"))}
+    configs = {
+        os.path.basename(path): parse_args(["--config", path])
+        for path in glob.glob(os.path.join(ROOT, "configs", "*.toml"))
+    }
     assert set(configs) == {"gpt2-124m-8gpu.toml", "gpt2-124m-1gpu-24gb.toml", "finetune-gpt2.toml", "demo.toml"}
     eight, one = configs["gpt2-124m-8gpu.toml"], configs["gpt2-124m-1gpu-24gb.toml"]
     assert recipe_of(eight) == recipe_of(one) == RECIPE
@@ -1045,22 +1299,49 @@ def test_shipped_configs_are_the_recipes_they_say(data_dir):
     assert parse_args(["--demo", "--max-steps", "40", "--warmup-steps", "1"]).warmup_steps == 1  # given: kept
 
 
-@pytest.mark.parametrize("flags", [
-    ["--warmup-steps", "10", "--max-steps", "10"],  # all warmup: the cosine never starts
-    ["--min-lr", "6e-4"],  # a constant lr after warmup
-    ["--seq-len", "64", "--block-size", "64"],
-    ["--val-tokens", "1024"],  # one sequence
-    ["--beta1", "0", "--beta2", "0"],
-    ["--warmup-steps", "0", "--min-lr", "0", "--weight-decay", "0", "--grad-clip", "0", "--seed", "0",
-     "--eval-interval", "0", "--hellaswag-interval", "0", "--sample-interval", "0", "--checkpoint-interval", "0",
-     "--val-tokens", "0", "--stop-at-step", "0", "--time-limit", "0"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--warmup-steps", "10", "--max-steps", "10"],  # all warmup: the cosine never starts
+        ["--min-lr", "6e-4"],  # a constant lr after warmup
+        ["--seq-len", "64", "--block-size", "64"],
+        ["--val-tokens", "1024"],  # one sequence
+        ["--beta1", "0", "--beta2", "0"],
+        [
+            "--warmup-steps",
+            "0",
+            "--min-lr",
+            "0",
+            "--weight-decay",
+            "0",
+            "--grad-clip",
+            "0",
+            "--seed",
+            "0",
+            "--eval-interval",
+            "0",
+            "--hellaswag-interval",
+            "0",
+            "--sample-interval",
+            "0",
+            "--checkpoint-interval",
+            "0",
+            "--val-tokens",
+            "0",
+            "--stop-at-step",
+            "0",
+            "--time-limit",
+            "0",
+        ],
+    ],
+)
 def test_settings_on_the_edge_of_valid_are_accepted(flags):
     parse_args(flags)  # raises UserError (exit 2) for a setting it refuses
 
 
 def tensorboard_scalars(log_dir, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(os.path.join(log_dir, "tensorboard"))
     events.Reload()  # purges what a later launch's purge_step dropped, as TensorBoard shows it
     return {event.step: event.value for event in events.Scalars(tag)}
@@ -1069,6 +1350,7 @@ def tensorboard_scalars(log_dir, tag):
 def wandb_history(log_dir):
     """{W&B run id: [logged dicts]} from the offline .wandb files (LevelDB-style log of protobufs)."""
     from wandb.proto import wandb_internal_pb2
+
     runs = {}
     for path in sorted(glob.glob(os.path.join(log_dir, "wandb", "offline-run-*", "run-*.wandb"))):
         data, pos, pending, block = open(path, "rb").read(), 7, b"", 32768  # 7: the file's header
@@ -1076,16 +1358,17 @@ def wandb_history(log_dir):
             if block - pos % block < 7:  # no room for a record header: the rest of the block is padding
                 pos += block - pos % block
                 continue
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            pending, pos = pending + data[pos + 7 : pos + 7 + length], pos + 7 + length
             if kind in (1, 4):  # a whole record, or the last piece of one
                 record = wandb_internal_pb2.Record.FromString(pending)
                 pending = b""
                 if record.WhichOneof("record_type") == "run":
                     run_id = record.run.run_id
                 elif record.WhichOneof("record_type") == "history":
-                    runs.setdefault(run_id, []).append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                                                        for i in record.history.item})
+                    runs.setdefault(run_id, []).append(
+                        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                    )
     return runs
 
 
@@ -1094,8 +1377,20 @@ def test_tensorboard_and_wandb_get_the_events_and_a_resume_continues_them(data_d
     monkeypatch.setenv("WANDB_SILENT", "true")
     dashboards = ["--tensorboard", "--wandb", "gpt2-test", "--sample-interval", "4", "--sample-tokens", "4"]
     assert main(args(data_dir, tmp_path, *dashboards, "--stop-at-step", "6")) == 0
-    assert main(args(data_dir, tmp_path, *dashboards, "--resume", str(tmp_path / "checkpoints" / "step_00000004.pt"),
-                     "--max-lr", "1e-2")) == 0  # a rollback from 6 to 4, then on to the end
+    assert (
+        main(
+            args(
+                data_dir,
+                tmp_path,
+                *dashboards,
+                "--resume",
+                str(tmp_path / "checkpoints" / "step_00000004.pt"),
+                "--max-lr",
+                "1e-2",
+            )
+        )
+        == 0
+    )  # a rollback from 6 to 4, then on to the end
     for key in ("train_loss", "val_loss", "lr"):
         assert tensorboard_scalars(tmp_path, key) == pytest.approx(series(tmp_path, key)), key  # one history
     run_id = (tmp_path / "wandb_run_id").read_text()
@@ -1135,10 +1430,34 @@ def test_batch_sizes_that_do_not_divide(data_dir, tmp_path, capsys):
 
 
 def test_every_impossible_setting_is_listed_at_once(data_dir, tmp_path, capsys):
-    err = error_of(capsys, args(data_dir, tmp_path, "--n-embd", "50", "--n-head", "3", "--seq-len", "128",
-                                "--warmup-steps", "20", "--max-steps", "10", "--max-lr", "1e-3", "--min-lr", "1e-2"), 2)
-    for problem in ("n_embd=50 is not divisible by n_head=3", "seq_len=128 is over block_size=64",
-                    "warmup_steps=20 is over max_steps=10", "min_lr=0.01 is over max_lr=0.001"):
+    err = error_of(
+        capsys,
+        args(
+            data_dir,
+            tmp_path,
+            "--n-embd",
+            "50",
+            "--n-head",
+            "3",
+            "--seq-len",
+            "128",
+            "--warmup-steps",
+            "20",
+            "--max-steps",
+            "10",
+            "--max-lr",
+            "1e-3",
+            "--min-lr",
+            "1e-2",
+        ),
+        2,
+    )
+    for problem in (
+        "n_embd=50 is not divisible by n_head=3",
+        "seq_len=128 is over block_size=64",
+        "warmup_steps=20 is over max_steps=10",
+        "min_lr=0.01 is over max_lr=0.001",
+    ):
         assert problem in err
 
 
@@ -1179,10 +1498,31 @@ KEPT_BY_A_RESUME = {
 # other settings say where and how the run goes and reports, and may change freely.
 RETUNED_BY_A_RESUME = ["max_lr", "min_lr", "warmup_steps", "grad_clip"]
 FREE_ON_A_RESUME = [
-    "data_dir", "log_dir", "overwrite", "batch_size", "max_skipped_steps", "eval_interval", "val_tokens",
-    "hellaswag_interval", "hellaswag_file", "sample_interval", "sample_prompt", "num_samples", "sample_tokens",
-    "checkpoint_interval", "keep_checkpoints", "resume", "stop_at_step", "time_limit", "dist_timeout", "wandb",
-    "tensorboard", "device", "compile", "peak_flops", "demo",
+    "data_dir",
+    "log_dir",
+    "overwrite",
+    "batch_size",
+    "max_skipped_steps",
+    "eval_interval",
+    "val_tokens",
+    "hellaswag_interval",
+    "hellaswag_file",
+    "sample_interval",
+    "sample_prompt",
+    "num_samples",
+    "sample_tokens",
+    "checkpoint_interval",
+    "keep_checkpoints",
+    "resume",
+    "stop_at_step",
+    "time_limit",
+    "dist_timeout",
+    "wandb",
+    "tensorboard",
+    "device",
+    "compile",
+    "peak_flops",
+    "demo",
 ]
 
 
@@ -1194,8 +1534,9 @@ def test_every_setting_is_kept_retuned_or_free_on_a_resume():
 
 
 @pytest.mark.parametrize("setting", [*KEPT_BY_A_RESUME, "two at once"])
-def test_a_resume_refuses_each_setting_that_changes_what_the_run_learns(setting, straight, data_dir, hf_gpt2_dir,
-                                                                        tmp_path, capsys):
+def test_a_resume_refuses_each_setting_that_changes_what_the_run_learns(
+    setting, straight, data_dir, hf_gpt2_dir, tmp_path, capsys
+):
     log_dir = finished_run(straight, tmp_path / "run")
     before = snapshot(log_dir)
     names = ["weight_decay", "seed"] if setting == "two at once" else [setting]  # two: both are listed
@@ -1204,29 +1545,65 @@ def test_a_resume_refuses_each_setting_that_changes_what_the_run_learns(setting,
     capsys.readouterr()
     assert main(args(data_dir, log_dir, *flags)) == 2
     err = capsys.readouterr().err
-    err = err[err.find("error: "):]  # after the progress bar of transformers loading --init-from's weights
+    err = err[err.find("error: ") :]  # after the progress bar of transformers loading --init-from's weights
     assert err.startswith("error: the checkpoint's settings differ from the flags: ") and err.count("\n") == 1
     assert all(phrase in err for phrase in says) and err.count(" in the checkpoint but ") == len(says), err
     assert snapshot(log_dir) == before  # nothing written (not even the lock it held), nothing removed
 
 
-def test_a_resume_goes_on_with_a_new_lr_schedule_and_new_run_only_settings(straight, data_dir, hellaswag_file,
-                                                                           tmp_path, capsys):
+def test_a_resume_goes_on_with_a_new_lr_schedule_and_new_run_only_settings(
+    straight, data_dir, hellaswag_file, tmp_path, capsys
+):
     log_dir = finished_run(straight, tmp_path / "run")
     retuned = ["--max-lr", "5e-3", "--min-lr", "5e-4", "--warmup-steps", "1", "--grad-clip", "0.5"]
-    run_only = ["--batch-size", "2", "--eval-interval", "3", "--val-tokens", "640", "--hellaswag-interval", "2",
-                "--hellaswag-file", hellaswag_file, "--sample-interval", "5", "--sample-prompt", "Once",
-                "--num-samples", "2", "--sample-tokens", "3", "--checkpoint-interval", "3", "--keep-checkpoints", "2",
-                "--max-skipped-steps", "2", "--stop-at-step", "20", "--time-limit", "1h", "--dist-timeout", "60",
-                "--tensorboard", "--compile", "--peak-flops", "1e12"]
+    run_only = [
+        "--batch-size",
+        "2",
+        "--eval-interval",
+        "3",
+        "--val-tokens",
+        "640",
+        "--hellaswag-interval",
+        "2",
+        "--hellaswag-file",
+        hellaswag_file,
+        "--sample-interval",
+        "5",
+        "--sample-prompt",
+        "Once",
+        "--num-samples",
+        "2",
+        "--sample-tokens",
+        "3",
+        "--checkpoint-interval",
+        "3",
+        "--keep-checkpoints",
+        "2",
+        "--max-skipped-steps",
+        "2",
+        "--stop-at-step",
+        "20",
+        "--time-limit",
+        "1h",
+        "--dist-timeout",
+        "60",
+        "--tensorboard",
+        "--compile",
+        "--peak-flops",
+        "1e12",
+    ]
     capsys.readouterr()
     assert main(args(data_dir, log_dir, *retuned, *run_only)) == 0
     out = capsys.readouterr().out
-    assert "note: max_lr=0.01 in the checkpoint, 0.005 now; min_lr=0.001 in the checkpoint, 0.0005 now; " \
-           "warmup_steps=2 in the checkpoint, 1 now; grad_clip=1.0 in the checkpoint, 0.5 now: the lr schedule " \
-           "goes on with the new values" in out
-    assert f"nothing to do: {log_dir} holds a run at step 8 (--max-steps 8, --stop-at-step 20); --overwrite starts " \
-           "a new one" in out
+    assert (
+        "note: max_lr=0.01 in the checkpoint, 0.005 now; min_lr=0.001 in the checkpoint, 0.0005 now; "
+        "warmup_steps=2 in the checkpoint, 1 now; grad_clip=1.0 in the checkpoint, 0.5 now: the lr schedule "
+        "goes on with the new values" in out
+    )
+    assert (
+        f"nothing to do: {log_dir} holds a run at step 8 (--max-steps 8, --stop-at-step 20); --overwrite starts "
+        "a new one" in out
+    )
 
 
 def test_a_non_finite_step_leaves_parameters_and_optimizer_untouched(data_dir):
@@ -1237,8 +1614,9 @@ def test_a_non_finite_step_leaves_parameters_and_optimizer_untouched(data_dir):
         model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loader = ShardLoader(data_dir, "train", 4, 32)
-    loss, norm, skipped, stop = train_gpt2.train_step(model, optimizers, loader, 2, 1e-3, config,
-                                                      torch.device("cpu"), nullcontext())
+    loss, norm, skipped, stop = train_gpt2.train_step(
+        model, optimizers, loader, 2, 1e-3, config, torch.device("cpu"), nullcontext()
+    )
     assert skipped and not stop and not math.isfinite(loss)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not optimizers["optimizer"].state  # AdamW never stepped
@@ -1256,9 +1634,15 @@ NOT_FINITE = {  # flags -> what the one error line must say
     "beta1": (["--beta1", "1.5"], ["beta1=1.5 must be in [0, 1)"]),
     "beta2": (["--beta2", "-0.1"], ["beta2=-0.1 must be in [0, 1)"]),
     "negative decay": (["--weight-decay", "-1"], ["weight_decay=-1.0 must not be negative"]),
-    "all at once": (["--max-lr", "inf", "--beta1", "1", "--adam-eps", "nan", "--grad-clip=-inf"],
-                    ["max_lr=inf must be a finite", "beta1=1.0 must be in [0, 1)", "adam_eps=nan must be a finite",
-                     "grad_clip=-inf must be a finite"]),
+    "all at once": (
+        ["--max-lr", "inf", "--beta1", "1", "--adam-eps", "nan", "--grad-clip=-inf"],
+        [
+            "max_lr=inf must be a finite",
+            "beta1=1.0 must be in [0, 1)",
+            "adam_eps=nan must be a finite",
+            "grad_clip=-inf must be a finite",
+        ],
+    ),
 }
 
 
@@ -1303,8 +1687,7 @@ def test_a_second_run_on_a_log_dir_in_use_is_refused_and_the_first_finishes_unto
             os.close(writer)  # the first run goes on
         code, stderr = first.wait()
     assert second.returncode == 1 and second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
-    assert f"is in use by another train_gpt2.py run (pid {first.proc.pid} on {socket.gethostname()})" \
-        in second.stderr
+    assert f"is in use by another train_gpt2.py run (pid {first.proc.pid} on {socket.gethostname()})" in second.stderr
     assert code == 0, stderr[-3000:]
     assert series(tmp_path / "log", "train_loss") == series(straight, "train_loss")
     assert same_model(tmp_path / "log", straight)
@@ -1316,8 +1699,30 @@ def test_a_second_run_on_a_log_dir_in_use_is_refused_and_the_first_finishes_unto
 
 def test_demo_builds_its_data_and_trains_end_to_end(tmp_path, capsys):
     data, log = tmp_path / "demo_data", tmp_path / "log_demo"
-    assert main(["--demo", "--data-dir", str(data), "--log-dir", str(log), "--max-steps", "4", "--warmup-steps", "1",
-                 "--eval-interval", "4", "--val-tokens", "2048", "--sample-interval", "4", "--sample-tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "--demo",
+                "--data-dir",
+                str(data),
+                "--log-dir",
+                str(log),
+                "--max-steps",
+                "4",
+                "--warmup-steps",
+                "1",
+                "--eval-interval",
+                "4",
+                "--val-tokens",
+                "2048",
+                "--sample-interval",
+                "4",
+                "--sample-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert sorted(os.listdir(data))[-1].startswith("pydocs_val_") and len(os.listdir(data)) > 5
     out = capsys.readouterr().out
     assert "val loss" in out and "sample 0: \"Hello, I'm a language model," in out
@@ -1332,17 +1737,21 @@ def test_demo_builds_its_data_and_trains_end_to_end(tmp_path, capsys):
 # What `auto` picks (dtype, compile), a model too big to fit, out of memory, float16's scaler, per-dtype peaks
 
 
-@pytest.mark.parametrize("kind, capability, triton, platform, dtype, compiled", [
-    ("cuda", (9, 0), True, "linux", "bfloat16", True),  # H100
-    ("cuda", (8, 0), True, "linux", "bfloat16", True),  # A100: the first with bf16
-    ("cuda", (7, 5), True, "linux", "float16", True),  # T4: no bf16, so float16 (and a scaler)
-    ("cuda", (8, 6), True, "win32", "bfloat16", False),  # no official Triton on Windows
-    ("cuda", (9, 0), False, "linux", "bfloat16", False),  # Triton missing (or a GPU older than Volta)
-    ("mps", None, True, "darwin", "float32", False),
-    ("cpu", None, True, "linux", "float32", False),
-])
+@pytest.mark.parametrize(
+    "kind, capability, triton, platform, dtype, compiled",
+    [
+        ("cuda", (9, 0), True, "linux", "bfloat16", True),  # H100
+        ("cuda", (8, 0), True, "linux", "bfloat16", True),  # A100: the first with bf16
+        ("cuda", (7, 5), True, "linux", "float16", True),  # T4: no bf16, so float16 (and a scaler)
+        ("cuda", (8, 6), True, "win32", "bfloat16", False),  # no official Triton on Windows
+        ("cuda", (9, 0), False, "linux", "bfloat16", False),  # Triton missing (or a GPU older than Volta)
+        ("mps", None, True, "darwin", "float32", False),
+        ("cpu", None, True, "linux", "float32", False),
+    ],
+)
 def test_auto_dtype_and_compile_for_each_device(kind, capability, triton, platform, dtype, compiled, monkeypatch):
     import torch.utils._triton
+
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: triton)
     monkeypatch.setattr(sys, "platform", platform)
@@ -1403,8 +1812,10 @@ def test_out_of_memory_mid_run_is_one_line_naming_a_smaller_batch_size(data_dir,
     real_train_step = train_gpt2.train_step
     monkeypatch.setattr(train_gpt2, "train_step", train_step)
     err = error_of(capsys, args(data_dir, tmp_path), 1)
-    assert err == "error: out of memory with --batch-size 4; relaunch with --batch-size 2 (the same total batch in " \
-                  "more micro steps)\n"
+    assert (
+        err == "error: out of memory with --batch-size 4; relaunch with --batch-size 2 (the same total batch in "
+        "more micro steps)\n"
+    )
     assert sorted(series(tmp_path, "train_loss")) == [0, 1]
     assert "--seq-len" in train_gpt2.out_of_memory(replace(parse_args([]), batch_size=1))
 
@@ -1422,17 +1833,18 @@ def test_float16_overflow_is_the_scalers_to_handle_not_an_error(data_dir):
     norm_float32 = torch.cat([p.grad.flatten() for p in reference.parameters()]).norm().item()
     autocast, _ = common.autocast_and_scaler("float16", device)
     # A scale of 2^40 overflows float16 gradients (max 65504): the norm is inf, the loss finite.
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
     loader = ShardLoader(data_dir, "train", 4, 32)
     loss, norm, skipped, _ = train_gpt2.train_step(model, optimizers, loader, 2, 1e-3, config, device, autocast, scaler)
     assert math.isfinite(loss) and not math.isfinite(norm) and not skipped  # the scaler's, not a skipped step
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the step was skipped
-    assert scaler.get_scale() == 2.0 ** 39  # and the scale halved
+    assert scaler.get_scale() == 2.0**39  # and the scale halved
     # At a scale that fits, the step is taken, and the norm logged (and clipped) is the true one, not the scaled
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
-    loss, norm, skipped, _ = train_gpt2.train_step(model, optimizers, ShardLoader(data_dir, "train", 4, 32), 2, 1e-3,
-                                                   config, device, autocast, scaler)
-    assert not skipped and norm == pytest.approx(norm_float32, rel=1e-2) and scaler.get_scale() == 2.0 ** 10
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    loss, norm, skipped, _ = train_gpt2.train_step(
+        model, optimizers, ShardLoader(data_dir, "train", 4, 32), 2, 1e-3, config, device, autocast, scaler
+    )
+    assert not skipped and norm == pytest.approx(norm_float32, rel=1e-2) and scaler.get_scale() == 2.0**10
     assert not all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # A non-finite loss is a skipped step, scaler or not.
@@ -1447,7 +1859,7 @@ def test_a_float16_resume_goes_on_with_the_loss_scale_of_its_checkpoint(straight
     # straight's step 6 as a float16 run's checkpoint whose loss scale, 2^40, overflows any gradient
     ckpt = checkpoint(straight, 6)
     ckpt["config"]["dtype"] = "float16"
-    ckpt["scaler"] = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40).state_dict()
+    ckpt["scaler"] = torch.amp.GradScaler("cpu", init_scale=2.0**40).state_dict()
     path = str(tmp_path / "float16.pt")
     torch.save(ckpt, path)
     assert main(args(data_dir, tmp_path / "run", "--dtype", "float16", "--resume", path, "--stop-at-step", "7")) == 0
@@ -1455,19 +1867,29 @@ def test_a_float16_resume_goes_on_with_the_loss_scale_of_its_checkpoint(straight
     assert step_6["step"] == 6 and math.isfinite(step_6["train_loss"]) and step_6["grad_norm"] is None
     assert "skipped" not in step_6  # an overflow at this scale: the scaler's to handle
     after = checkpoint(tmp_path / "run", 7)
-    assert after["scaler"]["scale"] == 2.0 ** 39  # halved from the checkpoint's scale, not float16's default 2^16
+    assert after["scaler"]["scale"] == 2.0**39  # halved from the checkpoint's scale, not float16's default 2^16
     assert all(torch.equal(after["model"][k], ckpt["model"][k]) for k in ckpt["model"])  # the update was skipped
 
 
-@pytest.mark.parametrize("name, dtype, flops", [
-    ("NVIDIA H100 80GB HBM3", "float32", 494.5e12), ("NVIDIA H100 80GB HBM3", "float16", 989e12),
-    ("NVIDIA H100 PCIe", "float32", 378e12), ("NVIDIA H200", "bfloat16", 989e12),
-    ("NVIDIA H200 NVL", "bfloat16", 835e12),
-    ("NVIDIA A100-SXM4-40GB", "float32", 156e12), ("NVIDIA L4", "float32", 60e12), ("NVIDIA L40S", "float16", 362e12),
-    ("Tesla V100-SXM2-16GB", "float16", 125e12), ("Tesla V100-PCIE-32GB", "float16", 112e12),
-    ("Tesla V100S-PCIE-32GB", "float16", 130e12), ("Tesla V100-SXM2-16GB", "float32", 15.7e12),
-    ("Tesla V100-SXM2-16GB", "bfloat16", None),  # no bf16 compute before Ampere: no MFU
-    ("Tesla T4", "float16", 65e12), ("Tesla T4", "float32", 8.1e12),
-])
+@pytest.mark.parametrize(
+    "name, dtype, flops",
+    [
+        ("NVIDIA H100 80GB HBM3", "float32", 494.5e12),
+        ("NVIDIA H100 80GB HBM3", "float16", 989e12),
+        ("NVIDIA H100 PCIe", "float32", 378e12),
+        ("NVIDIA H200", "bfloat16", 989e12),
+        ("NVIDIA H200 NVL", "bfloat16", 835e12),
+        ("NVIDIA A100-SXM4-40GB", "float32", 156e12),
+        ("NVIDIA L4", "float32", 60e12),
+        ("NVIDIA L40S", "float16", 362e12),
+        ("Tesla V100-SXM2-16GB", "float16", 125e12),
+        ("Tesla V100-PCIE-32GB", "float16", 112e12),
+        ("Tesla V100S-PCIE-32GB", "float16", 130e12),
+        ("Tesla V100-SXM2-16GB", "float32", 15.7e12),
+        ("Tesla V100-SXM2-16GB", "bfloat16", None),  # no bf16 compute before Ampere: no MFU
+        ("Tesla T4", "float16", 65e12),
+        ("Tesla T4", "float32", 8.1e12),
+    ],
+)
 def test_peak_flops_by_gpu_name_and_dtype(name, dtype, flops):
     assert common.peak_flops_of(name, dtype) == flops
