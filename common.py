@@ -313,7 +313,8 @@ def agree(error=None, value=None, prefix="error: "):
             raise error
         return [value]
     outcomes = [None] * dist.get_world_size()
-    dist.all_gather_object(outcomes, (None if error is None else (str(error), error.exit_code), value))
+    failure = None if error is None else (str(error), getattr(error, "exit_code", 1))  # a UserError or an OSError
+    dist.all_gather_object(outcomes, (failure, value))
     failures = {}  # (message, exit code) -> the ranks that met it
     for rank, (failure, _) in enumerate(outcomes):
         if failure is not None:

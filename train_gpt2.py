@@ -223,7 +223,7 @@ def train(argv, launch):
         find_shards(config.data_dir, "train")  # a missing data directory fails in seconds, not after a download
         if local_rank == 0 and config.hellaswag_interval:
             load_hellaswag(config)  # downloads it the first time: one process a machine, the others after the barrier
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: a file unreadable, GPT-2's vocabulary not found
         error = e
     if world_size > 1:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"  # gloo for CPU tensors
@@ -263,7 +263,7 @@ def train(argv, launch):
         state = {"model": raw_model, "loader": train_loader, "scaler": scaler, **optimizers}
         step, source = resume(config, state, check_resumable)  # the checkpoint's step and path, or 0 and None
         shards = train_loader.shard_list()
-    except UserError as e:
+    except (UserError, OSError) as e:
         error = e
     check_same_everywhere(common.agree(error, (step, shards)))
     if step >= (config.stop_at_step or config.max_steps):
@@ -608,12 +608,12 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()  # on a clean exit only: after an error another rank may never join it
         return exit_code
-    except UserError as e:
+    except (UserError, OSError) as e:
         # An error every rank met was printed once by common.agree(); a rank's own error is printed by that
         # rank, which then exits (and torchrun stops the others).
-        if not e.reported:
+        if not getattr(e, "reported", False):
             print(f"error: {f'rank {rank}: ' if rank else ''}{e}", file=sys.stderr, flush=True)
-        return e.exit_code
+        return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:
         saved = list_checkpoints(launch.config.log_dir) if launch.config else []
         last = f"the last checkpoint is {saved[-1]}" if saved else "no checkpoint was saved"

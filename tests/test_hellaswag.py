@@ -20,6 +20,7 @@ import torch
 
 import hellaswag
 from common import UserError
+from export import save_folder, to_hf
 from model import GPT
 from tokenizer import get_tokenizer
 
@@ -27,54 +28,138 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "hellaswag.py")
 
 EXAMPLES = [
-    ("A man is sitting on a roof. He",
-     ["is using wrap to wrap a pair of skis.", "starts pulling up the old shingles one by one.",
-      "sings.", "is holding a cup of coffee and watching the sunset over the quiet lake below the hills."], 1),
-    ("The chef cracks two eggs into a bowl. She",
-     ["whisks them with a fork until they are smooth.", "paints the bowl blue.",
-      "throws the bowl at the window, then sweeps the kitchen floor for a very long time.", "sleeps."], 0),
-    ("A girl kneels next to her bicycle on the sidewalk. She",
-     ["flies.", "reads a newspaper about the weather in another country and then calls her grandmother.",
-      "pumps air into the flat back tire.", "eats the tire."], 2),
-    ("The students open their textbooks to chapter three. The teacher",
-     ["dances on the desk.", "swims.", "writes the first equation on the board and asks a question.",
-      "drives a truck across the field towards the barn while the farmer waves at him from the gate."], 2),
-    ("To make a paper airplane, fold the sheet in half lengthwise. Then",
-     ["fold the top corners down to the center line.", "burn it.",
-      "put the sheet in the washing machine with your shirts and wait for an hour.", "cry."], 0),
-    ("A woman is standing at a bus stop in the rain. She",
-     ["opens her umbrella and checks the timetable.", "melts.",
-      "plants a tree in the middle of the road and then leaves.", "becomes a bus."], 0),
-    ("Two boys are playing chess in the park. One of them",
-     ["moves his knight and says check.", "eats the board.", "jumps into the fountain with his clothes on.",
-      "flies a kite."], 0),
-    ("The dog runs to the door when the bell rings. It",
-     ["barks loudly and wags its tail.", "opens a bank account.", "writes a letter.", "turns into a cat."], 0),
-    ("A gardener kneels beside a row of tomato plants. He",
-     ["ties the tall stems to wooden stakes with string.", "sells the garden.",
-      "launches a rocket.", "reads."], 0),
-    ("The orchestra takes its seats and the lights dim. The conductor",
-     ["raises the baton and the music begins.", "leaves to buy groceries.",
-      "starts painting the ceiling of the concert hall in bright colours.", "sleeps."], 0),
-    ("A toddler is stacking colourful wooden blocks on the carpet. The tower",
-     ["wobbles and falls over.", "sings a song.", "becomes a real castle with a king and a queen.",
-      "drives away."], 0),
-    ("The mechanic lifts the hood of the old car. He",
-     ["checks the oil level with the dipstick.", "plays the violin.",
-      "orders a pizza for everyone in the garage and then goes home early.", "paints it."], 0),
+    (
+        "A man is sitting on a roof. He",
+        [
+            "is using wrap to wrap a pair of skis.",
+            "starts pulling up the old shingles one by one.",
+            "sings.",
+            "is holding a cup of coffee and watching the sunset over the quiet lake below the hills.",
+        ],
+        1,
+    ),
+    (
+        "The chef cracks two eggs into a bowl. She",
+        [
+            "whisks them with a fork until they are smooth.",
+            "paints the bowl blue.",
+            "throws the bowl at the window, then sweeps the kitchen floor for a very long time.",
+            "sleeps.",
+        ],
+        0,
+    ),
+    (
+        "A girl kneels next to her bicycle on the sidewalk. She",
+        [
+            "flies.",
+            "reads a newspaper about the weather in another country and then calls her grandmother.",
+            "pumps air into the flat back tire.",
+            "eats the tire.",
+        ],
+        2,
+    ),
+    (
+        "The students open their textbooks to chapter three. The teacher",
+        [
+            "dances on the desk.",
+            "swims.",
+            "writes the first equation on the board and asks a question.",
+            "drives a truck across the field towards the barn while the farmer waves at him from the gate.",
+        ],
+        2,
+    ),
+    (
+        "To make a paper airplane, fold the sheet in half lengthwise. Then",
+        [
+            "fold the top corners down to the center line.",
+            "burn it.",
+            "put the sheet in the washing machine with your shirts and wait for an hour.",
+            "cry.",
+        ],
+        0,
+    ),
+    (
+        "A woman is standing at a bus stop in the rain. She",
+        [
+            "opens her umbrella and checks the timetable.",
+            "melts.",
+            "plants a tree in the middle of the road and then leaves.",
+            "becomes a bus.",
+        ],
+        0,
+    ),
+    (
+        "Two boys are playing chess in the park. One of them",
+        [
+            "moves his knight and says check.",
+            "eats the board.",
+            "jumps into the fountain with his clothes on.",
+            "flies a kite.",
+        ],
+        0,
+    ),
+    (
+        "The dog runs to the door when the bell rings. It",
+        ["barks loudly and wags its tail.", "opens a bank account.", "writes a letter.", "turns into a cat."],
+        0,
+    ),
+    (
+        "A gardener kneels beside a row of tomato plants. He",
+        ["ties the tall stems to wooden stakes with string.", "sells the garden.", "launches a rocket.", "reads."],
+        0,
+    ),
+    (
+        "The orchestra takes its seats and the lights dim. The conductor",
+        [
+            "raises the baton and the music begins.",
+            "leaves to buy groceries.",
+            "starts painting the ceiling of the concert hall in bright colours.",
+            "sleeps.",
+        ],
+        0,
+    ),
+    (
+        "A toddler is stacking colourful wooden blocks on the carpet. The tower",
+        ["wobbles and falls over.", "sings a song.", "becomes a real castle with a king and a queen.", "drives away."],
+        0,
+    ),
+    (
+        "The mechanic lifts the hood of the old car. He",
+        [
+            "checks the oil level with the dipstick.",
+            "plays the violin.",
+            "orders a pizza for everyone in the garage and then goes home early.",
+            "paints it.",
+        ],
+        0,
+    ),
     # Its rows straddle 32 tokens (9 to 36): the batch is as long as its longest row, not its shortest. And an
     # ending of a single token (" sleeps"): its mean is its one loss.
-    ("A cat sits by the window. It",
-     ["sleeps", "watches the birds in the garden, the leaves falling from the old oak tree, and the neighbour walking "
-      "his small brown dog along the street.", "eats the curtains.", "sings opera."], 0),
+    (
+        "A cat sits by the window. It",
+        [
+            "sleeps",
+            "watches the birds in the garden, the leaves falling from the old oak tree, and the neighbour walking "
+            "his small brown dog along the street.",
+            "eats the curtains.",
+            "sings opera.",
+        ],
+        0,
+    ),
     # Longer than the test model's 64 positions with any ending: rows keep their last 64 tokens.
-    ("It was a cold morning in the small mountain village, and the baker had been awake since four "
-     "o'clock, kneading dough, heating the old stone oven, and arranging loaves on the wooden shelves "
-     "by the window while the first customers gathered outside the shop in the snow. When the door "
-     "finally opened, the baker",
-     ["greeted them with a warm smile and fresh bread.", "flew to the moon.",
-      "closed the shop, locked the door and went back to bed without selling a single loaf all day.",
-      "laughed."], 0),
+    (
+        "It was a cold morning in the small mountain village, and the baker had been awake since four "
+        "o'clock, kneading dough, heating the old stone oven, and arranging loaves on the wooden shelves "
+        "by the window while the first customers gathered outside the shop in the snow. When the door "
+        "finally opened, the baker",
+        [
+            "greeted them with a warm smile and fresh bread.",
+            "flew to the moon.",
+            "closed the shop, locked the door and went back to bed without selling a single loaf all day.",
+            "laughed.",
+        ],
+        0,
+    ),
 ]
 
 
@@ -93,6 +178,7 @@ def data_file(tmp_path_factory, examples):
 @pytest.fixture(scope="module")
 def hf_model(hf_gpt2_dir):
     from transformers import GPT2LMHeadModel
+
     return GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
 
 
@@ -118,8 +204,15 @@ def reference_scores(hf_model, examples):
             scored = [-logprobs[p - 1, row[p]].item() for p in range(max(first, 1), len(row))]
             sums.append(sum(scored))
             means.append(sum(scored) / len(scored))
-        out.append({"sums": sums, "means": means, "label": example["label"],
-                    "pred": sums.index(min(sums)), "pred_norm": means.index(min(means))})
+        out.append(
+            {
+                "sums": sums,
+                "means": means,
+                "label": example["label"],
+                "pred": sums.index(min(sums)),
+                "pred_norm": means.index(min(means)),
+            }
+        )
     return out
 
 
@@ -158,9 +251,11 @@ def test_transformers_model_matches_reference(hf_model, examples, reference):
 
 def test_an_ending_longer_than_the_model_loses_only_its_first_token(hf_model):
     # 66 tokens: the row is the ending's last 64, its context gone; the row's first token has no prediction.
-    ending = ("recites, word for word and without a single pause, the whole of a very long poem about the sea, the "
-              "ships that sail across it, the storms that toss them, the sailors who dream of home, the harbours "
-              "that wait for them, and the lighthouses that guide them safely back to shore at night.")
+    ending = (
+        "recites, word for word and without a single pause, the whole of a very long poem about the sea, the "
+        "ships that sail across it, the storms that toss them, the sailors who dream of home, the harbours "
+        "that wait for them, and the lighthouses that guide them safely back to shore at night."
+    )
     example = {"ctx": "A cat sits by the window. It", "endings": [ending, "naps.", "purrs.", "eats."], "label": 1}
     assert len(get_tokenizer().encode_ordinary(" " + ending)) > hf_model.config.n_positions
     result = hellaswag.evaluate(hf_model, [example], "cpu", batch_size=2)
@@ -189,8 +284,10 @@ def test_batches_hold_examples_of_one_length_and_keep_their_row_count(hf_gpt2_di
         shapes.clear()
         hellaswag.evaluate(model, examples, "cpu", batch_size=batch_size, rank=rank, world_size=world_size)
         mine = sorted(longest[rank::world_size], reverse=True)
-        expected = [(4 * batch_size, min(-(-max(mine[start:start + batch_size]) // 32) * 32, 64))
-                    for start in range(0, len(mine), batch_size)]
+        expected = [
+            (4 * batch_size, min(-(-max(mine[start : start + batch_size]) // 32) * 32, 64))
+            for start in range(0, len(mine), batch_size)
+        ]
         assert shapes == expected
     assert shapes == [(20, 64), (20, 32), (20, 32)]  # the long example's batch is the first
 
@@ -216,16 +313,26 @@ def test_load_examples_reads_what_was_written(data_file, examples, tmp_path):
     assert hellaswag.load_examples(str(with_extras)) == [examples[0], last]
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"ctx": "", "endings": ["a", "b", "c", "d"], "label": 0}, "line 2: ctx must be a non-empty string"),
-    ({"ctx": "A man", "endings": ["a", "b", "c", "d", "e"], "label": 0},
-     "line 2: endings must be a list of 4 strings, got 5 items"),
-    ({"ctx": "A man", "endings": ["a", "b", "c", 4], "label": 0}, "line 2: endings must be a list of 4 strings"),
-    ({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": True},
-     "line 2: label must be an integer 0-3, got True"),
-    ({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": -1}, "line 2: label must be an integer 0-3, got -1"),
-    (["A man", ["a", "b", "c", "d"], 0], "line 2: missing key(s) ctx, endings, label"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"ctx": "", "endings": ["a", "b", "c", "d"], "label": 0}, "line 2: ctx must be a non-empty string"),
+        (
+            {"ctx": "A man", "endings": ["a", "b", "c", "d", "e"], "label": 0},
+            "line 2: endings must be a list of 4 strings, got 5 items",
+        ),
+        ({"ctx": "A man", "endings": ["a", "b", "c", 4], "label": 0}, "line 2: endings must be a list of 4 strings"),
+        (
+            {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": True},
+            "line 2: label must be an integer 0-3, got True",
+        ),
+        (
+            {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": -1},
+            "line 2: label must be an integer 0-3, got -1",
+        ),
+        (["A man", ["a", "b", "c", "d"], 0], "line 2: missing key(s) ctx, endings, label"),
+    ],
+)
 def test_load_examples_refuses_a_bad_record_naming_its_line(record, message, examples, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(examples[0]) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
@@ -260,9 +367,9 @@ def test_download_copies_the_file_once_and_atomically(data_file, tmp_path):
     # Cached: a second call does not fetch again, even from a URL that would fail.
     assert hellaswag.download(f"file://{tmp_path}/missing.jsonl", str(cache), **pins(data_file)) == path
 
-    with pytest.raises(UserError, match="--data FILE") as error:
+    with pytest.raises(UserError, match="nothing was kept") as error:
         hellaswag.download(f"file://{tmp_path}/missing.jsonl", str(tmp_path / "other"), tries=2, wait=0)
-    assert "missing.jsonl" in str(error.value)
+    assert "missing.jsonl" in str(error.value) and "--" not in str(error.value)  # each caller names its own flag
     assert os.listdir(tmp_path / "other") == []  # no partial file left behind
 
 
@@ -328,7 +435,7 @@ def test_a_download_that_fails_its_check_is_never_kept(damage, data_file, tmp_pa
     assert server.requests == 3  # each try fetched it again
     message = str(error.value)
     assert ("sha256" if damage == "one byte changed" else f"has {len(bad):,} bytes") in message
-    assert "nothing was kept" in message and "--data FILE" in message
+    assert "nothing was kept" in message
     assert os.listdir(tmp_path / "cache") == []
 
 
@@ -361,6 +468,7 @@ def sha256_pinning(body):
 
         def hexdigest(self):
             return PINNED_SHA256 if self.data == body else sha256(self.data).hexdigest()
+
     return Digest
 
 
@@ -368,10 +476,11 @@ def test_a_plain_download_is_checked_against_the_pinned_size_and_sha256(tmp_path
     # download()'s own defaults, not the tests' pins: the file's size and sha256 as literals.
     assert (hellaswag.DATA_BYTES, hellaswag.DATA_SHA256) == (PINNED_BYTES, PINNED_SHA256)
     body = bytes(range(256)) * (PINNED_BYTES // 256) + b"x" * (PINNED_BYTES % 256)  # the pinned size
-    for bad, problem in ((body[:-1], "has 12,246,617 bytes, not the pinned 12,246,618"),
-                         (body + b"\n", "has 12,246,619 bytes, not the pinned 12,246,618"),
-                         (body, "sha256 is " + hashlib.sha256(body).hexdigest()[:16] + "..., not the pinned "
-                          + PINNED_SHA256[:16])):
+    for bad, problem in (
+        (body[:-1], "has 12,246,617 bytes, not the pinned 12,246,618"),
+        (body + b"\n", "has 12,246,619 bytes, not the pinned 12,246,618"),
+        (body, "sha256 is " + hashlib.sha256(body).hexdigest()[:16] + "..., not the pinned " + PINNED_SHA256[:16]),
+    ):
         with FlakyServer(bad) as server, pytest.raises(UserError, match="nothing was kept") as error:
             hellaswag.download(server.url, str(tmp_path / "cache"), tries=1)
         assert problem in str(error.value)
@@ -392,8 +501,14 @@ def test_a_plain_download_is_checked_against_the_pinned_size_and_sha256(tmp_path
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def read_predictions(path):
@@ -407,13 +522,25 @@ def test_checkpoint_and_its_hf_export_score_identically(hf_gpt2_dir, data_file, 
     checkpoint = tmp_path / "step_00000010.pt"
     torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "step": 10}, checkpoint)
     export = tmp_path / "export"
-    model.save_pretrained(str(export))
+    save_folder(to_hf(model), str(export))
 
     outputs = {}
     for name, path in (("checkpoint", checkpoint), ("export", export)):
         predictions = tmp_path / f"{name}.jsonl"
-        proc = run_cli("-m", str(path), "--data", data_file, "--device", "cpu", "--batch-size", "3",
-                       "--limit", "10", "--predictions", str(predictions))
+        proc = run_cli(
+            "-m",
+            str(path),
+            "--data",
+            data_file,
+            "--device",
+            "cpu",
+            "--batch-size",
+            "3",
+            "--limit",
+            "10",
+            "--predictions",
+            str(predictions),
+        )
         assert proc.returncode == 0, proc.stderr
         outputs[name] = (proc.stdout.strip().splitlines()[-1], read_predictions(predictions))
 
@@ -433,10 +560,12 @@ def test_checkpoint_and_its_hf_export_score_identically(hf_gpt2_dir, data_file, 
 def bad_lines(examples):
     good = json.dumps(examples[0])
     return {
-        "not JSON": ("{\"ctx\": \"A man is sitting", "line 3: not valid JSON"),
+        "not JSON": ('{"ctx": "A man is sitting', "line 3: not valid JSON"),
         "missing key": (json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"]}), "line 3: missing key(s) label"),
-        "three endings": (json.dumps({**examples[0], "endings": ["a", "b", "c"]}),
-                          "line 3: endings must be a list of 4 strings, got 3 items"),
+        "three endings": (
+            json.dumps({**examples[0], "endings": ["a", "b", "c"]}),
+            "line 3: endings must be a list of 4 strings, got 3 items",
+        ),
         "label out of range": (json.dumps({**examples[0], "label": 4}), "line 3: label must be an integer 0-3, got 4"),
     }, good
 
@@ -457,35 +586,58 @@ def test_malformed_line_stops_with_its_line_number(case, examples, hf_gpt2_dir, 
 
 def test_usage_errors_are_listed_together(tmp_path):
     predictions = tmp_path / "predictions.jsonl"
-    proc = run_cli("-m", str(tmp_path / "nothing.pt"), "--data", str(tmp_path / "missing.jsonl"),
-                   "--batch-size", "0", "--predictions", str(predictions))
+    proc = run_cli(
+        "-m",
+        str(tmp_path / "nothing.pt"),
+        "--data",
+        str(tmp_path / "missing.jsonl"),
+        "--batch-size",
+        "0",
+        "--predictions",
+        str(predictions),
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for flag in ("--model", "--data", "--batch-size"):
+    for flag in ("--model", "--data", "batch_size=0"):
         assert flag in proc.stderr
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--limit", "0"], "--limit 0 must be at least 1"),
-    (["--batch-size", "-3"], "--batch-size -3 must be at least 1"),
-    (["--data", "."], "--data . is not a file"),
-    (["-m", "no-such-checkpoint.pt"], "--model no-such-checkpoint.pt does not exist"),
-    (["-m", "./no-such-folder"], "--model ./no-such-folder does not exist"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--limit", "0"], "limit=0 must be positive"),
+        (["--batch-size", "-3"], "batch_size=-3 must be positive"),
+        (["--data", "."], "--data . is not a file"),
+        (["-m", "no-such-checkpoint.pt"], "--model no-such-checkpoint.pt does not exist"),
+        (["-m", "./no-such-folder"], "--model ./no-such-folder does not exist"),
+    ],
+)
 def test_each_usage_error_is_refused_before_anything_loads(flags, message, data_file, run_main):
     code, out, err = run_main(hellaswag.main, "-m", "gpt2", "--data", data_file, "--device", "cpu", *flags)
     assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
 
 
-def test_a_disk_error_while_writing_the_predictions_is_one_line_exit_1(hf_gpt2_dir, data_file, tmp_path, run_main,
-                                                                     monkeypatch):
+def test_a_disk_error_while_writing_the_predictions_is_one_line_exit_1(
+    hf_gpt2_dir, data_file, tmp_path, run_main, monkeypatch
+):
     def full_disk(path, write):
         raise OSError(28, "No space left on device", path)
 
     monkeypatch.setattr(hellaswag, "atomic_write", full_disk)
-    code, _, err = run_main(hellaswag.main, "-m", hf_gpt2_dir, "--data", data_file, "--device", "cpu", "--limit", "2",
-                            "--predictions", tmp_path / "predictions.jsonl")
+    code, _, err = run_main(
+        hellaswag.main,
+        "-m",
+        hf_gpt2_dir,
+        "--data",
+        data_file,
+        "--device",
+        "cpu",
+        "--limit",
+        "2",
+        "--predictions",
+        tmp_path / "predictions.jsonl",
+    )
     last = err.splitlines()[-1]  # after the progress bars
     assert code == 1 and last.startswith("hellaswag.py: error: ") and "No space left on device" in last, err
     assert "Traceback" not in err and not (tmp_path / "predictions.jsonl").exists()
@@ -504,7 +656,7 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(data_file, tmp_path):
     fake.write_text("these are notes, not weights")
     proc = run_cli("-m", str(fake), "--data", data_file, "--device", "cpu")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"cannot load model {fake}" in proc.stderr and "not a readable train_gpt2.py checkpoint" in proc.stderr
+    assert f"cannot load model {fake}" in proc.stderr and "is not a readable checkpoint" in proc.stderr
     assert "weights_only" not in proc.stderr
 
 
@@ -523,10 +675,30 @@ def test_unloadable_model_is_one_line(data_file, tmp_path):
 def test_torchrun_splits_examples_and_reduces(hf_gpt2_dir, data_file, reference, tmp_path):
     predictions = tmp_path / "predictions.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
-         "-m", hf_gpt2_dir, "--data", data_file, "--device", "cpu", "--batch-size", "2",
-         "--predictions", str(predictions)],
-        capture_output=True, text=True, cwd=ROOT, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            SCRIPT,
+            "-m",
+            hf_gpt2_dir,
+            "--data",
+            data_file,
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--predictions",
+            str(predictions),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "over 2 process(es)" in proc.stdout
     lines = proc.stdout.strip().splitlines()
@@ -545,12 +717,20 @@ def test_under_torchrun_a_file_missing_on_rank_1_ends_both_ranks_with_its_messag
     # As when one node lacks the file: rank 1 is handed a path that does not exist, rank 0 the real one.
     missing = str(tmp_path / "not-on-this-node.jsonl")
     wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport hellaswag\n"
-                       f"data = {missing!r} if os.environ['RANK'] == '1' else {data_file!r}\n"
-                       f"hellaswag.main(['-m', {hf_gpt2_dir!r}, '--device', 'cpu', '--data', data])\n")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(wrapper)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    wrapper.write_text(
+        f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport hellaswag\n"
+        f"data = {missing!r} if os.environ['RANK'] == '1' else {data_file!r}\n"
+        f"hellaswag.main(['-m', {hf_gpt2_dir!r}, '--device', 'cpu', '--data', data])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hellaswag.py: error: ")]
-    assert len(errors) == 1 and errors[0].startswith("hellaswag.py: error: rank 1: ") and missing in errors[0], \
+    assert len(errors) == 1 and errors[0].startswith("hellaswag.py: error: rank 1: ") and missing in errors[0], (
         proc.stderr[-3000:]
+    )

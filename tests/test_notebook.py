@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from nbclient import NotebookClient
 
+from logdir import model_from_checkpoint
 from model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,8 +79,8 @@ def test_notebook_plots_a_real_run_and_samples_its_latest_checkpoint(trained_log
     # The samples are those of step 6's checkpoint, not step 3's.
     checkpoints = trained_log / "checkpoints"
     samples = printed_samples(text)
-    assert samples == expected_samples(GPT.from_checkpoint(checkpoints / "step_00000006.pt"), tokenizer)
-    assert samples != expected_samples(GPT.from_checkpoint(checkpoints / "step_00000003.pt"), tokenizer)
+    assert samples == expected_samples(model_from_checkpoint(checkpoints / "step_00000006.pt"), tokenizer)
+    assert samples != expected_samples(model_from_checkpoint(checkpoints / "step_00000003.pt"), tokenizer)
     assert all("m a language model," in s for s in samples)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sample
+from logdir import model_from_checkpoint
 from model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,15 +19,17 @@ PROMPT = "The following identifiers are used as reserved words"
 
 def test_greedy_equals_transformers_greedy_generate(trained_log, exported_run, tokenizer, run_main):
     from transformers import AutoModelForCausalLM
+
     hf_model = AutoModelForCausalLM.from_pretrained(exported_run).eval()
     prompt_ids = tokenizer.encode_ordinary(PROMPT)
-    out = hf_model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=24)[0, len(prompt_ids):]
+    out = hf_model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=24)[0, len(prompt_ids) :]
     new_ids = [t for t in out.tolist() if t != 50256]  # transformers stops at <|endoftext|> and keeps it
     expected = PROMPT + tokenizer.decode(new_ids) + "\n"
     # The export, and the run's latest checkpoint it came from (vocab padded to 50304).
     for model in (exported_run, trained_log):
-        code, out, err = run_main(sample.main, "-m", model, "--prompt", PROMPT, "--top-k", "1",
-                                  "--max-new-tokens", "24", "--device", "cpu")
+        code, out, err = run_main(
+            sample.main, "-m", model, "--prompt", PROMPT, "--top-k", "1", "--max-new-tokens", "24", "--device", "cpu"
+        )
         assert code == 0, err
         assert out == expected
 
@@ -50,8 +53,19 @@ def test_one_sample_is_streamed_token_by_token(trained_log, run_main, monkeypatc
 
 def test_same_seed_same_text_other_seed_other_text(trained_log, run_main):
     def samples(seed):
-        code, out, err = run_main(sample.main, "-m", trained_log, "--prompt", "Hello", "--num-samples", "3",
-                                  "--max-new-tokens", "16", "--seed", seed)
+        code, out, err = run_main(
+            sample.main,
+            "-m",
+            trained_log,
+            "--prompt",
+            "Hello",
+            "--num-samples",
+            "3",
+            "--max-new-tokens",
+            "16",
+            "--seed",
+            seed,
+        )
         assert code == 0, err
         return out.rstrip("\n").split("\n" + sample.SEPARATOR + "\n")
 
@@ -62,26 +76,41 @@ def test_same_seed_same_text_other_seed_other_text(trained_log, run_main):
 
 
 def latest_model(trained_log):
-    return GPT.from_checkpoint(trained_log / "checkpoints" / "step_00000006.pt").eval()
+    return model_from_checkpoint(trained_log / "checkpoints" / "step_00000006.pt").eval()
 
 
 def continuation(model, tokenizer, prompt_ids, *args, **kwargs):
     """The text model.generate adds after prompt_ids, up to its first <|endoftext|>: what sample.py must print."""
-    new = model.generate(torch.tensor([prompt_ids]), *args, **kwargs)[0, len(prompt_ids):].tolist()
-    return tokenizer.decode(new[:new.index(50256)] if 50256 in new else new)
+    new = model.generate(torch.tensor([prompt_ids]), *args, **kwargs)[0, len(prompt_ids) :].tolist()
+    return tokenizer.decode(new[: new.index(50256)] if 50256 in new else new)
 
 
 def test_the_defaults_and_each_sampling_flag_reach_the_sampler(trained_log, tokenizer, run_main):
     model, prompt_ids = latest_model(trained_log), tokenizer.encode_ordinary(PROMPT)
     # The defaults: 100 new tokens, temperature 1.0, top-k 50, seed 42.
-    expected = continuation(model, tokenizer, prompt_ids, 100, temperature=1.0, top_k=50,
-                            generator=torch.Generator().manual_seed(42))
+    expected = continuation(
+        model, tokenizer, prompt_ids, 100, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(42)
+    )
     code, out, err = run_main(sample.main, "-m", trained_log, "--prompt", PROMPT)
     assert code == 0 and out == PROMPT + expected + "\n", err
-    expected = continuation(model, tokenizer, prompt_ids, 20, temperature=0.5, top_k=0,
-                            generator=torch.Generator().manual_seed(3))
-    code, out, err = run_main(sample.main, "-m", trained_log, "--prompt", PROMPT, "--max-new-tokens", "20",
-                              "--temperature", "0.5", "--top-k", "0", "--seed", "3")
+    expected = continuation(
+        model, tokenizer, prompt_ids, 20, temperature=0.5, top_k=0, generator=torch.Generator().manual_seed(3)
+    )
+    code, out, err = run_main(
+        sample.main,
+        "-m",
+        trained_log,
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        "20",
+        "--temperature",
+        "0.5",
+        "--top-k",
+        "0",
+        "--seed",
+        "3",
+    )
     assert code == 0 and out == PROMPT + expected + "\n", err
 
 
@@ -90,30 +119,42 @@ def test_no_prompt_starts_a_new_document(trained_log, tokenizer, run_main):
     code, out, err = run_main(sample.main, "-m", trained_log, "--prompt", "", "--top-k", "1", "--max-new-tokens", "8")
     assert code == 0 and out == expected + "\n", err
     # An empty --prompt is a prompt: stdin is not read.
-    command = [sys.executable, "sample.py", "-m", str(trained_log), "--prompt", "", "--top-k", "1",
-               "--max-new-tokens", "8"]
+    command = [
+        sys.executable,
+        "sample.py",
+        "-m",
+        str(trained_log),
+        "--prompt",
+        "",
+        "--top-k",
+        "1",
+        "--max-new-tokens",
+        "8",
+    ]
     proc = subprocess.run(command, input="Once upon a time\n", capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0 and proc.stdout == out, proc.stderr
 
 
 def test_prompt_from_stdin(trained_log, run_main):
-    code, expected, _ = run_main(sample.main, "-m", trained_log, "--prompt", "  Once upon a time", "--top-k", "1",
-                                 "--max-new-tokens", "8")
+    code, expected, _ = run_main(
+        sample.main, "-m", trained_log, "--prompt", "  Once upon a time", "--top-k", "1", "--max-new-tokens", "8"
+    )
     assert code == 0 and expected.startswith("  Once upon a time")
     command = [sys.executable, "sample.py", "-m", str(trained_log), "--top-k", "1", "--max-new-tokens", "8"]
-    proc = subprocess.run(command, input="  Once upon a time\n", capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
+    proc = subprocess.run(command, input="  Once upon a time\n", capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected  # the line end that closes the input is not part of the prompt
 
 
 def scripted_stream(rows, interrupt_after=None):
     """A GPT.stream that yields the given token ids column by column, (B, 1) each, as sampling would."""
+
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
         for step, column in enumerate(zip(*rows)):
             if step == interrupt_after:
                 raise KeyboardInterrupt
             yield torch.tensor(column).view(-1, 1)
+
     return stream
 
 
@@ -150,17 +191,20 @@ def test_ctrl_c_while_sampling_stops_with_130(trained_log, tokenizer, run_main, 
     assert code == 130 and out == "Hi one two\n"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--temperature", "0"], "--temperature must be a positive number, got 0.0"),
-    (["--temperature", "nan"], "--temperature must be a positive number, got nan"),
-    (["--temperature", "inf"], "--temperature must be a positive number, got inf"),
-    (["--top-k", "-1", "--num-samples", "0"], "--num-samples must be at least 1, got 0; --top-k must be at least 0"),
-    (["--max-new-tokens", "-5"], "--max-new-tokens must be at least 0, got -5"),
-    (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
-    (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
-    (["--device", "toaster"], "--device toaster is not a device"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperature", "0"], "temperature=0.0 must be positive"),
+        (["--temperature", "nan"], "temperature=nan must be a finite number"),
+        (["--temperature", "inf"], "temperature=inf must be a finite number"),
+        (["--top-k", "-1", "--num-samples", "0"], "num_samples=0 must be positive; top_k=-1 must not be negative"),
+        (["--max-new-tokens", "-5"], "max_new_tokens=-5 must not be negative"),
+        (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+        (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+        (["--device", "toaster"], "--device toaster is not a device"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
 def test_bad_flags_are_one_line_exit_2(flags, message, trained_log, run_main):
     code, out, err = run_main(sample.main, "-m", trained_log, "--prompt", "Hi", *flags)
     assert code == 2 and out == ""
@@ -169,13 +213,17 @@ def test_bad_flags_are_one_line_exit_2(flags, message, trained_log, run_main):
 
 def test_models_that_cannot_be_loaded_are_one_line_exit_1(tmp_path, run_main, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
-    GPT2LMHeadModel(GPT2Config(n_positions=16, n_embd=16, n_layer=1, n_head=2, vocab_size=101,
-                               bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "small_vocab")
+
+    GPT2LMHeadModel(
+        GPT2Config(n_positions=16, n_embd=16, n_layer=1, n_head=2, vocab_size=101, bos_token_id=0, eos_token_id=0)
+    ).save_pretrained(tmp_path / "small_vocab")
     (tmp_path / "empty_log").mkdir()
     capsys.readouterr()
-    for model, message in [(tmp_path / "small_vocab", "has vocab_size 101; GPT-2's tokenizer needs 50257"),
-                           (tmp_path / "empty_log", "holds no readable checkpoint"),
-                           (tmp_path / "missing" / "step_1.pt", "not a local path, and the Hugging Face hub did not")]:
+    for model, message in [
+        (tmp_path / "small_vocab", "has vocab_size 101; GPT-2's tokenizer needs 50257"),
+        (tmp_path / "empty_log", "holds no readable checkpoint"),
+        (tmp_path / "missing" / "step_1.pt", "not a local path, and the Hugging Face hub did not"),
+    ]:
         code, out, err = run_main(sample.main, "-m", model, "--prompt", "Hi")
         assert code == 1 and out == ""
         # One error line, the last; transformers' loading bar may come before it.

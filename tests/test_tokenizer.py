@@ -26,10 +26,22 @@ def test_a_wrong_vocabulary_file_is_refused_with_one_line(tmp_path, corpus_docum
     wrong = tmp_path / "gpt2.tiktoken"
     wrong.write_text(corpus_documents[0])
     # In a fresh process, since get_tokenizer() is cached: the training script's error path.
-    result = subprocess.run([sys.executable, "train_gpt2.py", "--demo", "--data-dir", str(tmp_path / "d"),
-                             "--log-dir", str(tmp_path / "l")], cwd=ROOT,
-                            env={**os.environ, "GPT2_TIKTOKEN_FILE": str(wrong)}, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train_gpt2.py",
+            "--demo",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--log-dir",
+            str(tmp_path / "l"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "GPT2_TIKTOKEN_FILE": str(wrong)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "is not GPT-2's vocabulary" in result.stderr and "GPT2_TIKTOKEN_FILE" in result.stderr
@@ -73,13 +85,22 @@ def test_the_ranks_file_named_by_gpt2_tiktoken_file_is_used(tmp_path, fresh_toke
     assert get_tokenizer().encode_ordinary("Hello, I'm a language model,")[:3] == [15496, 11, 314]
 
 
-TEXTS = ["Hello, I'm a language model,", "it's I'LL they've we'd YOU'RE", "12345678 3.14159 1,000,000",
-         "  two leading, two trailing  ", "tabs\tand\r\nwindows\r\n", "naïve café — “quotes” 日本語 🤖👍🏽",
-         "def f(x):\n    return x  # comment\n", "a <|endoftext|> in the text", "?!?!... ----\n\n\n"]
+TEXTS = [
+    "Hello, I'm a language model,",
+    "it's I'LL they've we'd YOU'RE",
+    "12345678 3.14159 1,000,000",
+    "  two leading, two trailing  ",
+    "tabs\tand\r\nwindows\r\n",
+    "naïve café — “quotes” 日本語 🤖👍🏽",
+    "def f(x):\n    return x  # comment\n",
+    "a <|endoftext|> in the text",
+    "?!?!... ----\n\n\n",
+]
 
 
 def test_transformers_reads_the_saved_tokenizer_as_tiktoken_encodes(tmp_path):
     from transformers import AutoTokenizer
+
     tokenizer.save_for_transformers(str(tmp_path), model_max_length=64)
     hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     enc = get_tokenizer()
