@@ -828,3 +828,21 @@ def test_print0_prints_on_rank_0_only(monkeypatch, capsys):
     print0("rank two", file=sys.stderr)
     captured = capsys.readouterr()
     assert (captured.out, captured.err) == ("alone 1\nrank zero!\n", "to stderr\n")
+
+
+def test_check_compile_names_what_to_install_where_no_c_compiler_works(tmp_path):
+    # Inductor compiles C++ for the CPU (and Triton's launchers for CUDA) at run time: with no working compiler,
+    # set-up stops with one line naming the fix, not a traceback at the first evaluation
+    script = (
+        "import sys, torch, common\ntry:\n    common.check_compile(torch.device('cpu'))\n"
+        "except common.UserError as e:\n    print(e)\n    sys.exit(e.exit_code)\n"
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-g++"), TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2 and proc.stdout.count("\n") == 1, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("torch.compile does not work here (InductorError: InvalidCxxCompiler")
+    fix = "; install a C compiler and Python's headers (apt install build-essential python3-dev), or --no-compile\n"
+    assert proc.stdout.endswith(fix)

@@ -734,3 +734,21 @@ def test_under_torchrun_a_file_missing_on_rank_1_ends_both_ranks_with_its_messag
     assert len(errors) == 1 and errors[0].startswith("hellaswag.py: error: rank 1: ") and missing in errors[0], (
         proc.stderr[-3000:]
     )
+
+
+def test_each_example_is_tokenized_once_a_process_whatever_the_evaluations(
+    hf_gpt2_dir, examples, reference, monkeypatch
+):
+    # train_gpt2.py scores HellaSwag every 250 steps: the examples' tokens are computed at the first evaluation
+    # only (tiktoken's encode counted here), and later evaluations score the same
+    calls = []
+    encode = get_tokenizer().encode_ordinary
+    monkeypatch.setattr(get_tokenizer(), "encode_ordinary", lambda text: calls.append(text) or encode(text))
+    hellaswag.tokenize.cache_clear()
+    model = GPT.from_pretrained(hf_gpt2_dir).eval()
+    first = hellaswag.evaluate(model, examples, "cpu", batch_size=2)
+    assert len(calls) == 5 * len({(e["ctx"], tuple(e["endings"])) for e in examples})  # context + 4 endings
+    second = hellaswag.evaluate(model, examples, "cpu", batch_size=3, rank=0, world_size=1)
+    assert len(calls) == 5 * len({(e["ctx"], tuple(e["endings"])) for e in examples})
+    assert_matches_reference(first, reference)
+    assert_matches_reference(second, reference)
