@@ -12,9 +12,11 @@ import io
 import itertools
 import json
 import os
+import re
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -364,7 +366,8 @@ def test_resume_after_a_failure_mid_stream_is_byte_identical(corpus_documents, s
     finished = [shard["file"] for shard in shards]
     assert not complete and 1 < len(finished) < len(straight_run)
     assert shards[-1]["next_offset"] > 0  # it stopped inside a document: resume splits it
-    assert sorted(os.listdir(tmp_path)) == sorted(finished + ["pydocs_progress.jsonl", ".lock"])  # nothing half-written
+    # Nothing half-written, and no lock: a failed run leaves only the shards it finished and their record.
+    assert sorted(os.listdir(tmp_path)) == sorted(finished + ["pydocs_progress.jsonl"])
     assert differences(shard_bytes(tmp_path), {name: straight_run[name] for name in finished}) == []
     before = {name: os.stat(tmp_path / name).st_mtime_ns for name in finished}
 
@@ -707,7 +710,8 @@ def test_rerun_with_other_arguments_is_refused(corpus_documents, straight_run, t
     line = result.stderr.strip()
     assert "\n" not in line and "Traceback" not in line and line.startswith("fineweb.py: error:")
     assert "shard_size 5000 then, 6000 now" in line and "max_tokens null then, 50000 now" in line
-    assert "kept" not in line  # a refusal, not a stop: nothing to resume
+    assert "kept" not in line and "resume" not in line  # a refusal, not a stop: one action, not "resume"
+    assert line.endswith("choose another --output-dir")
     # Other documents into the same shards: refused too, naming the two sources.
     write_jsonl(tmp_path / "other.jsonl", corpus_documents[:3])
     args[:2] = ["--input", "other.jsonl"]
@@ -743,7 +747,7 @@ ERRORS = {
     "bad flags": (
         ["--dataset", "python-docs", "--shard-size", "0", "--num-proc", "0", "--max-tokens", "-5", "--prefix", "a/b"],
         2,
-        ["--shard-size 0", "--num-proc 0", "--max-tokens -5", "--prefix 'a/b'"],
+        ["shard_size=0 must be positive", "num_proc=0 must be positive", "max_tokens=-5 must be positive", "'a/b'"],
     ),
     "output under a file": (
         ["--dataset", "python-docs", "--output-dir", "a_file/out"],
@@ -779,7 +783,7 @@ def test_errors_are_one_clean_line(case, tmp_path):
     assert "\n" not in line and "Traceback" not in line and line.startswith("fineweb.py: error:"), result.stderr
     for phrase in phrases:
         assert phrase in line
-    assert not os.path.exists(tmp_path / "out") or os.listdir(tmp_path / "out") in ([], [".lock"])
+    assert not os.path.exists(tmp_path / "out")  # a refused run leaves no directory it made, no lock
 
 
 @pytest.mark.parametrize("prefix", [" pydocs", "pydocs ", ".pydocs", "py*docs", "py?docs", "py[docs", "py\\docs", ""])
@@ -841,7 +845,7 @@ def test_the_disk_check_of_a_hub_run_counts_max_tokens_not_the_subset(monkeypatc
     monkeypatch.setattr(fineweb.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 20_000, 20_000))
     hub = ["--dataset", "HuggingFaceFW/fineweb-edu", "--output-dir", tmp_path / "out", "--num-proc", 1, "--no-progress"]
     code, _, err = run_main(fineweb.main, *hub)  # sample-10BT: about 10B tokens, 20 GB
-    assert code == 1 and "needs 20.0 GB more but has 0.0 GB free" in err, err
+    assert code == 1 and "needs 20.0 GB more, has 0.0 MB free" in err, err
     code, _, err = run_main(fineweb.main, *hub, "--max-tokens", 10_000)  # 20,000 bytes: it fits, and goes on
     assert code == 1 and "could not stream HuggingFaceFW/fineweb-edu" in err, err  # offline in the tests
 
@@ -854,16 +858,18 @@ def test_shards_without_a_progress_file_are_not_overwritten(tmp_path):
     assert result.returncode == 2
     line = result.stderr.strip()
     assert "\n" not in line and "Traceback" not in line and "no edufineweb_progress.json" in line
-    assert sorted(os.listdir(tmp_path / "out")) == [".lock", "edufineweb_val_000000.npy"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["edufineweb_val_000000.npy"]  # no lock left either
     assert np.load(stray).tolist() == list(range(10))
 
 
 def test_write_shards_refuses_sizes_below_one(corpus_documents, tmp_path):
-    with pytest.raises(UserError, match="shard_size=0 .*num_proc=-1 .*max_tokens=0") as error:
+    with pytest.raises(UserError) as error:
         fineweb.write_shards(
             corpus_documents, str(tmp_path / "out"), "pydocs", 0, num_proc=-1, max_tokens=0, progress=False
         )
     assert error.value.exit_code == 2  # a usage error
+    for problem in ("shard_size=0 must be positive", "num_proc=-1 must be positive", "max_tokens=0 must be positive"):
+        assert problem in str(error.value)
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -904,7 +910,8 @@ def test_a_run_that_will_not_fit_on_the_disk_is_refused_before_it_starts(monkeyp
     with pytest.raises(SystemExit) as exit:
         fineweb.main(list(map(str, args)))  # 10,000 tokens need 20,000 bytes
     line = capsys.readouterr().err.strip()
-    assert exit.value.code == 1 and "\n" not in line and "--no-disk-check" in line and "GB free" in line
+    assert exit.value.code == 1 and "\n" not in line and "--no-disk-check" in line
+    assert "needs 0.1 MB more, has 0.0 MB free" in line  # 20,000 bytes against 19,999: never "0.0 GB" against "0.0 GB"
     assert not os.path.exists(tmp_path / "out")
     fineweb.main(list(map(str, args + ["--no-disk-check"])))
     assert [np.load(p).size for p in shard_files(tmp_path / "out")] == [SHARD, SHARD]
@@ -912,3 +919,182 @@ def test_a_run_that_will_not_fit_on_the_disk_is_refused_before_it_starts(monkeyp
     fineweb.main(list(map(str, args + ["--output-dir", tmp_path / "fits"])))  # exactly enough
     assert len(shard_files(tmp_path / "fits")) == 2
     assert signal.getsignal(signal.SIGTERM) == handler  # main() put back the handler it replaced
+
+
+# -----------------------------------------------------------------------------
+# One dataset a directory, a full disk, sizes that read apart, refusals that leave nothing, the user's umask
+
+
+def snapshot(directory):
+    """{name: (bytes, mtime)} of every file in a directory but the lock (its text names the last process to hold it)."""
+    files = [os.path.join(directory, name) for name in sorted(os.listdir(directory)) if name != ".lock"]
+    return {path: (open(path, "rb").read(), os.stat(path).st_mtime_ns) for path in files}
+
+
+def test_a_directory_that_holds_another_dataset_is_refused_and_left_as_it_was(corpus_documents, tmp_path, run_main):
+    out = tmp_path / "out"
+    fineweb.write_shards(corpus_documents[:40], str(out), "pydocs", SHARD, num_proc=1, progress=False)
+    listing, before = sorted(os.listdir(out)), snapshot(out)
+    options = ["--output-dir", out, "--shard-size", SHARD, "--num-proc", 1, "--no-progress"]
+    for prefix in ("edufineweb", "other"):  # another prefix: the default, or one of a user's own
+        code, _, err = run_main(fineweb.main, "--dataset", "python-docs", "--prefix", prefix, *options)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert "pydocs_" in err and "one dataset a directory" in err and err.strip().endswith("--output-dir")
+        assert sorted(os.listdir(out)) == listing and snapshot(out) == before
+    # The same prefix made from another input: its progress file names another source.
+    write_jsonl(tmp_path / "same.jsonl", corpus_documents[:40])
+    code, _, err = run_main(fineweb.main, "--input", tmp_path / "same.jsonl", "--prefix", "pydocs", *options)
+    assert code == 2 and err.count("\n") == 1 and 'source null then, {"input": [' in err, err
+    assert sorted(os.listdir(out)) == listing and snapshot(out) == before
+    # The dataset itself, rerun, once another prefix's shard came in: the directory holds two now.
+    (out / "other_val_000000.npy").write_bytes((out / "pydocs_val_000000.npy").read_bytes())
+    listing, before = sorted(os.listdir(out)), snapshot(out)
+    with pytest.raises(UserError, match="other_val_000000.npy.*one dataset a directory") as error:
+        fineweb.write_shards(corpus_documents[:40], str(out), "pydocs", SHARD, num_proc=1, progress=False)
+    assert error.value.exit_code == 2 and sorted(os.listdir(out)) == listing and snapshot(out) == before
+    # Another dataset's progress file alone (its shards deleted): the directory is still that dataset's.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "pydocs_progress.jsonl").write_bytes((out / "pydocs_progress.jsonl").read_bytes())
+    code, _, err = run_main(fineweb.main, "--dataset", "python-docs", *options, "--output-dir", tmp_path / "other")
+    assert code == 2 and "pydocs_progress.jsonl" in err, err
+    assert os.listdir(tmp_path / "other") == ["pydocs_progress.jsonl"]  # and no lock left
+
+
+def full_disk_at(monkeypatch, which):
+    """fineweb.atomic_write on a disk that fills up: writing the file for which which(path) holds stops half-way
+    with ENOSPC, inside the real atomic_write (which must leave no part of it under its name)."""
+    atomic_write = fineweb.atomic_write
+
+    def write(path, writer):
+        def half(f):
+            data = io.BytesIO()
+            writer(data)
+            f.write(data.getvalue()[: len(data.getvalue()) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        atomic_write(path, half if which(path) else writer)
+
+    monkeypatch.setattr(fineweb, "atomic_write", write)
+
+
+def test_a_full_disk_is_one_line_leaves_no_torn_shard_and_the_rerun_resumes(
+    corpus_documents, straight_run, monkeypatch, tmp_path, run_main
+):
+    out = tmp_path / "out"
+    args = ["--dataset", "python-docs", "--output-dir", out, "--prefix", "pydocs", "--shard-size", SHARD]
+    args += ["--num-proc", 1, "--no-progress"]
+    full_disk_at(monkeypatch, lambda path: path.endswith("pydocs_train_000003.npy"))
+    code, _, err = run_main(fineweb.main, *args)
+    line = err.strip()
+    assert code == 1 and "\n" not in line and "Traceback" not in line, err
+    assert f"the disk of {out} is full" in line and "free space" in line and "another --output-dir" in line
+    finished, _ = progress(out / "pydocs_progress.jsonl")
+    assert [shard["file"] for shard in finished] == expected_names("pydocs", 3)
+    assert differences(shard_bytes(out), {name: straight_run[name] for name in expected_names("pydocs", 3)}) == []
+    assert not leftovers(out)  # the half-written shard went with its temporary file
+    monkeypatch.undo()
+    code, _, err = run_main(fineweb.main, *args)
+    assert code is None, err
+    assert differences(shard_bytes(out), straight_run) == []
+
+
+def test_a_full_disk_while_writing_the_progress_file(corpus_documents, straight_run, monkeypatch, tmp_path, run_main):
+    out = tmp_path / "a" / "out"
+    args = ["--dataset", "python-docs", "--output-dir", out, "--prefix", "pydocs", "--shard-size", SHARD]
+    args += ["--num-proc", 1, "--no-progress"]
+    # Its first write, before any shard: the run leaves nothing, not even the directories it made.
+    full_disk_at(monkeypatch, lambda path: path.endswith("pydocs_progress.jsonl"))
+    code, _, err = run_main(fineweb.main, *args)
+    assert code == 1 and err.count("\n") == 1 and f"the disk of {out} is full" in err, err
+    assert not os.path.exists(tmp_path / "a")
+    monkeypatch.undo()
+    # An append that stops inside its line (the third shard's record): the rerun resumes to the same bytes.
+    log, records = fineweb.Progress.log, []
+
+    def torn_third(self, record):
+        records.append(record)
+        if len(records) < 3:
+            return log(self, record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record)[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fineweb.Progress, "log", torn_third)
+    code, _, err = run_main(fineweb.main, *args)
+    assert code == 1 and err.count("\n") == 1 and "is full" in err and "Traceback" not in err, err
+    assert len(progress(out / "pydocs_progress.jsonl")[0]) == 2
+    monkeypatch.undo()
+    code, _, err = run_main(fineweb.main, *args)
+    assert code is None, err
+    assert differences(shard_bytes(out), straight_run) == [] and not leftovers(out)
+
+
+@pytest.mark.parametrize(
+    "max_tokens, free, sizes",
+    [
+        (10_000, 19_999, "needs 0.1 MB more, has 0.0 MB free"),  # a byte apart: rounded apart, never "0.0 GB" twice
+        (600_000, 1_100_000, "needs 1.2 MB more, has 1.1 MB free"),
+        (5 * 10**9, 10**10 - 1, "needs 10.0 GB more, has 9.9 GB free"),
+        (5 * 10**9, 10**9 - 1, "needs 10.0 GB more, has 999.9 MB free"),
+    ],
+)
+def test_the_disk_check_says_sizes_that_differ(max_tokens, free, sizes, monkeypatch, tmp_path, run_main):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(fineweb.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - free, free))
+    out = tmp_path / "out"
+    code, _, err = run_main(fineweb.main, "--dataset", "python-docs", "--max-tokens", max_tokens, "--output-dir", out)
+    assert code == 1 and err.count("\n") == 1 and sizes in err, err  # 2 bytes a token
+    need, has = re.search(r"needs (.+) more, has (.+) free", err).groups()
+    assert need != has and not os.path.exists(out)
+
+
+def test_a_refused_run_leaves_no_directory_it_made_and_no_lock(monkeypatch, tmp_path, run_main):
+    make_inputs(tmp_path)
+    options = ["--num-proc", 1, "--no-progress"]
+    for name in ("bad.jsonl", "empty.jsonl", "latin1.txt"):  # refused once it reads them: after the lock
+        code, _, err = run_main(
+            fineweb.main, "--input", tmp_path / name, "--output-dir", tmp_path / "a/b/out", *options
+        )
+        assert code == 1 and err.count("\n") == 1, err
+        assert not os.path.exists(tmp_path / "a")
+    (tmp_path / "mine").mkdir()  # a directory that was there stays as it was: no lock appears in it
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    code, _, err = run_main(
+        fineweb.main, "--input", tmp_path / "bad.jsonl", "--output-dir", tmp_path / "mine", *options
+    )
+    assert code == 1 and os.listdir(tmp_path / "mine") == ["notes.txt"], err
+    usage = namedtuple("usage", "total used free")  # the disk check refuses before anything is made
+    monkeypatch.setattr(fineweb.shutil, "disk_usage", lambda path: usage(10**6, 10**6, 0))
+    hub = ["--dataset", "HuggingFaceFW/fineweb-edu", "--output-dir", tmp_path / "a/b/out"]  # ~10B tokens: 20 GB
+    code, _, err = run_main(fineweb.main, *hub, *options)
+    assert code == 1 and "--no-disk-check" in err and not os.path.exists(tmp_path / "a"), err
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664)])
+def test_every_file_written_gets_the_users_umask(umask, mode, corpus_documents, tmp_path):
+    out = tmp_path / "out"
+    previous = os.umask(umask)
+    try:
+        fineweb.write_shards(corpus_documents[:40], str(out), "pydocs", SHARD, num_proc=1, progress=False)
+        fineweb.write_shards(corpus_documents[:40], str(out), "pydocs", SHARD, num_proc=1, progress=False)
+    finally:
+        os.umask(previous)
+    modes = {name: stat.S_IMODE(os.stat(out / name).st_mode) for name in os.listdir(out)}
+    assert len(modes) > 3 and "pydocs_progress.jsonl" in modes and "pydocs_train_000001.npy" in modes
+    assert modes == dict.fromkeys(modes, mode)  # shards, the progress file and the lock: 0o666 less the umask
+    assert stat.S_IMODE(os.stat(out).st_mode) == mode | 0o111  # the directory: 0o777 less the umask
+
+
+def test_an_input_that_changed_under_finished_shards_is_refused_with_one_action(corpus_documents, tmp_path, run_main):
+    write_jsonl(tmp_path / "corpus.jsonl", corpus_documents, replace=(60, '{"text": "unfinished\n'))
+    args = ["--input", tmp_path / "corpus.jsonl", "--output-dir", tmp_path / "out", "--shard-size", SHARD]
+    args += ["--num-proc", 1, "--no-progress"]
+    code, _, err = run_main(fineweb.main, *args)
+    assert code == 1 and "line 60" in err and "rerun" in err, err  # stopped with finished shards: resumable
+    before = shard_bytes(tmp_path / "out")
+    write_jsonl(tmp_path / "corpus.jsonl", corpus_documents[:10])  # another, shorter file under the same name
+    code, _, err = run_main(fineweb.main, *args)
+    line = err.strip()
+    assert code == 2 and "\n" not in line and "fewer documents than the" in line, err
+    assert "resume" not in line and "rerun" not in line and line.endswith("use another --output-dir")
+    assert differences(shard_bytes(tmp_path / "out"), before) == []
