@@ -268,7 +268,10 @@ def train(argv, launch):
     check_same_everywhere(common.agree(error, (step, shards)))
     if step >= (config.stop_at_step or config.max_steps):
         limits = f"--max-steps {config.max_steps}, --stop-at-step {config.stop_at_step}"
-        print0(f"nothing to do: {config.log_dir} holds a run at step {step} ({limits}); --overwrite starts a new one")
+        held = f"{config.log_dir} holds a run at step {step}"
+        if os.path.dirname(os.path.dirname(os.path.abspath(source))) != os.path.abspath(config.log_dir):
+            held = f"{source}, another run's checkpoint, is at step {step}"  # --resume PATH, into a new log dir
+        print0(f"nothing to do: {held} ({limits}); --overwrite starts a new one")
         return 0
     log = launch.enter_context(closing(RunLog(config, step, source, enabled=master)))  # one history from here
     if master:
