@@ -1311,15 +1311,31 @@ def test_shipped_configs_are_the_recipes_they_say(data_dir):
         os.path.basename(path): parse_args(["--config", path])
         for path in glob.glob(os.path.join(ROOT, "configs", "*.toml"))
     }
-    assert set(configs) == {"gpt2-124m-8gpu.toml", "gpt2-124m-1gpu-24gb.toml", "finetune-gpt2.toml", "demo.toml"}
-    eight, one = configs["gpt2-124m-8gpu.toml"], configs["gpt2-124m-1gpu-24gb.toml"]
-    assert recipe_of(eight) == recipe_of(one) == RECIPE
+    assert set(configs) == {
+        "gpt2-124m-8gpu.toml",
+        "gpt2-124m-1gpu-24gb.toml",
+        "gpt2-124m-1gpu-40gb.toml",
+        "gpt2-124m-muon-8gpu.toml",
+        "finetune-gpt2.toml",
+        "demo.toml",
+    }
+    eight, one, one_40gb = (configs[f"gpt2-124m-{name}.toml"] for name in ("8gpu", "1gpu-24gb", "1gpu-40gb"))
+    assert recipe_of(eight) == recipe_of(one) == recipe_of(one_40gb) == RECIPE
+    assert eight.optimizer == one.optimizer == one_40gb.optimizer == "adamw"
     assert (eight.val_tokens, eight.hellaswag_interval) == (10485760, 250)
     assert (one.val_tokens, one.hellaswag_interval) == (2097152, 1000)  # a fifth of the val tokens, said so
-    # 64 x 1024 tokens on each of 8 GPUs: no accumulation; 16 x 1024 on one GPU: 32 micro steps
-    assert (eight.batch_size, one.batch_size) == (64, 16)
+    assert (one_40gb.val_tokens, one_40gb.hellaswag_interval) == (2097152, 1000)
+    # 64 x 1024 tokens on each of 8 GPUs: no accumulation; 16 (32) x 1024 on one GPU: 32 (16) micro steps
+    assert (eight.batch_size, one.batch_size, one_40gb.batch_size) == (64, 16, 32)
     assert eight.total_batch_size // (64 * 1024 * 8) == 1 and one.total_batch_size // (16 * 1024) == 32
     assert train_gpt2.config_problems(eight, 8) == [] and train_gpt2.config_problems(one, 1) == []
+    assert train_gpt2.config_problems(one_40gb, 1) == []
+    # Muon on 8 GPUs: the recipe in 11,500 steps (0.6 of AdamW's), Muon at momentum 0.95, weight decay 0.1, 5
+    # Newton-Schulz steps
+    muon = configs["gpt2-124m-muon-8gpu.toml"]
+    assert recipe_of(muon) == RECIPE | {"max_steps": 11500} and muon.optimizer == "muon"
+    assert (muon.muon_momentum, muon.muon_weight_decay, muon.muon_ns_steps, muon.batch_size) == (0.95, 0.1, 5, 64)
+    assert train_gpt2.config_problems(muon, 8) == []
     assert configs["finetune-gpt2.toml"].init_from == "gpt2"
     assert configs["demo.toml"] == parse_args(["--demo"])
     # --demo with a shorter --max-steps warms up for a tenth of it, as demo.toml does (15 of 150 steps)
