@@ -9,6 +9,7 @@ torch is imported inside the functions that need it: fineweb.py imports this fil
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -171,17 +172,25 @@ def fsync_directory(directory):
             os.close(fd)
 
 
+def ancestry(path):  # `path` and its parents up to the first that exists: [:-1] are the ones a run creates
+    path = os.path.abspath(path)
+    return [path] if os.path.exists(path) else [path, *ancestry(os.path.dirname(path))]
+
+
 @contextmanager
-def directory_lock(directory, what="run"):
+def directory_lock(directory, what="run", made=()):
     """An fcntl lock on `<directory>/.lock`, which names its owner: a second process stops at once. The OS drops
-    it when the process ends, however it ends; it works on NFS; forked workers do not inherit it. None on Windows."""
+    it when the process ends, however it ends; it works on NFS; forked workers do not inherit it. None on Windows.
+    A run that fails leaves behind nothing it made: a new .lock, the directories `made` for it (ancestry's [:-1])."""
     try:
         import fcntl
     except ImportError:
         yield
         return
+    lock = os.path.join(directory, ".lock")
+    lock_was_there = os.path.exists(lock)
     os.makedirs(directory, exist_ok=True)
-    fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)  # 0o666: the umask decides
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)  # 0o666: the umask decides
     try:  # closing the file releases the lock; the file stays
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -192,6 +201,13 @@ def directory_lock(directory, what="run"):
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         yield
+    except BaseException:
+        if not lock_was_there:
+            os.remove(lock)
+        for new in made:
+            with contextlib.suppress(OSError):  # not empty: the run wrote there
+                os.rmdir(new)
+        raise
     finally:
         os.close(fd)
 
