@@ -226,10 +226,9 @@ def main(argv=None):
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         dist.barrier()
     try:
-        if error:
-            raise error
-        examples = load_examples(config.data or download())[: config.limit]
-        model = load_model(config.model)
+        if error is None:
+            examples = load_examples(config.data or download())[: config.limit]
+            model = load_model(config.model)
     except ValueError as e:  # load_model's one line
         error = UserError(str(e))
     except UserError as e:

@@ -136,9 +136,8 @@ class ShardLoader:
         return tokens
 
     def next_batch(self):
-        """This rank's next micro batch (x, y), each (B, T); all ranks move on by W*B rows. The batch after it
-        is read meanwhile on a thread (into pinned memory for a GPU: its copy can overlap the compute), and the
-        OS is asked to fetch the one after that from disk: even a cold read then finds its pages cached."""
+        """This rank's next micro batch (x, y), each (B, T); all ranks move on by W*B rows. The one after it is read
+        meanwhile on a thread (_read_ahead; into pinned memory for a GPU: its copy can overlap the compute)."""
         first = self.row + self.rank * self.B
         self.row += self.B * self.world_size
         if self._ahead is not None and self._ahead[0] == first:

@@ -58,9 +58,8 @@ def save_checkpoint(config, step, state):
 
 
 def resume(config, state, check_settings):
-    """Put the run's state back from the checkpoint to continue -> (its step, its path), or (0, None) for a new
-    run. Every rank chooses alike: --resume's file, else the log directory's latest readable checkpoint (a crash
-    mid-write leaves an unreadable one: the one before is taken). check_settings(saved, config) may refuse it."""
+    """Put the run's state back from the checkpoint to continue -> (its step, its path), or (0, None) for a new run.
+    Every rank chooses alike: --resume's file, else read_checkpoint's latest. check_settings(saved, config) may veto."""
     if config.resume == "never" or config.overwrite:
         return 0, None
     try:
@@ -189,8 +188,7 @@ class RunLog:
             self.text(text)
 
     def event(self, record, line):
-        """One event (a dict with a "step"; non-finite values as null) to metrics.jsonl and the dashboards, and
-        its line printed and written to log.txt."""
+        """One event (a dict with a "step"; non-finite values as null) to metrics.jsonl, the dashboards and log.txt."""
         if not self.enabled:
             return
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}

@@ -144,10 +144,8 @@ class GPT(nn.Module):
         return 6 * n_matmul + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
     def configure_optimizers(self, learning_rate, adamw, muon=None):
-        """The optimizers by name, and a line saying which parameters each updates. AdamW (adamw: its weight_decay,
-        betas and eps) with weight decay on matmul weights and embeddings (2+ dims) only. With muon (Muon's
-        settings): torch.optim.Muon for the 2-D weights inside the blocks, its updates scaled to AdamW's size
-        (match_rms_adamw) so that one lr serves both, and AdamW for the rest."""
+        """-> ({name: optimizer}, a line saying what each updates). AdamW decays the 2+-dim weights only; with muon,
+        Muon takes the blocks' 2-D weights, its updates scaled to AdamW's size so that one lr serves both."""
         adamw = dict(adamw)
         weight_decay = adamw.pop("weight_decay")
 
