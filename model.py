@@ -58,10 +58,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, kv_cache=None, layer=0):
         B, T, C = x.size()
-        q, k, v = (
-            t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs) each
-            for t in self.c_attn(x).split(self.n_embd, dim=2)
-        )
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         # Causal, but a token after cached ones sees them all. A Python bool: compile would guard on a size test.
         is_causal = kv_cache is None or kv_cache.length == 0
         if kv_cache is not None:  # sampling: the keys and values of the positions before these too

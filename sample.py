@@ -23,10 +23,7 @@ SEPARATOR = "-" * 40
 @dataclass
 class SampleConfig:
     model: str = setting(
-        None,
-        "a train_gpt2.py checkpoint or log directory, a Hugging Face folder or hub name",
-        flags=("-m", "--model"),
-        required=True,
+        None, "a checkpoint or log directory, a Hugging Face folder or hub name", flags=("-m", "--model"), required=True
     )
     prompt: str = setting(None, "the text to continue (default: stdin when it is not a terminal, else none)")
     num_samples: int = setting(1, "how many samples", must="be positive")
