@@ -1,14 +1,10 @@
 """What two or more scripts share and no chapter is about: settings as flags, one error type, files written
 whole, a lock per directory, the device and its dtype, and the ranks agreeing on errors under torchrun.
 torch is imported inside the functions that need it: fineweb.py imports this file and does without torch.
-
-    config = parse_settings(MyConfig, argv)                        # a dataclass of setting()s -> its flags
-    atomic_write("out/shard.npy", lambda f: np.save(f, tokens))   # whole file or none, even after a crash
-    device = pick_device("auto")                                   # cuda > mps > cpu
-    agree(error)                                                   # under torchrun: any rank's error ends all
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -34,8 +30,7 @@ class UserError(Exception):
 
 
 def setting(default, help, must=None, section=None, **argparse_kwargs):
-    """A dataclass field that is also a command-line flag (see parse_settings). must: one of RULES; section:
-    the --help heading of this setting and the ones after it."""
+    """A dataclass field that is also a --flag (see parse_settings); must: one of RULES; section: a --help heading."""
     return field(default=default, metadata=dict(help=help, must=must, section=section, **argparse_kwargs))
 
 
@@ -43,8 +38,7 @@ RULES = {"be positive": lambda v: v > 0, "not be negative": lambda v: v >= 0, "b
 
 
 def problems_of(config):
-    """Every setting of config that cannot work, as readable strings: each float finite, each value within its
-    setting's rule, then what config.problems() finds in the settings taken together."""
+    """What cannot work in config, as readable strings: a float not finite, a value against its rule, problems()."""
     found = []
     for f in fields(config):
         value, rule = getattr(config, f.name), f.metadata.get("must")
@@ -122,9 +116,8 @@ def config_file_flags(path, config_class):
 def write_settings(config, path, leave_out=()):
     """config's settings as a TOML file that --config reads back (None, "not set", is left out)."""
     values = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in leave_out}
-    values = {name: value for name, value in values.items() if value is not None}
     # A JSON value is a TOML value, but for DEL, which TOML wants escaped and JSON leaves as it is
-    lines = [f"{name} = {json.dumps(value, ensure_ascii=False)}\n" for name, value in values.items()]
+    lines = [f"{k} = {json.dumps(v, ensure_ascii=False)}\n" for k, v in values.items() if v is not None]
     text = "".join(lines).replace("\x7f", "\\u007f")
     atomic_write(path, lambda f: f.write(text.encode()))
 
@@ -171,17 +164,25 @@ def fsync_directory(directory):
             os.close(fd)
 
 
+def ancestry(path):  # `path` and its parents up to the first that exists: [:-1] are the ones a run creates
+    path = os.path.abspath(path)
+    return [path] if os.path.exists(path) else [path, *ancestry(os.path.dirname(path))]
+
+
 @contextmanager
-def directory_lock(directory, what="run"):
+def directory_lock(directory, what="run", made=()):
     """An fcntl lock on `<directory>/.lock`, which names its owner: a second process stops at once. The OS drops
-    it when the process ends, however it ends; it works on NFS; forked workers do not inherit it. None on Windows."""
+    it when the process ends, however it ends; it works on NFS; forked workers do not inherit it. None on Windows.
+    A run that fails leaves behind nothing it made: a new .lock, the directories `made` for it (ancestry's [:-1])."""
     try:
         import fcntl
     except ImportError:
         yield
         return
+    lock = os.path.join(directory, ".lock")
+    lock_was_there = os.path.exists(lock)
     os.makedirs(directory, exist_ok=True)
-    fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)  # 0o666: the umask decides
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)  # 0o666: the umask decides
     try:  # closing the file releases the lock; the file stays
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -192,6 +193,13 @@ def directory_lock(directory, what="run"):
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         yield
+    except BaseException:
+        if not lock_was_there:
+            os.remove(lock)
+        for new in made:
+            with contextlib.suppress(OSError):  # not empty: the run wrote there
+                os.rmdir(new)
+        raise
     finally:
         os.close(fd)
 
@@ -279,7 +287,6 @@ PEAK_FLOPS = {
     "H800 PCIe": (378e12, 756e12, 756e12),
     "H800": (494.5e12, 989e12, 989e12),
     "A100": (156e12, 312e12, 312e12),
-    "A800": (156e12, 312e12, 312e12),
     "L40S": (183e12, 362e12, 362e12),
     "L40": (90.5e12, 181e12, 181e12),
     "L4": (60e12, 121e12, 121e12),

@@ -8,7 +8,6 @@ Each document becomes [<|endoftext|>] + its GPT-2 tokens, cut in input order eve
 <prefix>_{val|train}_{i:06d}.npy (shard 0: val). Rerun after Ctrl-C, a kill or lost network: it resumes, byte-identical.
 """
 
-import contextlib
 import errno
 import glob
 import itertools
@@ -28,7 +27,7 @@ from pydoc_data.topics import topics
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError, atomic_write, directory_lock, parse_settings, problems_of, setting
+from common import UserError, ancestry, atomic_write, directory_lock, parse_settings, problems_of, setting
 from tokenizer import EOT, get_tokenizer
 
 SUBSET_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT": 350e9}  # "around", says the card
@@ -83,22 +82,16 @@ def write_shards(
     if problems := problems_of(FinewebConfig(output_dir=output_dir, num_proc=num_proc, **arguments)):
         raise UserError("; ".join(problems), exit_code=2)
     get_tokenizer()  # loaded once here; forked workers inherit it
-    made, lock_was_there = ancestry(output_dir)[:-1], os.path.exists(os.path.join(output_dir, ".lock"))
-    with directory_lock(output_dir, "fineweb.py run"):
-        try:
+    try:  # a failed run leaves no lock or directory it made, only the shards it finished
+        with directory_lock(output_dir, "fineweb.py run", made=ancestry(output_dir)[:-1]):
             shards = Progress(output_dir, dict(arguments, source=source))
             if not shards.complete:
                 _write(documents, shards, shard_size, num_proc, max_tokens, progress)
-        except BaseException as e:  # a failed run leaves no lock or directory it made, only the shards it finished
-            if not lock_was_there:
-                os.remove(os.path.join(output_dir, ".lock"))
-            for directory in made:
-                with contextlib.suppress(OSError):  # not empty: it holds finished shards
-                    os.rmdir(directory)
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise UserError(f"the disk of {output_dir} is full: free space, or use another --output-dir") from None
-            raise
-        return [os.path.join(output_dir, shard["file"]) for shard in shards]
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"the disk of {output_dir} is full: free space, or use another --output-dir") from None
+        raise
+    return [os.path.join(output_dir, shard["file"]) for shard in shards]
 
 
 def _write(documents, shards, shard_size, num_proc, max_tokens, progress):
@@ -283,11 +276,6 @@ def main(argv=None):
 def readable(size, rounding):  # bytes in GB, or MB under 1 GB, to 0.1 rounded up (a need) or down (free space)
     unit, scale = ("GB", 10**9) if size >= 10**9 else ("MB", 10**6)
     return f"{rounding(size * 10 / scale) / 10:,.1f} {unit}"
-
-
-def ancestry(path):  # `path` and its parents up to the first that exists: [:-1] are the ones a run creates
-    path = os.path.abspath(path)
-    return [path] if os.path.exists(path) else [path, *ancestry(os.path.dirname(path))]
 
 
 class Progress(list):

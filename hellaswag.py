@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, agree, atomic_write, autocast_dtype_for, parse_settings, pick_device, setting
+from common import UserError, agree, atomic_write, autocast_dtype_for, parse_settings, pick_device, print0, setting
 from logdir import load_model
 from model import GPT, GPT2_VOCAB_SIZE  # scored over GPT-2's real tokens only; more rows are padding
 from tokenizer import get_tokenizer
@@ -72,10 +72,8 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
             sums = torch.zeros(len(tokens), device=device).index_add_(0, rows, losses).view(-1, 4)
             means = sums / torch.bincount(rows, minlength=len(tokens)).clamp(min=1).view(-1, 4)
             picks = zip(batch, sums.argmin(1).tolist(), means.argmin(1).tolist(), means.tolist())  # no dummies
-            for i, pred, pred_norm, mean in picks:
-                predictions.append(
-                    dict(index=i, label=examples[i]["label"], pred=pred, pred_norm=pred_norm, losses=mean)
-                )
+            for i, pred, norm, mean in picks:
+                predictions.append(dict(index=i, label=examples[i]["label"], pred=pred, pred_norm=norm, losses=mean))
             bar.update(len(batch))
     model.train(was_training)
     predictions.sort(key=lambda p: p["index"])
@@ -137,9 +135,8 @@ def download(url=DATA_URL, directory=None, size=DATA_BYTES, sha256=DATA_SHA256, 
             return path
         except (OSError, http.client.HTTPException, UserError) as e:  # URLError and timeouts are OSErrors too
             if attempt == tries:
-                raise UserError(
-                    f"could not download HellaSwag from {url} in {tries} tries ({e}); nothing was kept in {directory}"
-                ) from None
+                kept = f"nothing was kept in {directory}"
+                raise UserError(f"could not download HellaSwag from {url} in {tries} tries ({e}); {kept}") from None
             print(f"download of {DATA_FILE} failed ({e}); try {attempt + 1} of {tries} in {wait:g} s", file=sys.stderr)
             time.sleep(wait)
             wait *= 2
@@ -169,16 +166,11 @@ def _parse_line(line, where):
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: not valid JSON ({e})") from None
-    if missing := [key for key in ("ctx", "endings", "label") if not isinstance(record, dict) or key not in record]:
-        raise UserError(f"{where}: missing key(s) {', '.join(missing)}")
-    ctx, endings, label = record["ctx"], record["endings"], record["label"]
-    if not isinstance(ctx, str) or not ctx:
-        raise UserError(f"{where}: ctx must be a non-empty string")
-    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
-        count = f"{len(endings)} items" if isinstance(endings, list) else type(endings).__name__
-        raise UserError(f"{where}: endings must be a list of 4 strings, got {count}")
-    if type(label) is not int or not 0 <= label <= 3:  # a bool is an int, but not a label
-        raise UserError(f"{where}: label must be an integer 0-3, got {label!r}")
+    record = record if isinstance(record, dict) else {}
+    ctx, endings, label = record.get("ctx"), record.get("endings"), record.get("label")
+    four_strings = isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)
+    if not (isinstance(ctx, str) and ctx and four_strings and type(label) is int and 0 <= label <= 3):  # not a bool
+        raise UserError(f"{where}: not a HellaSwag example (ctx: a non-empty string, endings: 4 strings, label: 0-3)")
     return {"ctx": ctx, "endings": endings, "label": label}
 
 
@@ -234,21 +226,17 @@ def main(argv=None):
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         dist.barrier()
     try:
-        if error:
-            raise error
-        examples = load_examples(config.data or download())[: config.limit]
-        model = load_model(config.model)
+        if error is None:
+            examples = load_examples(config.data or download())[: config.limit]
+            model = load_model(config.model)
     except ValueError as e:  # load_model's one line
         error = UserError(str(e))
     except UserError as e:
         error = e
     try:
         agree(error, prefix="hellaswag.py: error: ")  # an error on one rank ends them all, printed once
-        if rank == 0:
-            print(
-                f"{config.model}: {model.num_parameters():,} parameters on {device}, {len(examples)} examples over "
-                f"{world_size} process(es)"
-            )
+        where = f"on {device}, {len(examples)} examples over {world_size} process(es)"
+        print0(f"{config.model}: {model.num_parameters():,} parameters {where}")
         dtype = autocast_dtype_for("auto", device)  # the dtype training scores in
         result = evaluate(model.to(device), examples, device, config.batch_size, rank, world_size, dtype, rank == 0)
         results = agree(value=result)  # every rank's share, in rank order

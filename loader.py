@@ -35,10 +35,8 @@ def find_shards(data_dir, split):
     names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(data_dir), "*.npy")))
     shards = [match for name in names if (match := re.fullmatch(r"(.+)_(val|train)_\d{6}\.npy", name))]
     if len(prefixes := sorted({match[1] for match in shards})) > 1:
-        raise UserError(
-            f"{data_dir} holds shards of {len(prefixes)} datasets ({', '.join(prefixes)}); keep one "
-            f"prefix a directory: move the others into a directory of their own"
-        )
+        why = f"{data_dir} holds shards of {len(prefixes)} datasets ({', '.join(prefixes)})"
+        raise UserError(f"{why}; keep one prefix a directory: move the others into a directory of their own")
     paths = [os.path.join(data_dir, match[0]) for match in shards if match[2] == split]
     if not paths:
         raise UserError(f"no {split} shards (*_{split}_NNNNNN.npy) in {data_dir}; make them with `python fineweb.py`")
@@ -80,11 +78,8 @@ class ShardLoader:
         self.rows_per_epoch = max(0, (self.num_tokens - 1) // seq_len)  # each window needs T+1 tokens
         min_rows = batch_size * world_size if min_rows is None else min_rows  # one micro step on all ranks
         if self.rows_per_epoch < min_rows:
-            raise UserError(
-                f"the {split} split of {data_dir} holds {self.num_tokens} tokens, fewer than one batch "
-                f"of {min_rows} windows of {seq_len}+1 tokens; use more data or a smaller "
-                f"--batch-size/--seq-len"
-            )
+            why = f"the {split} split of {data_dir} holds {self.num_tokens} tokens, fewer than one batch of {min_rows}"
+            raise UserError(f"{why} windows of {seq_len}+1 tokens; use more data or a smaller --batch-size/--seq-len")
         self.row, self._order_of = 0, None  # the next row to read (counted over epochs); _order's last epoch
         self._ahead = None  # (first row, the future of its micro batch), read on READER
         # For read-ahead advice to the OS (POSIX only): the shards' files, open for as long as the loader lives
@@ -93,9 +88,7 @@ class ShardLoader:
 
     def _order(self, epoch):
         """The epoch's shard order, each shard's start in its stream, and its row order (None: in order)."""
-        if (
-            self._order_of is None or self._order_of[0] != epoch
-        ):  # once an epoch: a permutation of every row is not free
+        if self._order_of is None or self._order_of[0] != epoch:  # once an epoch: permuting every row is not free
             shard_order, rows = np.arange(len(self.shards)), None
             if self.shuffle:
                 rng = np.random.default_rng((self.seed, epoch))
@@ -138,17 +131,13 @@ class ShardLoader:
     def _checked(self, shard, tokens):
         """tokens of shard `shard`, refused if one is beyond the vocabulary: a max costs nothing next to a forward."""
         if self.vocab_size is not None and tokens.size and (largest := int(tokens.max())) >= self.vocab_size:
-            raise UserError(
-                f"{self.paths[shard]} holds token id {largest}, beyond the model's vocab_size="
-                f"{self.vocab_size}; raise --vocab-size or re-tokenize with GPT-2's tokenizer",
-                every_rank=False,
-            )
+            why = f"{self.paths[shard]} holds token id {largest}, beyond the model's vocab_size={self.vocab_size}"
+            raise UserError(f"{why}; raise --vocab-size or re-tokenize with GPT-2's tokenizer", every_rank=False)
         return tokens
 
     def next_batch(self):
-        """This rank's next micro batch (x, y), each (B, T); all ranks move on by W*B rows. The batch after it
-        is read meanwhile on a thread (into pinned memory for a GPU: its copy can overlap the compute), and the
-        OS is asked to fetch the one after that from disk: even a cold read then finds its pages cached."""
+        """This rank's next micro batch (x, y), each (B, T); all ranks move on by W*B rows. The one after it is read
+        meanwhile on a thread (_read_ahead; into pinned memory for a GPU: its copy can overlap the compute)."""
         first = self.row + self.rank * self.B
         self.row += self.B * self.world_size
         if self._ahead is not None and self._ahead[0] == first:
@@ -180,9 +169,8 @@ class ShardLoader:
 
     def load_state_dict(self, state):
         if (state["num_tokens"], state["seq_len"]) != (self.num_tokens, self.T):
-            raise UserError(
-                f"the checkpoint's loader read {state['num_tokens']} {self.split} tokens as windows of "
-                f"{state['seq_len']}, but the data holds {self.num_tokens} tokens and --seq-len is "
-                f"{self.T}; resume with the same data, or start a new run with --overwrite"
-            )
+            then = f"{state['num_tokens']} {self.split} tokens as windows of {state['seq_len']}"
+            now = f"the data holds {self.num_tokens} tokens and --seq-len is {self.T}"
+            fix = "resume with the same data, or start a new run with --overwrite"
+            raise UserError(f"the checkpoint's loader read {then}, but {now}; {fix}")
         self.row = state["epoch"] * self.rows_per_epoch + state["row"]

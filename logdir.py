@@ -11,7 +11,6 @@ Only rank 0 writes here; every rank reads the checkpoint it resumes from. Each f
 (atomic_write). Also here: reading a checkpoint as a model (load_model), for sample.py, hellaswag.py, export.py.
 """
 
-import contextlib
 import glob
 import json
 import math
@@ -29,7 +28,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from common import UserError, atomic_write, directory_lock, print0
+from common import UserError, ancestry, atomic_write, directory_lock, print0
 from model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 
 # What train_gpt2.py writes into a log directory: --overwrite removes these and nothing else.
@@ -59,9 +58,8 @@ def save_checkpoint(config, step, state):
 
 
 def resume(config, state, check_settings):
-    """Put the run's state back from the checkpoint to continue -> (its step, its path), or (0, None) for a new
-    run. Every rank chooses alike: --resume's file, else the log directory's latest readable checkpoint (a crash
-    mid-write leaves an unreadable one: the one before is taken). check_settings(saved, config) may refuse it."""
+    """Put the run's state back from the checkpoint to continue -> (its step, its path), or (0, None) for a new run.
+    Every rank chooses alike: --resume's file, else read_checkpoint's latest. check_settings(saved, config) may veto."""
     if config.resume == "never" or config.overwrite:
         return 0, None
     try:
@@ -94,10 +92,8 @@ def read_checkpoint(path):
         with warnings.catch_warnings(action="ignore"):  # torch's notes on pickle protocols: not for the user
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip, pickle and format errors each have their own type
-        kind = type(e).__name__
-        raise ValueError(
-            f"{path} is not a readable checkpoint ({kind}: another kind of file, or a write cut short)"
-        ) from None
+        why = f"{type(e).__name__}: another kind of file, or a write cut short"
+        raise ValueError(f"{path} is not a readable checkpoint ({why})") from None
     if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= set(checkpoint):
         raise ValueError(f"{path} is not a train_gpt2.py checkpoint (it holds no model and model_config)")
     return checkpoint | {"path": path}
@@ -133,35 +129,21 @@ def claim_log_dir(config):
     earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(config.log_dir, name))]
     holds_run = list_checkpoints(config.log_dir) or os.path.exists(os.path.join(config.log_dir, "metrics.jsonl"))
     if holds_run and config.resume == "never" and not config.overwrite:  # refused before anything is touched
-        raise UserError(
-            f"{config.log_dir} holds a run ({', '.join(earlier)}); continue it with --resume auto, start "
-            f"a new run there with --overwrite (deletes those), or use another --log-dir",
-            exit_code=2,
-        )
-    new = [config.log_dir]  # the directories this launch creates, deepest first
-    while not os.path.exists(new[-1]) and os.path.dirname(new[-1]) != new[-1]:
-        new.append(os.path.dirname(os.path.abspath(new[-1])))
-    lock_was_there = os.path.exists(os.path.join(config.log_dir, ".lock"))
+        fix = "continue it with --resume auto, start a new run there with --overwrite (deletes those)"
+        raise UserError(f"{config.log_dir} holds a run ({', '.join(earlier)}); {fix}, or use another --log-dir", 2)
+    made = ancestry(config.log_dir)[:-1]  # a launch that fails removes them again (directory_lock)
     try:
         os.makedirs(config.log_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --log-dir {config.log_dir} ({e.strerror})", exit_code=2)
-    with directory_lock(config.log_dir, "train_gpt2.py run"):
+    with directory_lock(config.log_dir, "train_gpt2.py run", made):
         if earlier and config.overwrite:
             for path in (os.path.join(config.log_dir, name) for name in earlier):
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             print0(f"--overwrite: removed the earlier run's {', '.join(earlier)} from {config.log_dir}")
         for stale in glob.glob(os.path.join(glob.escape(config.log_dir), "checkpoints", ".*.tmp")):
             os.remove(stale)  # a launch killed mid-write left it; the lock says no one else writes here
-        try:
-            yield
-        except BaseException:  # a launch that fails leaves behind nothing it made: its lock, its empty directories
-            if not lock_was_there:
-                os.remove(os.path.join(config.log_dir, ".lock"))
-            for directory in new[:-1]:
-                with contextlib.suppress(OSError):  # not empty: the run wrote there
-                    os.rmdir(directory)
-            raise
+        yield
 
 
 class RunLog:
@@ -206,8 +188,7 @@ class RunLog:
             self.text(text)
 
     def event(self, record, line):
-        """One event (a dict with a "step"; non-finite values as null) to metrics.jsonl and the dashboards, and
-        its line printed and written to log.txt."""
+        """One event (a dict with a "step"; non-finite values as null) to metrics.jsonl, the dashboards and log.txt."""
         if not self.enabled:
             return
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
@@ -234,11 +215,9 @@ class RunLog:
         evals = ", ".join(f"{name} {value:.4f}" for name, value in last_eval.items()) or "no evaluation"
         checkpoints, log_dir = list_checkpoints(self.config.log_dir), self.config.log_dir
         done = f"done: {step} steps, {step * self.config.total_batch_size:,} tokens, {hms(seconds)} this launch"
-        return (
-            f"{done}; last {evals}; latest checkpoint {checkpoints[-1] if checkpoints else 'none'}\nnext: python "
-            f"sample.py -m {log_dir} | python export.py {log_dir} my-gpt2 | PLAY_LOG_DIR={log_dir} jupyter notebook "
-            f"play.ipynb"
-        )
+        done += f"; last {evals}; latest checkpoint {checkpoints[-1] if checkpoints else 'none'}"
+        play = f"PLAY_LOG_DIR={log_dir} jupyter notebook play.ipynb"
+        return f"{done}\nnext: python sample.py -m {log_dir} | python export.py {log_dir} my-gpt2 | {play}"
 
     def close(self):
         if self.tensorboard:

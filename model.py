@@ -58,10 +58,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, kv_cache=None, layer=0):
         B, T, C = x.size()
-        q, k, v = (
-            t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs) each
-            for t in self.c_attn(x).split(self.n_embd, dim=2)
-        )
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         # Causal, but a token after cached ones sees them all. A Python bool: compile would guard on a size test.
         is_causal = kv_cache is None or kv_cache.length == 0
         if kv_cache is not None:  # sampling: the keys and values of the positions before these too
@@ -144,10 +142,8 @@ class GPT(nn.Module):
         return 6 * n_matmul + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
     def configure_optimizers(self, learning_rate, adamw, muon=None):
-        """The optimizers by name, and a line saying which parameters each updates. AdamW (adamw: its weight_decay,
-        betas and eps) with weight decay on matmul weights and embeddings (2+ dims) only. With muon (Muon's
-        settings): torch.optim.Muon for the 2-D weights inside the blocks, its updates scaled to AdamW's size
-        (match_rms_adamw) so that one lr serves both, and AdamW for the rest."""
+        """-> ({name: optimizer}, a line saying what each updates). AdamW decays the 2+-dim weights only; with muon,
+        Muon takes the blocks' 2-D weights, its updates scaled to AdamW's size so that one lr serves both."""
         adamw = dict(adamw)
         weight_decay = adamw.pop("weight_decay")
 

@@ -5,9 +5,7 @@
     python sample.py -m gpt2 --num-samples 4 --temperature 0.8 --seed 7     # OpenAI's GPT-2 (from the hub)
     echo "Once upon a time" | python sample.py -m log                       # the prompt from stdin
 
-MODEL may also be a checkpoint file. Each sample is the prompt and its continuation (streamed when there
-is one), up to <|endoftext|> or --max-new-tokens; the same seed gives the same text on the same device
-and dtype. No prompt (none given, stdin a terminal) starts a new document.
+The same seed, device and dtype give the same text. Without a prompt a sample starts a new document.
 """
 
 import sys
@@ -25,10 +23,7 @@ SEPARATOR = "-" * 40
 @dataclass
 class SampleConfig:
     model: str = setting(
-        None,
-        "a train_gpt2.py checkpoint or log directory, a Hugging Face folder or hub name",
-        flags=("-m", "--model"),
-        required=True,
+        None, "a checkpoint or log directory, a Hugging Face folder or hub name", flags=("-m", "--model"), required=True
     )
     prompt: str = setting(None, "the text to continue (default: stdin when it is not a terminal, else none)")
     num_samples: int = setting(1, "how many samples", must="be positive")
@@ -45,7 +40,7 @@ class SampleConfig:
 
 
 def sample(model, enc, prompt, config, device):
-    """Print config.num_samples continuations of prompt; a single one streams token by token."""
+    """Print config.num_samples continuations of prompt, each up to <|endoftext|>; a single one streams."""
     idx = torch.tensor([enc.encode_ordinary(prompt) or [EOT]] * config.num_samples, device=device)  # (B, T)
     generator = torch.Generator(device).manual_seed(config.seed)
     rows, streaming, shown = [[] for _ in range(config.num_samples)], config.num_samples == 1, ""

@@ -26,22 +26,16 @@ def get_tokenizer() -> tiktoken.Encoding:
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # requests' connection and HTTP errors, a proxy, a read-only cache...
-            raise OSError(
-                f"cannot download GPT-2's vocabulary ({type(e).__name__}); offline, `pip install --no-deps "
-                "openai-whisper==20250625` or set GPT2_TIKTOKEN_FILE to a gpt2.tiktoken file"
-            ) from None
+            fix = "`pip install --no-deps openai-whisper==20250625` or set GPT2_TIKTOKEN_FILE to a gpt2.tiktoken file"
+            raise OSError(f"cannot download GPT-2's vocabulary ({type(e).__name__}); offline, {fix}") from None
     try:
         ranks = load_tiktoken_bpe(path, expected_hash=GPT2_RANKS_SHA256)
     except ValueError:  # the hash differs, or a line is not "<base64 token> <rank>"
-        raise OSError(
-            f"{path} is not GPT-2's vocabulary; unset GPT2_TIKTOKEN_FILE or name a gpt2.tiktoken file"
-        ) from None
+        fix = "unset GPT2_TIKTOKEN_FILE or name a gpt2.tiktoken file"
+        raise OSError(f"{path} is not GPT-2's vocabulary; {fix}") from None
+    special = {"<|endoftext|>": EOT}
     return tiktoken.Encoding(
-        "gpt2",
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": EOT},
-        explicit_n_vocab=EOT + 1,
+        "gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens=special, explicit_n_vocab=EOT + 1
     )
 
 
@@ -56,14 +50,10 @@ def save_for_transformers(directory, model_max_length):
     TikTokenConverter(
         vocab_file=ranks_file, pattern=r50k_pat_str, extra_special_tokens=[eot], additional_special_tokens=[eot]
     ).converted().save(os.path.join(directory, "tokenizer.json"))
-    config = dict(
-        tokenizer_class="PreTrainedTokenizerFast",  # tokenizer.json as it is, in transformers 4 and 5
-        bos_token=eot,
-        eos_token=eot,
-        pad_token=eot,
-        model_max_length=model_max_length,
-        clean_up_tokenization_spaces=False,
-    )  # decode gives back the exact text, as tiktoken does
+    # PreTrainedTokenizerFast: tokenizer.json as it is, in transformers 4 and 5; no clean-up: decode gives back the
+    # exact text, as tiktoken does
+    config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=eot, eos_token=eot, pad_token=eot)
+    config.update(model_max_length=model_max_length, clean_up_tokenization_spaces=False)
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
 

@@ -313,32 +313,26 @@ def test_load_examples_reads_what_was_written(data_file, examples, tmp_path):
     assert hellaswag.load_examples(str(with_extras)) == [examples[0], last]
 
 
+NOT_AN_EXAMPLE = "not a HellaSwag example (ctx: a non-empty string, endings: 4 strings, label: 0-3)"
+
+
 @pytest.mark.parametrize(
-    "record, message",
+    "record",
     [
-        ({"ctx": "", "endings": ["a", "b", "c", "d"], "label": 0}, "line 2: ctx must be a non-empty string"),
-        (
-            {"ctx": "A man", "endings": ["a", "b", "c", "d", "e"], "label": 0},
-            "line 2: endings must be a list of 4 strings, got 5 items",
-        ),
-        ({"ctx": "A man", "endings": ["a", "b", "c", 4], "label": 0}, "line 2: endings must be a list of 4 strings"),
-        (
-            {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": True},
-            "line 2: label must be an integer 0-3, got True",
-        ),
-        (
-            {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": -1},
-            "line 2: label must be an integer 0-3, got -1",
-        ),
-        (["A man", ["a", "b", "c", "d"], 0], "line 2: missing key(s) ctx, endings, label"),
+        {"ctx": "", "endings": ["a", "b", "c", "d"], "label": 0},
+        {"ctx": "A man", "endings": ["a", "b", "c", "d", "e"], "label": 0},
+        {"ctx": "A man", "endings": ["a", "b", "c", 4], "label": 0},
+        {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": True},
+        {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": -1},
+        ["A man", ["a", "b", "c", "d"], 0],
     ],
 )
-def test_load_examples_refuses_a_bad_record_naming_its_line(record, message, examples, tmp_path):
+def test_load_examples_refuses_a_bad_record_naming_its_line(record, examples, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(examples[0]) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
     with pytest.raises(UserError) as error:
         hellaswag.load_examples(str(path))
-    assert str(error.value).startswith(f"{path} {message}")
+    assert str(error.value).startswith(f"{path} line 2: {NOT_AN_EXAMPLE}")
 
 
 def test_load_examples_refuses_an_empty_or_undecodable_file(tmp_path):
@@ -561,12 +555,12 @@ def bad_lines(examples):
     good = json.dumps(examples[0])
     return {
         "not JSON": ('{"ctx": "A man is sitting', "line 3: not valid JSON"),
-        "missing key": (json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"]}), "line 3: missing key(s) label"),
+        "missing key": (json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"]}), f"line 3: {NOT_AN_EXAMPLE}"),
         "three endings": (
             json.dumps({**examples[0], "endings": ["a", "b", "c"]}),
-            "line 3: endings must be a list of 4 strings, got 3 items",
+            f"line 3: {NOT_AN_EXAMPLE}",
         ),
-        "label out of range": (json.dumps({**examples[0], "label": 4}), "line 3: label must be an integer 0-3, got 4"),
+        "label out of range": (json.dumps({**examples[0], "label": 4}), f"line 3: {NOT_AN_EXAMPLE}"),
     }, good
 
 
