@@ -49,18 +49,21 @@ def pytest_ignore_collect(collection_path, config):
 @pytest.fixture(scope="session")
 def tokenizer():
     from tokenizer import get_tokenizer
+
     return get_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def corpus_documents():
     from pydoc_data.topics import topics
+
     return [topics[name] for name in sorted(topics)]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, corpus_documents):
     import fineweb
+
     path = tmp_path_factory.mktemp("data")
     fineweb.write_shards(corpus_documents, str(path), "pydocs", shard_size=4096, num_proc=1, progress=False)
     return str(path)
@@ -75,6 +78,7 @@ def run_main(capsys):
             code = e.code
         captured = capsys.readouterr()
         return code, captured.out, captured.err
+
     return run
 
 
@@ -82,6 +86,7 @@ def run_main(capsys):
 def lock_in_another_process():
     """take(directory, what) -> "locked", or "refused: <the UserError> (exit code N)", from a new Python process
     (an fcntl lock belongs to a process: this one would always get its own). hold=True: it dies holding it."""
+
     def take(directory, what="test run", hold=False):
         code = textwrap.dedent(f"""
             import os, sys
@@ -98,12 +103,14 @@ def lock_in_another_process():
         run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
         return run.stdout.strip()
+
     return take
 
 
 @pytest.fixture
 def tiny_config():
     from model import GPTConfig
+
     return GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=3, n_embd=48)
 
 
@@ -111,6 +118,7 @@ def tiny_config():
 def hf_gpt2_dir(tmp_path_factory):
     """A random GPT-2 in Hugging Face format (n_positions 64, vocab 50257, 2 layers, 4 heads, 64 wide)."""
     from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(0)
     config = GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4, vocab_size=50257)
     model = GPT2LMHeadModel(config).eval()
@@ -125,6 +133,7 @@ def trained_log(tmp_path_factory, corpus_documents):
     val and HellaSwag evals at steps 0, 3 and 6 and checkpoints at steps 3 and 6."""
     import fineweb
     import train_gpt2
+
     tmp = tmp_path_factory.mktemp("run")
     data_dir, log_dir = tmp / "data", tmp / "log"
     fineweb.write_shards(corpus_documents, str(data_dir), "pydocs", shard_size=8192, num_proc=1, progress=False)
@@ -132,20 +141,67 @@ def trained_log(tmp_path_factory, corpus_documents):
     hellaswag_file = tmp / "hellaswag.jsonl"
     with open(hellaswag_file, "w") as f:
         for ctx, endings, label in [
-            ("The chef cracked two eggs into the bowl and", [" whisked them with a fork.", " painted the ceiling.",
-                                                             " drove to the airport.", " sang to the moon."], 0),
-            ("She tied her running shoes, stepped outside and", [" fell asleep on the sofa.", " started to jog.",
-                                                                 " baked a cake.", " read the newspaper."], 1),
+            (
+                "The chef cracked two eggs into the bowl and",
+                [" whisked them with a fork.", " painted the ceiling.", " drove to the airport.", " sang to the moon."],
+                0,
+            ),
+            (
+                "She tied her running shoes, stepped outside and",
+                [" fell asleep on the sofa.", " started to jog.", " baked a cake.", " read the newspaper."],
+                1,
+            ),
         ]:
             f.write(json.dumps({"ctx": ctx, "endings": endings, "label": label}) + "\n")
-    exit_code = train_gpt2.main([
-        "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--n-layer", "2", "--n-head", "2",
-        "--n-embd", "32", "--block-size", "64", "--vocab-size", "50304", "--seq-len", "32", "--batch-size", "4",
-        "--total-batch-size", "128", "--max-steps", "6", "--warmup-steps", "2", "--max-lr", "1e-2",
-        "--min-lr", "1e-3", "--eval-interval", "3", "--val-tokens", "256", "--hellaswag-interval", "3",
-        "--hellaswag-file", str(hellaswag_file), "--sample-interval", "0", "--checkpoint-interval", "3",
-        "--no-compile", "--dtype", "float32", "--device", "cpu",
-    ])
+    exit_code = train_gpt2.main(
+        [
+            "--data-dir",
+            str(data_dir),
+            "--log-dir",
+            str(log_dir),
+            "--n-layer",
+            "2",
+            "--n-head",
+            "2",
+            "--n-embd",
+            "32",
+            "--block-size",
+            "64",
+            "--vocab-size",
+            "50304",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--total-batch-size",
+            "128",
+            "--max-steps",
+            "6",
+            "--warmup-steps",
+            "2",
+            "--max-lr",
+            "1e-2",
+            "--min-lr",
+            "1e-3",
+            "--eval-interval",
+            "3",
+            "--val-tokens",
+            "256",
+            "--hellaswag-interval",
+            "3",
+            "--hellaswag-file",
+            str(hellaswag_file),
+            "--sample-interval",
+            "0",
+            "--checkpoint-interval",
+            "3",
+            "--no-compile",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+        ]
+    )
     assert exit_code == 0
     return log_dir
 
@@ -154,6 +210,7 @@ def trained_log(tmp_path_factory, corpus_documents):
 def exported_run(trained_log, tmp_path_factory):
     """export.py's Hugging Face folder of trained_log's latest checkpoint (step 6), in float32."""
     import export
+
     directory = tmp_path_factory.mktemp("exported") / "tiny-gpt2"
     assert export.main([str(trained_log), str(directory)]) == 0
     return directory
