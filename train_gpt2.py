@@ -47,7 +47,6 @@ from tokenizer import get_tokenizer
 # Settings: one dataclass, one flag per field (`python train_gpt2.py --help`)
 
 POSITIVE, NOT_NEGATIVE, DTYPES = "be positive", "not be negative", ("float32", "bfloat16", "float16")
-OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -64,14 +63,10 @@ class TrainConfig:
     vocab_size: int = setting(50304, "vocabulary; 50304 pads GPT-2's 50257 to a multiple of 128 for speed")
     init_from: str = setting("scratch", "'scratch', or a Hugging Face GPT-2 name or local directory to fine-tune")
     # batch: total_batch_size tokens per step = batch_size * seq_len * devices * micro steps
-    batch_size: int = setting(
-        64, "micro batch per device; out of memory? try 32, 16, 8", must=POSITIVE, section="batch"
-    )
+    batch_size: int = setting(64, "micro batch per device; out of memory? 32, 16, 8", must=POSITIVE, section="batch")
     seq_len: int = setting(1024, "sequence length T", must=POSITIVE)
     total_batch_size: int = setting(524288, "tokens per optimizer step, over all devices", must=POSITIVE)
-    max_steps: int = setting(
-        19073, "optimizer steps; 19073 * 524288 = 10B tokens", must=POSITIVE, section="optimization"
-    )
+    max_steps: int = setting(19073, "optimizer steps (x 524288 = 10B tokens)", must=POSITIVE, section="optimization")
     warmup_steps: int = setting(715, "steps of linear lr warmup", must=NOT_NEGATIVE)
     max_lr: float = setting(6e-4, "peak learning rate, reached at the end of warmup", must=POSITIVE)
     min_lr: float = setting(6e-5, "learning rate at the end of the cosine decay", must=NOT_NEGATIVE)
@@ -81,9 +76,7 @@ class TrainConfig:
     adam_eps: float = setting(1e-8, "AdamW epsilon", must=POSITIVE)
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0: no clipping)", must=NOT_NEGATIVE)
     max_skipped_steps: int = setting(5, "stop after this many non-finite steps in a row", must=POSITIVE)
-    optimizer: str = setting(
-        "adamw", "adamw, or muon for the blocks' matrices (AdamW for the rest)", choices=OPTIMIZERS
-    )
+    optimizer: str = setting("adamw", "adamw, or muon for the blocks' matrices", choices=["adamw", "muon"])
     muon_momentum: float = setting(0.95, "Muon's Nesterov momentum", must="be in [0, 1)")
     muon_weight_decay: float = setting(0.1, "Muon's weight decay (decoupled, as AdamW's)", must=NOT_NEGATIVE)
     muon_ns_steps: int = setting(5, "Muon's Newton-Schulz iterations", must=POSITIVE)
@@ -562,12 +555,9 @@ def check_resumable(saved, config):
     """Refuse to continue a run with settings that change what it learns, listing them all."""
     now = asdict(config)
     differ = [f"{k}={saved.get(k)!r} in the checkpoint but {now[k]!r} now" for k in LEARNING if saved.get(k) != now[k]]
+    fix = "relaunch with the checkpoint's settings, or another --log-dir / --overwrite for a new run"
     if differ:
-        raise UserError(
-            f"the checkpoint's settings differ from the flags: {'; '.join(differ)}; relaunch with the "
-            f"checkpoint's settings, or another --log-dir / --overwrite for a new run",
-            exit_code=2,
-        )
+        raise UserError(f"the checkpoint's settings differ from the flags: {'; '.join(differ)}; {fix}", exit_code=2)
     retuned = [f"{k}={saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in RETUNABLE if saved.get(k) != now[k]]
     if retuned:
         print0(f"note: {'; '.join(retuned)}: the lr schedule goes on with the new values")
