@@ -259,7 +259,7 @@ def train(argv, launch):
     except (UserError, OSError) as e:
         error = e
     check_same_everywhere(common.agree(error, (step, shards)))
-    if step >= (config.stop_at_step or config.max_steps):
+    if step >= min(config.stop_at_step or config.max_steps, config.max_steps):
         limits = f"--max-steps {config.max_steps}, --stop-at-step {config.stop_at_step}"
         held = f"{config.log_dir} holds a run at step {step}"
         if os.path.dirname(os.path.dirname(os.path.abspath(source))) != os.path.abspath(config.log_dir):
@@ -358,14 +358,16 @@ def train(argv, launch):
 
 
 def check_same_everywhere(values):
-    """Every rank's (resume step, train shards), from the agreement: a rank that differs from rank 0 ends the run."""
+    """Every rank's (resume step, train shards), from the agreement: a rank that differs from rank 0 ends the run
+    (every rank holds the same values, so each finds the same problem: rank 0 prints it once)."""
     for rank, (step, shards) in enumerate(values):
         if step != values[0][0]:
             where = f"rank {rank} would resume at step {step}, rank 0 at {values[0][0]}"
-            raise UserError(f"{where}: does every node see the same --log-dir?")
+            common.agree(UserError(f"{where}: does every node see the same --log-dir?"))
         if shards != values[0][1]:
-            differ = sorted(set(shards) ^ set(values[0][1]))[:2]
-            raise UserError(f"rank {rank} sees other train shards than rank 0 ({differ} differ): give each the same")
+            differ = ", ".join(f"{name} of {n:,} tokens" for name, n in sorted(set(shards) ^ set(values[0][1]))[:2])
+            why = f"rank {rank} sees other train shards than rank 0 ({differ}, on one and not the other)"
+            common.agree(UserError(f"{why}: give every node the same data"))
 
 
 def due(interval, step, last):
@@ -500,11 +502,14 @@ def out_of_memory(config):
     return f"out of memory with --batch-size {config.batch_size}; {fix}"
 
 
-def first_to_say(key):
-    """Whether this rank is the first to say `key`: the ranks count in torchrun's store (True without torchrun)."""
+def first_to_say():
+    """Whether this rank is the first to report an error: the ranks count in torchrun's store, which outlives a rank
+    that failed (True without torchrun). The others' errors follow from the first (a lost peer): they stay quiet."""
     if not dist.is_initialized():
         return True
-    return dist.distributed_c10d._get_default_store().add(key, 1) == 1  # private, but the store has no public handle
+    return (
+        dist.distributed_c10d._get_default_store().add("error", 1) == 1
+    )  # private, but the store has no public handle
 
 
 # -----------------------------------------------------------------------------
@@ -604,7 +609,7 @@ def main(argv=None):
     except (UserError, OSError) as e:
         # An error every rank met was printed once by common.agree(); a rank's own error is printed by that
         # rank, which then exits (and torchrun stops the others).
-        if not getattr(e, "reported", False):
+        if not getattr(e, "reported", False) and first_to_say():
             print(f"error: {f'rank {rank}: ' if rank else ''}{e}", file=sys.stderr, flush=True)
         return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:
@@ -613,7 +618,7 @@ def main(argv=None):
         print0(f"interrupted; {last}; relaunch the same command to resume", file=sys.stderr)
         return 130
     except torch.OutOfMemoryError:  # a training step, an evaluation, sampling
-        if first_to_say("out of memory"):  # every rank may run out at once: one line for them all
+        if first_to_say():  # every rank may run out at once: one line for them all
             print(f"error: {out_of_memory(launch.config)}", file=sys.stderr, flush=True)
         return 1
     except RuntimeError as e:
@@ -622,7 +627,8 @@ def main(argv=None):
             raise  # a bug, not a lost rank
         why = str(e).strip().splitlines()[0]
         message = f"lost contact with another rank ({why}); its message, if any, is above; relaunch to resume"
-        print(f"error: rank {rank}: {message}", file=sys.stderr, flush=True)
+        if first_to_say():  # else the rank that failed first has said why
+            print(f"error: rank {rank}: {message}", file=sys.stderr, flush=True)
         return 1
 
 

@@ -8,6 +8,7 @@ step STEP trains (after that step's evaluations):
     SIGINT2                     two Ctrl-C in a row
     nan                         the loss of that step is NaN
     infgrad                     the loss of that step stays finite, one weight's gradient is inf
+    oom                         that step's first forward runs out of memory (torch.OutOfMemoryError)
     wait=PATH                   block until someone opens PATH (a FIFO) to write and closes it: a stalled
                                 rank (SIGALRM ends the process after WAIT_LIMIT seconds, so it never hangs)
     kill-in-checkpoint          SIGKILL while the checkpoint after step STEP is half written
@@ -56,15 +57,15 @@ for step, action in mine:
         logdir.read_checkpoint = read_older_checkpoint
 
 actions = {int(step): action for step, action in mine if step not in ("argv", "setup")}
-nan_now = infgrad_now = False
+nan_now = infgrad_now = oom_now = False
 WAIT_LIMIT = 120  # a test that dies before releasing a waiting rank must not leave it behind forever
 get_lr, forward, atomic_write = train_gpt2.get_lr, GPT.forward, logdir.atomic_write
 
 
 def hooked_get_lr(step, config):  # train() calls it right before each step trains
-    global nan_now, infgrad_now
+    global nan_now, infgrad_now, oom_now
     action = actions.get(step, "")
-    nan_now, infgrad_now = action == "nan", action == "infgrad"
+    nan_now, infgrad_now, oom_now = action == "nan", action == "infgrad", action == "oom"
     if action in ("SIGTERM", "SIGUSR1", "SIGINT"):
         os.kill(os.getpid(), getattr(signal, action))
     elif action == "SIGINT2":
@@ -80,6 +81,8 @@ def hooked_get_lr(step, config):  # train() calls it right before each step trai
 
 def hooked_forward(self, *args, **kwargs):
     global infgrad_now
+    if oom_now and torch.is_grad_enabled():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by hooked_train.py)")
     logits, loss = forward(self, *args, **kwargs)
     if nan_now and loss is not None:
         loss = loss * float("nan")

@@ -608,10 +608,10 @@ def test_init_from_a_local_gpt2_starts_from_its_loss(hf_gpt2_dir, data_dir, tmp_
 # Resume and run management: one run per directory, one history, clean stops, no hangs
 
 
-def hooked(hooks, argv, torchrun=False):
+def hooked(hooks, argv, torchrun=False, timeout=300):
     """train_gpt2.py through tests/hooked_train.py: interruptions at steps the test chooses."""
     command = [HOOKED, *hooks, "--", *argv]
-    return run_process([*TORCHRUN, *command] if torchrun else [sys.executable, *command])
+    return run_process([*TORCHRUN, *command] if torchrun else [sys.executable, *command], timeout=timeout)
 
 
 def traceback_of_ours(stderr):
@@ -996,7 +996,9 @@ def test_under_torchrun_ranks_that_would_resume_from_different_steps_end_the_job
         f"error: rank 1 would resume at step {rank_1_step}, rank 0 at 8: does every node see the same --log-dir?"
     ], result.stderr[-3000:]
     assert not traceback_of_ours(result.stderr)
-    assert snapshot(log_dir) == before
+    after = snapshot(log_dir)
+    assert after.pop(".lock") and before.pop(".lock")  # it names the launch that last held it: another pid
+    assert after == before
 
 
 @pytest.mark.multiprocess
@@ -1938,3 +1940,137 @@ def test_a_float16_resume_goes_on_with_the_loss_scale_of_its_checkpoint(straight
 )
 def test_peak_flops_by_gpu_name_and_dtype(name, dtype, flops):
     assert common.peak_flops_of(name, dtype) == flops
+
+
+# -----------------------------------------------------------------------------
+# Issue #25 and #26: ranks that see other data, the step line and summary, Ctrl-C in the imports, out of memory
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("difference", ["a shard missing", "a shard of another size"])
+def test_under_torchrun_ranks_that_see_other_shards_end_the_job_before_the_first_step(data_dir, tmp_path, difference):
+    # Rank 1's node holds another copy of the data: one train shard short, or one of them cut (the same names). The
+    # ranks compare their shard lists (names and sizes) at the one agreement after set-up: every rank ends, one line
+    # names the difference, and nothing trains (the log directory this launch made is gone).
+    other = tmp_path / "other-node-data"
+    shutil.copytree(data_dir, other)
+    shards = sorted(glob.glob(str(other / "*_train_*.npy")))
+    if difference == "a shard missing":
+        os.remove(shards[-1])
+    else:
+        np.save(shards[1], np.load(shards[1])[:-100])
+    result = hooked([f"1:argv:--data-dir={other}"], args(data_dir, tmp_path / "log"), torchrun=True)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    name = os.path.basename(shards[-1] if difference == "a shard missing" else shards[1])
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("error: rank 1 sees other train shards than rank 0 (") and name in errors[0]
+    assert errors[0].endswith(", on one and not the other): give every node the same data")
+    assert not traceback_of_ours(result.stderr) and not (tmp_path / "log").exists()
+
+
+def test_each_step_line_says_where_the_run_is_and_the_run_ends_with_a_summary(straight):
+    # The straight run: 8 steps, val at 0, 4 and 8, checkpoints every 2
+    with open(os.path.join(straight, "log.txt")) as f:
+        lines = f.read().splitlines()
+    steps = [line for line in lines if re.match(r"step +\d+/", line)]
+    assert len(steps) == STEPS
+    for step, line in enumerate(steps):
+        fraction = f"{(step + 1) / STEPS:.1%}"
+        assert line.startswith(f"step {step:5d}/{STEPS} ({fraction}) | loss "), line
+        assert re.search(r"\| ETA (\d+h\d\dm|\d+m\d\ds|\d+s)$", line), line
+    assert steps[-1].endswith("| ETA 0s")  # nothing left after the last step
+    assert all(re.fullmatch(r"step +\d+ \| val loss \d+\.\d{4} \| \d+\.\d s", s) for s in lines if "| val loss" in s)
+    assert all(
+        re.fullmatch(r"step +\d+ \| checkpoint .*step_\d{8}\.pt \| \d+\.\d s", s) for s in lines if "| checkpoint" in s
+    )
+    done = [line for line in lines if line.startswith("done: ")]
+    latest = os.path.join(straight, "checkpoints", f"step_{STEPS:08d}.pt")
+    val_8 = f"{series(straight, 'val_loss')[STEPS]:.4f}"
+    summary = rf"done: {STEPS} steps, {STEPS * 256:,} tokens, (\d+m\d\ds|\d+s) this launch; last val loss {val_8}; "
+    assert len(done) == 1 and re.fullmatch(summary + rf"latest checkpoint {re.escape(latest)}", done[0]), done
+    assert lines[-1] == (
+        f"next: python sample.py -m {straight} | python export.py {straight} my-gpt2 | PLAY_LOG_DIR={straight} "
+        "jupyter notebook play.ipynb"
+    )
+
+
+def test_the_demos_warmup_is_a_tenth_of_the_steps_given():
+    assert parse_args(["--demo"]).warmup_steps == 15  # configs/demo.toml: 150 steps, 15 of warmup
+    assert parse_args(["--demo", "--max-steps", "20"]).warmup_steps == 2
+    assert parse_args(["--demo", "--max-steps", "20", "--warmup-steps", "5"]).warmup_steps == 5  # given: kept
+    assert parse_args(["--max-steps", "1000"]).warmup_steps == 715  # not the demo: the recipe's
+
+
+def test_ctrl_c_while_the_imports_load_ends_quietly_with_130(tmp_path):
+    # A torch that sends Ctrl-C while it loads (the real one takes seconds): what a user's early Ctrl-C meets
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\n"
+    )
+    result = run_process([sys.executable, SCRIPT, "--demo"], timeout=60, env={"PYTHONPATH": str(tmp_path)})
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "")
+
+
+@pytest.mark.parametrize("where", ["val", "hellaswag", "sample"])
+def test_out_of_memory_in_an_evaluation_is_the_same_one_line(
+    where, data_dir, hellaswag_file, tmp_path, capsys, monkeypatch
+):
+    def out_of_memory(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(
+        train_gpt2, {"val": "evaluate_val", "hellaswag": "evaluate_hellaswag", "sample": "sample"}[where], out_of_memory
+    )
+    flags = ["--hellaswag-file", hellaswag_file, "--hellaswag-interval", "4", "--sample-interval", "4"]
+    err = error_of(capsys, args(data_dir, tmp_path, *flags), 1)
+    fix = "relaunch with --batch-size 2 (the same total batch in more micro steps)"
+    assert err == f"error: out of memory with --batch-size 4; {fix}\n"
+
+
+@pytest.mark.multiprocess
+def test_under_torchrun_a_rank_out_of_memory_ends_the_job_within_a_minute_with_one_line(data_dir, tmp_path):
+    # Rank 1 runs out of memory in its 4th step (step 3) while rank 0 waits in that step's all-reduce: rank 1 leaves
+    # at once with one line, torchrun ends rank 0, and nobody waits out --dist-timeout (600 s here)
+    result = hooked(["1:3:oom"], args(data_dir, tmp_path / "log", "--dist-timeout", "600"), torchrun=True, timeout=60)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and errors == [
+        "error: out of memory with --batch-size 4; relaunch with --batch-size 2 (the same total batch in more micro "
+        "steps)"
+    ], result.stderr[-3000:]
+    assert not traceback_of_ours(result.stderr)
+
+
+def test_hellaswag_offline_names_train_gpt2s_flags(data_dir, tmp_path, capsys, monkeypatch):
+    def offline(*a, **k):
+        raise UserError(
+            "could not download HellaSwag from https://example in 4 tries (no network); nothing was kept in X"
+        )
+
+    monkeypatch.setattr(hellaswag, "download", offline)
+    err = error_of(capsys, args(data_dir, tmp_path, "--hellaswag-interval", "4"), 1)
+    assert err.startswith("error: could not download HellaSwag") and err.endswith(
+        "; pass --hellaswag-file FILE, or turn HellaSwag off with --hellaswag-interval 0\n"
+    )
+    assert not tmp_path.exists() or os.listdir(tmp_path) == []  # the failed launch left nothing
+
+
+def test_a_run_started_from_another_runs_checkpoint_says_so_and_continues_it(straight, data_dir, tmp_path, capsys):
+    # Into an empty log directory, --resume another run's log directory (its latest: step 8 of 8) has nothing to do
+    # and says whose checkpoint that is; from its step-4 checkpoint it goes on exactly as that run went on
+    latest, middle = (os.path.join(straight, "checkpoints", f"step_{step:08d}.pt") for step in (STEPS, 4))
+    assert main(args(data_dir, tmp_path / "new", "--resume", straight)) == 0
+    assert capsys.readouterr().out.endswith(
+        f"nothing to do: {latest}, another run's checkpoint, is at step 8 (--max-steps 8, --stop-at-step 0); "
+        "--overwrite starts a new one\n"
+    )
+    assert main(args(data_dir, tmp_path / "branch", "--resume", middle)) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"note: {tmp_path / 'branch'} starts at step 4 from another run's {middle}; its history before stays there"
+        in out
+    )
+    assert sorted(series(tmp_path / "branch", "train_loss")) == [4, 5, 6, 7]
+    assert {s: v for s, v in series(straight, "train_loss").items() if s >= 4} == series(
+        tmp_path / "branch", "train_loss"
+    )
+    assert same_model(tmp_path / "branch", straight)
