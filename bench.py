@@ -631,7 +631,7 @@ def bench_optimizer(config, device, tokens):
     dtype_name = common.resolve_dtype("auto", device)
     mode = "compiled" if common.compile_by_default(device) else "eager"
     rows = []
-    for optimizer in train_gpt2.OPTIMIZERS:
+    for optimizer in ("adamw", "muon"):
         log(f"optimizer {optimizer} ({dtype_name}, {mode}) ...")
 
         def measure(batch_size):
