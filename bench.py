@@ -363,18 +363,6 @@ def return_freed_memory():
         pass  # not glibc
 
 
-def keep_freed_memory():
-    """With glibc, keep freed memory in the process: glibc maps each large tensor afresh and unmaps it when
-    freed, so each CPU step page-faults it in again (the 124M fp32 step on 2 cores: ~6.1 s, not ~5.0 s).
-    The train, optimizer, sample and hellaswag sections measure the code, not glibc's habit."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks come from the heap, which is reused...
-        libc.mallopt(-1, 2**31 - 1)  # ...and M_TRIM_THRESHOLD: not trimmed back after each step (a C int)
-    except (OSError, AttributeError):
-        pass  # not glibc
-
-
 class OtherLoad:
     """How many cores other processes kept busy while we measured (Linux; None elsewhere).
 
@@ -1305,7 +1293,7 @@ def run(config):
         torch.set_float32_matmul_precision("high")  # TF32, as train_gpt2.py runs float32 matmuls
     under_torchrun = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if device.type == "cpu" and not under_torchrun:
-        keep_freed_memory()
+        common.keep_freed_memory()  # as train_gpt2.py does on CPU: the sections measure the code, not glibc
     sections, dtypes, modes = split(config.sections), split(config.dtypes), split(config.modes)
     if "compiled" in modes:
         check_compile(device)  # one line naming what to install, not a traceback from the first compiled row

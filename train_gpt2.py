@@ -238,6 +238,8 @@ def train(argv, launch):
             common.check_compile(device)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmul left outside autocast
+        else:
+            common.keep_freed_memory()  # a CPU step reuses its memory instead of page-faulting it in afresh
         autocast, scaler = common.autocast_and_scaler(config.dtype, device)
         if config.demo or config.sample_interval or config.hellaswag_interval:
             get_tokenizer()  # samples and HellaSwag need GPT-2's vocabulary: fail now, not mid-run

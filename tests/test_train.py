@@ -2096,3 +2096,12 @@ def test_a_run_started_from_another_runs_checkpoint_says_so_and_continues_it(str
         tmp_path / "branch", "train_loss"
     )
     assert same_model(tmp_path / "branch", straight)
+
+
+def test_a_cpu_run_keeps_its_freed_memory(data_dir, tmp_path, monkeypatch):
+    # glibc would map each large tensor afresh and unmap it when freed: every CPU step would page-fault its memory
+    # in again (the demo's step: 2.0 s instead of 0.9 s on 2 cores). The policy is set once, at set-up, on CPU only.
+    calls = []
+    monkeypatch.setattr(common, "keep_freed_memory", lambda: calls.append("kept"))
+    assert main(args(data_dir, tmp_path, "--max-steps", "1", "--warmup-steps", "0")) == 0
+    assert calls == ["kept"]
