@@ -894,8 +894,10 @@ def wait_for_batches(config, device, directory, read, cold):
     fetch(0)  # the first batch has nothing read ahead: a run waits for it once, not every step
     waits, checksums, cached = [], [], []
     for i in range(1, config.data_batches + 1):
+        # What the next read finds in the page cache, probed before the step: its maps and unmaps of every shard
+        # would otherwise land just before the timed read, and cost it a millisecond or two
+        cached.append(page_cache_bytes(loader.paths))
         time.sleep(config.data_step_ms / 1000)  # the step, while the next batch is read on the loader's thread
-        cached.append(page_cache_bytes(loader.paths))  # what the next read finds in the page cache
         start = time.perf_counter()
         x, y = (t.to(device, non_blocking=True) for t in fetch(i))  # as train_step takes them
         waits.append(time.perf_counter() - start)
