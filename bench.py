@@ -874,7 +874,7 @@ def wait_for_batches(config, device, directory, read, cold):
     read takes read_rows of the rows next_batch takes."""
     B, T = config.data_batch_size, config.data_seq_len
     loader = ShardLoader(
-        directory, "train", B, T, vocab_size=config.vocab_size, seed=0, shuffle=True, pin_memory=device.type == "cuda"
+        directory, "train", B, T, vocab_size=config.vocab_size, seed=0, pin_memory=device.type == "cuda"
     )
     if not cold:
         for path in loader.paths:  # every shard read once: in the page cache

@@ -16,20 +16,18 @@ import tomllib
 from contextlib import contextmanager, nullcontext
 from dataclasses import field, fields
 
+DTYPES = ("float32", "bfloat16", "float16")  # what a run computes in: float32, or autocast to a 16-bit type
+
 
 class UserError(Exception):
-    """A problem the user can fix: printed as one line, no traceback; exit_code 2 for settings, 1 at run time.
-    Under torchrun, every_rank=False: only this rank met it (so it prints it); reported: already printed."""
+    """A problem the user can fix, said in one line (no traceback): exit_code 2 for settings, 1 at run time."""
 
-    def __init__(self, message, exit_code=1, every_rank=True, reported=False):
+    def __init__(self, message, exit_code=1, reported=False):
         super().__init__(message)
-        self.exit_code, self.every_rank, self.reported = exit_code, every_rank, reported
+        self.exit_code, self.reported = exit_code, reported
 
 
-# -----------------------------------------------------------------------------
-# Settings: one dataclass per script, one --flag per field
-
-
+# --- Settings: one dataclass per script, one --flag per field -----------------------------------------------
 def setting(default, help, must=None, section=None, **argparse_kwargs):
     """A dataclass field that is also a --flag (see parse_settings); must: one of RULES; section: a --help heading."""
     return field(default=default, metadata=dict(help=help, must=must, section=section, **argparse_kwargs))
@@ -133,10 +131,7 @@ def duration(text):
     return sum(int(n or 0) * s for n, s in zip(match.groups(), (3600, 60, 1)))
 
 
-# -----------------------------------------------------------------------------
-# Files: written whole or not at all, and one process per directory
-
-
+# --- Files: written whole or not at all, and one process per directory --------------------------------------
 def atomic_write(path, write):
     """write(f) on a hidden temporary file beside `path` (opened "wb"), fsync'd, then renamed to `path`: after
     a crash or a power loss `path` is the old file or the whole new one. On failure `path` is left as it was."""
@@ -205,10 +200,7 @@ def directory_lock(directory, what="run", made=()):
         os.close(fd)
 
 
-# -----------------------------------------------------------------------------
-# The device: which one, the dtype it computes in, compile and peak FLOP/s
-
-
+# --- The device: which one, the dtype it computes in, compile and peak FLOP/s -------------------------------
 def pick_device(name="auto"):
     """A torch.device: 'auto' is cuda, else mps, else cpu; a device this machine lacks is a UserError."""
     import torch
@@ -317,10 +309,7 @@ def peak_flops_of(device_name, dtype):
     return next((peaks[column] for key, peaks in PEAK_FLOPS.items() if key in device_name), None)
 
 
-# -----------------------------------------------------------------------------
-# torchrun's ranks: errors they agree on, and who prints
-
-
+# --- torchrun's ranks: errors they agree on, and who prints -------------------------------------------------
 def agree(error=None, value=None, prefix="error: "):
     """Every rank says whether it failed and shares a value -> the values in rank order. If any rank failed,
     rank 0 prints each message once (with the ranks that met it, unless all did), the ranks wait for that

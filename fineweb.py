@@ -73,9 +73,7 @@ def tokenize_document(text):
     return np.concatenate(([EOT], get_tokenizer().encode_to_numpy(text, disallowed_special=()))).astype(np.uint16)
 
 
-def write_shards(
-    documents, output_dir, prefix, shard_size=10**8, num_proc=CORES, max_tokens=None, progress=True, source=None
-):
+def write_shards(documents, output_dir, prefix, shard_size, num_proc=1, max_tokens=None, progress=True, source=None):
     """Tokenize `documents` (strings, or a HubDocuments) into shards in `output_dir`; return their paths. Raises
     UserError; a rerun with the same arguments (`source`: where the documents come from, as JSON) resumes."""
     arguments = dict(prefix=prefix, shard_size=shard_size, max_tokens=max_tokens)

@@ -107,10 +107,7 @@ def build_batch(rendered, batch_size, seq_len):
     return tokens, positions, tokens.view(-1)[positions + 1], torch.tensor(rows, dtype=torch.long)
 
 
-# -----------------------------------------------------------------------------
-# The data
-
-
+# --- The data -----------------------------------------------------------------------------------------------
 def download(url=DATA_URL, directory=None, size=DATA_BYTES, sha256=DATA_SHA256, tries=4, wait=2.0):
     """The validation set's path in the cache, downloaded the first time and checked against the pinned size
     and sha256. A failed try is retried after `wait` seconds, doubling; a file that fails its check is never kept."""
@@ -174,15 +171,10 @@ def _parse_line(line, where):
     return {"ctx": ctx, "endings": endings, "label": label}
 
 
-# -----------------------------------------------------------------------------
-# The command line
-
-
+# --- The command line ---------------------------------------------------------------------------------------
 @dataclass
 class HellaSwagConfig:
-    model: str = setting(
-        "gpt2", "a Hugging Face name or folder, or a train_gpt2.py checkpoint or log directory", flags=("-m", "--model")
-    )
+    model: str = setting("gpt2", "a hub name, an HF folder, a checkpoint or log dir", flags=("-m", "--model"))
     data: str = setting(None, "local HellaSwag .jsonl (default: download the validation set once)")
     device: str = setting("auto", "cpu, cuda, cuda:N, mps, or auto for cuda > mps > cpu")
     batch_size: int = setting(16, "examples per forward pass, 4 rows each", must="be positive")

@@ -7,7 +7,7 @@ g = (step * accum + micro_step) * W + r, rows [g*B, (g+1)*B): the ranks' rows ar
 with W times the accumulation, and the state (the next row) holds for any B and W. A background thread
 reads the next micro batch while the GPU works on this one.
 
-    loader = ShardLoader("edu_fineweb10B", "train", batch_size=16, seq_len=1024, rank=rank, world_size=8)
+    loader = ShardLoader("edu_fineweb10B", "train", batch_size=16, seq_len=1024, rank=rank, world_size=8, seed=1337)
     x, y = loader.next_batch()   # (16, 1024) int64 each; y is x shifted by one
     state = loader.state_dict()  # goes into the checkpoint; load_state_dict resumes
 """
@@ -57,26 +57,17 @@ def open_shard(path):
 
 class ShardLoader:
     def __init__(
-        self,
-        data_dir,
-        split,
-        batch_size,
-        seq_len,
-        rank=0,
-        world_size=1,
-        vocab_size=None,
-        seed=0,
-        shuffle=False,
-        pin_memory=False,
-        min_rows=None,
+        self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, vocab_size=None, seed=None, pin_memory=False
     ):
+        """seed: shuffle the shards and rows of each epoch with it (None: in order). A train split must hold a micro
+        batch for every rank; a val split, one row (evaluate_val pads its batches)."""
         self.paths = find_shards(data_dir, split)
         self.shards = [open_shard(p) for p in self.paths]
         self.split, self.B, self.T, self.rank, self.world_size = split, batch_size, seq_len, rank, world_size
-        self.vocab_size, self.seed, self.shuffle, self.pin_memory = vocab_size, seed, shuffle, pin_memory
+        self.vocab_size, self.seed, self.pin_memory = vocab_size, seed, pin_memory
         self.num_tokens = sum(len(s) for s in self.shards)
         self.rows_per_epoch = max(0, (self.num_tokens - 1) // seq_len)  # each window needs T+1 tokens
-        min_rows = batch_size * world_size if min_rows is None else min_rows  # one micro step on all ranks
+        min_rows = batch_size * world_size if split == "train" else 1
         if self.rows_per_epoch < min_rows:
             why = f"the {split} split of {data_dir} holds {self.num_tokens} tokens, fewer than one batch of {min_rows}"
             raise UserError(f"{why} windows of {seq_len}+1 tokens; use more data or a smaller --batch-size/--seq-len")
@@ -90,7 +81,7 @@ class ShardLoader:
         """The epoch's shard order, each shard's start in its stream, and its row order (None: in order)."""
         if self._order_of is None or self._order_of[0] != epoch:  # once an epoch: permuting every row is not free
             shard_order, rows = np.arange(len(self.shards)), None
-            if self.shuffle:
+            if self.seed is not None:
                 rng = np.random.default_rng((self.seed, epoch))
                 shard_order, rows = rng.permutation(len(self.shards)), rng.permutation(self.rows_per_epoch)
             starts = np.cumsum([0] + [len(self.shards[i]) for i in shard_order])
@@ -132,7 +123,7 @@ class ShardLoader:
         """tokens of shard `shard`, refused if one is beyond the vocabulary: a max costs nothing next to a forward."""
         if self.vocab_size is not None and tokens.size and (largest := int(tokens.max())) >= self.vocab_size:
             why = f"{self.paths[shard]} holds token id {largest}, beyond the model's vocab_size={self.vocab_size}"
-            raise UserError(f"{why}; raise --vocab-size or re-tokenize with GPT-2's tokenizer", every_rank=False)
+            raise UserError(f"{why}; raise --vocab-size or re-tokenize with GPT-2's tokenizer")
         return tokens
 
     def next_batch(self):

@@ -50,8 +50,7 @@ def save_checkpoint(config, step, state):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write(path, lambda f: torch.save(checkpoint, f))
     except OSError as e:  # a full disk, a vanished mount: the older checkpoints stay as they are
-        message = f"cannot write checkpoint {path} ({e}); free some space and relaunch to resume"
-        raise UserError(message, every_rank=False) from None
+        raise UserError(f"cannot write checkpoint {path} ({e}); free some space and relaunch to resume") from None
     for old in list_checkpoints(config.log_dir)[: -config.keep_checkpoints]:
         os.remove(old)
     return path

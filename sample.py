@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import UserError, parse_settings, pick_device, resolve_dtype, setting
+from common import DTYPES, UserError, parse_settings, pick_device, resolve_dtype, setting
 from logdir import load_model
 from tokenizer import EOT, get_tokenizer
 
@@ -22,9 +22,7 @@ SEPARATOR = "-" * 40
 
 @dataclass
 class SampleConfig:
-    model: str = setting(
-        None, "a checkpoint or log directory, a Hugging Face folder or hub name", flags=("-m", "--model"), required=True
-    )
+    model: str = setting(None, "a checkpoint, log dir, HF folder or hub name", flags=("-m", "--model"), required=True)
     prompt: str = setting(None, "the text to continue (default: stdin when it is not a terminal, else none)")
     num_samples: int = setting(1, "how many samples", must="be positive")
     max_new_tokens: int = setting(100, "the most tokens each sample adds to the prompt", must="not be negative")
@@ -32,11 +30,7 @@ class SampleConfig:
     top_k: int = setting(50, "sample among the k most likely tokens; 1 is greedy, 0 all", must="not be negative")
     seed: int = setting(42, "the same seed gives the same text")
     device: str = setting("auto", "cpu, cuda, cuda:N, mps, or auto: cuda > mps > cpu")
-    dtype: str = setting(
-        "auto",
-        "the weights' dtype (auto: bfloat16 on recent GPUs, float16 on older ones, else float32)",
-        choices=["auto", "float32", "bfloat16", "float16"],
-    )
+    dtype: str = setting("auto", "the weights' dtype (auto: as in training)", choices=["auto", *DTYPES])
 
 
 def sample(model, enc, prompt, config, device):

@@ -37,16 +37,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import common
 import fineweb
 import hellaswag
-from common import UserError, duration, print0, setting
+from common import DTYPES, UserError, duration, print0, setting
 from loader import ShardLoader, find_shards
 from logdir import RunLog, claim_log_dir, hms, list_checkpoints, resume, run_header, save_checkpoint
 from model import GPT, GPT2_SIZES, GPTConfig
 from tokenizer import get_tokenizer
 
-# -----------------------------------------------------------------------------
-# Settings: one dataclass, one flag per field (`python train_gpt2.py --help`)
-
-POSITIVE, NOT_NEGATIVE, DTYPES = "be positive", "not be negative", ("float32", "bfloat16", "float16")
+# --- Settings: one dataclass, one flag per field (`python train_gpt2.py --help`) ----------------------------
+POSITIVE, NOT_NEGATIVE = "be positive", "not be negative"
 
 
 @dataclass
@@ -132,10 +130,7 @@ def model_config(config):
     return GPTConfig.from_name(config.model, block_size=config.block_size, vocab_size=config.vocab_size, **sizes)
 
 
-# -----------------------------------------------------------------------------
-# The learning-rate schedule: linear warmup, then cosine decay to min_lr at max_steps
-
-
+# --- The learning-rate schedule: linear warmup, then cosine decay to min_lr at max_steps --------------------
 def get_lr(step, config):
     if step < config.warmup_steps:
         return config.max_lr * (step + 1) / config.warmup_steps  # step 0 already learns a little
@@ -145,10 +140,7 @@ def get_lr(step, config):
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.max_lr - config.min_lr)
 
 
-# -----------------------------------------------------------------------------
-# One optimizer step
-
-
+# --- One optimizer step -------------------------------------------------------------------------------------
 def train_step(model, optimizers, loader, accum, lr, config, device, autocast, scaler=None, wants_stop=bool):
     """One optimizer step over accum micro batches -> (loss, grad norm, skipped, stop). One small all-reduce at
     the end tells every rank what the others saw: a loss or gradient norm not finite anywhere skips the update
@@ -190,10 +182,7 @@ def train_step(model, optimizers, loader, accum, lr, config, device, autocast, s
     return loss, norm.item(), skipped, stop > 0
 
 
-# -----------------------------------------------------------------------------
-# The run: processes and device, set-up, then the loop
-
-
+# --- The run: processes and device, set-up, then the loop ---------------------------------------------------
 def train(argv, launch):
     # Processes and device, as in build-nanogpt. torchrun starts one process per GPU and sets RANK,
     # LOCAL_RANK and WORLD_SIZE; `python train_gpt2.py` is rank 0 of 1. Rank 0 alone prints and writes the
@@ -244,10 +233,10 @@ def train(argv, launch):
         if config.demo or config.sample_interval or config.hellaswag_interval:
             get_tokenizer()  # samples and HellaSwag need GPT-2's vocabulary: fail now, not mid-run
         B, T, V, pinned = config.batch_size, config.seq_len, config.vocab_size, device.type == "cuda"
-        shuffle = dict(seed=config.seed, shuffle=config.shuffle)
-        train_loader = ShardLoader(config.data_dir, "train", B, T, rank, world_size, V, **shuffle, pin_memory=pinned)
+        seed = config.seed if config.shuffle else None  # None: the shards and rows in order
+        train_loader = ShardLoader(config.data_dir, "train", B, T, rank, world_size, V, seed, pin_memory=pinned)
         if config.eval_interval:
-            val_loader = ShardLoader(config.data_dir, "val", B, T, vocab_size=V, min_rows=1)
+            val_loader = ShardLoader(config.data_dir, "val", B, T, vocab_size=V)
         examples = load_hellaswag(config) if config.hellaswag_interval else []
         raw_model = build_model(config, device)
         adamw = dict(weight_decay=config.weight_decay, betas=(config.beta1, config.beta2), eps=config.adam_eps)
@@ -408,10 +397,7 @@ def stopwatch(device):
     return seconds
 
 
-# -----------------------------------------------------------------------------
-# Set-up: the model, the demo's data, HellaSwag's examples, compile
-
-
+# --- Set-up: the model, the demo's data, HellaSwag's examples, compile --------------------------------------
 def build_model(config, device):
     torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     if config.init_from == "scratch":
@@ -427,9 +413,8 @@ def build_model(config, device):
         why = str(e).strip().splitlines()[0]
         raise UserError(f"cannot load --init-from {config.init_from} ({why}); give a GPT-2 name or a local HF folder")
     if config.seq_len > model.config.block_size:
-        raise UserError(
-            f"seq_len={config.seq_len} is over {config.init_from}'s block_size={model.config.block_size}", 2
-        )
+        longest = model.config.block_size
+        raise UserError(f"seq_len={config.seq_len} is over {config.init_from}'s block_size={longest}", exit_code=2)
     return model.to(device)
 
 
@@ -448,10 +433,7 @@ def load_hellaswag(config):
         raise UserError(f"{e}; pass --hellaswag-file FILE, or turn HellaSwag off with --hellaswag-interval 0")
 
 
-# -----------------------------------------------------------------------------
-# Evaluation: val loss, HellaSwag and samples
-
-
+# --- Evaluation: val loss, HellaSwag and samples ------------------------------------------------------------
 @torch.no_grad()
 def evaluate_val(model, val_loader, num_rows, rank, world_size, device, autocast):
     """Mean loss over the tokens of the first num_rows val windows. Rank r takes rows r::W in batches of the
@@ -506,17 +488,12 @@ def out_of_memory(config):
 
 def first_to_say():
     """Whether this rank is the first to report an error: the ranks count in torchrun's store, which outlives a rank
-    that failed (True without torchrun). The others' errors follow from the first (a lost peer): they stay quiet."""
-    if not dist.is_initialized():
-        return True
-    return (
-        dist.distributed_c10d._get_default_store().add("error", 1) == 1
-    )  # private, but the store has no public handle
+    that failed (True without torchrun; the store's handle is private, but there is no public one). The others'
+    errors follow from the first (a lost peer): they stay quiet."""
+    return not dist.is_initialized() or dist.distributed_c10d._get_default_store().add("error", 1) == 1
 
 
-# -----------------------------------------------------------------------------
-# Settings that cannot work together, and what a resumed run must keep
-
+# --- Settings that cannot work together, and what a resumed run must keep -----------------------------------
 # A resumed run keeps what it learns (LEARNING); where and how it runs and reports may change, the micro
 # batch and device count too (the loader counts rows), and the lr schedule (RETUNABLE: a rollback after
 # a loss spike may lower it; the change is printed).
@@ -535,9 +512,7 @@ def config_problems(c, world_size):
     if os.path.isfile(c.log_dir):
         found.append(f"log_dir={c.log_dir} is a file, not a directory")
     if os.path.isfile(c.init_from):
-        found.append(
-            f"init_from={c.init_from} is a file: --resume a checkpoint, or fine-tune from its export.py folder"
-        )
+        found.append(f"init_from={c.init_from} is a file: --resume a checkpoint, or fine-tune its export.py folder")
     if c.init_from.startswith(("/", "./", "../", "~")) and not os.path.exists(c.init_from):
         found.append(f"init_from={c.init_from} does not exist (give a local Hugging Face folder or a hub name)")
     if c.overwrite and c.resume not in ("auto", "never"):
@@ -551,10 +526,8 @@ def config_problems(c, world_size):
     if c.eval_interval and 0 <= c.val_tokens < c.seq_len:
         found.append(f"val_tokens={c.val_tokens} is less than one sequence of seq_len={c.seq_len}")
     if micro_step > 0 and c.total_batch_size % micro_step:
-        found.append(
-            f"total_batch_size={c.total_batch_size} is not divisible by batch_size * seq_len * world_size "
-            f"= {c.batch_size} * {c.seq_len} * {world_size} = {micro_step}"
-        )
+        product = f"batch_size * seq_len * world_size = {c.batch_size} * {c.seq_len} * {world_size} = {micro_step}"
+        found.append(f"total_batch_size={c.total_batch_size} is not divisible by {product}")
     return found
 
 
@@ -570,10 +543,7 @@ def check_resumable(saved, config):
         print0(f"note: {'; '.join(retuned)}: the lr schedule goes on with the new values")
 
 
-# -----------------------------------------------------------------------------
-# The launch: signals, errors and exit codes
-
-
+# --- The launch: signals, errors and exit codes -------------------------------------------------------------
 class Launch(ExitStack):
     """What one launch holds until it ends (the log directory's lock and history) and its signal handlers.
     SIGTERM, SIGUSR1 (what SLURM and spot instances send before a kill) and Ctrl-C end the run after this

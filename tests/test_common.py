@@ -45,11 +45,11 @@ from common import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_user_error_defaults_to_a_run_time_error_every_rank_met():
+def test_user_error_defaults_to_a_run_time_error_not_yet_reported():
     error = UserError("no data")
-    assert (str(error), error.exit_code, error.every_rank, error.reported) == ("no data", 1, True, False)
-    error = UserError("bad flag", exit_code=2, every_rank=False, reported=True)
-    assert (error.exit_code, error.every_rank, error.reported) == (2, False, True)
+    assert (str(error), error.exit_code, error.reported) == ("no data", 1, False)
+    error = UserError("bad flag", exit_code=2, reported=True)
+    assert (error.exit_code, error.reported) == (2, True)
 
 
 @contextlib.contextmanager

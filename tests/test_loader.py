@@ -58,8 +58,8 @@ def test_a_new_epoch_starts_at_the_end_of_the_split(data_dir, stream):
 
 def test_ddp_ranks_read_disjoint_windows_whose_union_is_gradient_accumulation(data_dir):
     W, accum, steps = 2, 3, 4
-    single = ShardLoader(data_dir, "train", B, T, seed=5, shuffle=True)  # one process, W * accum micro steps
-    ranks = [ShardLoader(data_dir, "train", B, T, rank=r, world_size=W, seed=5, shuffle=True) for r in range(W)]
+    single = ShardLoader(data_dir, "train", B, T, seed=5)  # one process, W * accum micro steps
+    ranks = [ShardLoader(data_dir, "train", B, T, rank=r, world_size=W, seed=5) for r in range(W)]
     for _ in range(steps):
         reference = batches(single, W * accum)
         seen = set()
@@ -76,7 +76,7 @@ def test_ddp_ranks_read_disjoint_windows_whose_union_is_gradient_accumulation(da
 
 def test_shuffle_covers_the_split_once_per_epoch_in_a_new_order(data_dir, stream):
     plain = ShardLoader(data_dir, "train", B, T)
-    shuffled = ShardLoader(data_dir, "train", B, T, seed=7, shuffle=True)
+    shuffled = ShardLoader(data_dir, "train", B, T, seed=7)
     rows = shuffled.rows_per_epoch
     epochs = [shuffled.read_rows(range(e * rows, (e + 1) * rows))[0] for e in range(2)]
     for x in epochs:
@@ -86,9 +86,9 @@ def test_shuffle_covers_the_split_once_per_epoch_in_a_new_order(data_dir, stream
         assert not Counter(x.flatten().tolist()) - Counter(stream.tolist())
     assert not torch.equal(epochs[0], plain.read_rows(range(rows))[0])  # a new order ...
     assert not torch.equal(epochs[0], epochs[1])  # ... each epoch
-    again = ShardLoader(data_dir, "train", B, T, seed=7, shuffle=True)  # another rank, same seed
+    again = ShardLoader(data_dir, "train", B, T, seed=7)  # another rank, same seed
     assert torch.equal(again.read_rows(range(rows, 2 * rows))[0], epochs[1])
-    other = ShardLoader(data_dir, "train", B, T, seed=8, shuffle=True)
+    other = ShardLoader(data_dir, "train", B, T, seed=8)
     assert not torch.equal(other.read_rows(range(rows))[0], epochs[0])
 
 
@@ -106,14 +106,14 @@ def shuffled_windows(data_dir, seed, epoch):
 def test_the_shuffled_order_is_the_seeded_permutation_of_shards_then_rows(data_dir):
     # The order is part of a checkpoint: the loader's state is only (epoch, row), so a resumed run (or
     # a new version of this file) must draw the same order from (seed, epoch).
-    loader = ShardLoader(data_dir, "train", B, T, seed=7, shuffle=True)
+    loader = ShardLoader(data_dir, "train", B, T, seed=7)
     rows = loader.rows_per_epoch
     for epoch in (0, 1, 2):
         windows = torch.from_numpy(shuffled_windows(data_dir, 7, epoch))
         x, y = loader.read_rows(range(epoch * rows, (epoch + 1) * rows))
         assert torch.equal(x, windows[:, :-1]) and torch.equal(y, windows[:, 1:])
     # rank 1 of 2 from the start of epoch 1: each step, the second B of the 2B rows the ranks read together
-    rank1 = ShardLoader(data_dir, "train", B, T, rank=1, world_size=2, seed=7, shuffle=True)
+    rank1 = ShardLoader(data_dir, "train", B, T, rank=1, world_size=2, seed=7)
     rank1.load_state_dict({"epoch": 1, "row": 0, "num_tokens": loader.num_tokens, "seq_len": T})
     windows = torch.from_numpy(shuffled_windows(data_dir, 7, 1))
     for step in range(3):
@@ -123,14 +123,14 @@ def test_the_shuffled_order_is_the_seeded_permutation_of_shards_then_rows(data_d
 
 
 def test_the_state_is_the_next_row_for_any_batch_size_and_rank_count(data_dir, stream):
-    loader = ShardLoader(data_dir, "train", B, T, seed=3, shuffle=True)
+    loader = ShardLoader(data_dir, "train", B, T, seed=3)
     rows = loader.rows_per_epoch
     steps = rows // B + 3  # into the second epoch
     batches(loader, steps)
     state = loader.state_dict()
     assert state == {"epoch": 1, "row": steps * B - rows, "num_tokens": len(stream), "seq_len": T}
     # Resumed with half the micro batch on 2 ranks: rank 1 reads rows [B/2, B) past the saved row.
-    rank1 = ShardLoader(data_dir, "train", B // 2, T, rank=1, world_size=2, seed=3, shuffle=True)
+    rank1 = ShardLoader(data_dir, "train", B // 2, T, rank=1, world_size=2, seed=3)
     rank1.load_state_dict(state)
     windows = torch.from_numpy(shuffled_windows(data_dir, 3, 1))
     x, y = rank1.next_batch()
@@ -156,11 +156,11 @@ def test_a_state_from_other_data_of_the_same_seq_len_is_refused(data_dir, tmp_pa
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_a_restored_loader_continues_exactly(data_dir, tmp_path, shuffle):
-    original = ShardLoader(data_dir, "train", B, T, seed=3, shuffle=shuffle)
+    original = ShardLoader(data_dir, "train", B, T, seed=3 if shuffle else None)
     steps_per_epoch = original.rows_per_epoch // B
     batches(original, steps_per_epoch - 2)  # mid-shard, two batches before the epoch ends
     torch.save(original.state_dict(), tmp_path / "state.pt")  # as inside a checkpoint
-    restored = ShardLoader(data_dir, "train", B, T, seed=3, shuffle=shuffle)
+    restored = ShardLoader(data_dir, "train", B, T, seed=3 if shuffle else None)
     restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     for (x1, y1), (x2, y2) in zip(batches(original, 6), batches(restored, 6)):  # into the next epoch
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
@@ -288,9 +288,9 @@ def test_a_split_of_exactly_one_batch_and_a_smaller_minimum(tmp_path):
     assert ShardLoader(str(tmp_path / "one"), "train", B // 2, T, rank=1, world_size=2).rows_per_epoch == B
     with pytest.raises(UserError, match=f"fewer than one batch of {2 * B} windows"):
         ShardLoader(str(tmp_path / "one"), "train", B, T, rank=1, world_size=2)
-    # the val loader needs one window, whatever the batch (train_gpt2.py passes min_rows=1)
+    # the val loader needs one window, whatever the batch (evaluate_val pads its batch)
     small_shards(tmp_path / "val", [2 * T + 1], split="val")
-    val = ShardLoader(str(tmp_path / "val"), "val", B, T, world_size=2, min_rows=1)
+    val = ShardLoader(str(tmp_path / "val"), "val", B, T, world_size=2)
     assert val.rows_per_epoch == 2 and val.read_rows(range(2))[0].shape == (2, T)
 
 
@@ -322,10 +322,9 @@ def test_an_id_beyond_the_vocabulary_is_found_wherever_it_is(tmp_path):
         f"{tmp_path / 'tiny_train_000002.npy'} holds token id 99, beyond the model's "
         f"vocab_size=99; raise --vocab-size or re-tokenize with GPT-2's tokenizer"
     )
-    assert error.value.every_rank is False  # only the rank that read it knows: it prints it
     assert len(ShardLoader(str(tmp_path), "train", 2, 4, vocab_size=100).read_rows(range(5))[0]) == 5
     for seed in range(4):  # shuffled, the message still names the shard that holds the id
-        shuffled = ShardLoader(str(tmp_path), "train", 2, 4, vocab_size=99, seed=seed, shuffle=True)
+        shuffled = ShardLoader(str(tmp_path), "train", 2, 4, vocab_size=99, seed=seed)
         with pytest.raises(UserError, match="tiny_train_000002.npy holds token id 99"):
             shuffled.read_rows(range(shuffled.rows_per_epoch))
 
@@ -353,7 +352,7 @@ def test_shard_list_names_each_shard_of_the_split_and_its_tokens(data_dir):
     for split in ("train", "val"):
         names = sorted(n for n in os.listdir(data_dir) if f"_{split}_" in n)
         expected = [(name, len(np.load(os.path.join(data_dir, name)))) for name in names]
-        assert ShardLoader(data_dir, split, 1, T, min_rows=1).shard_list() == expected
+        assert ShardLoader(data_dir, split, 1, T).shard_list() == expected
     assert len(expected) == 1 and expected[0][0] == "pydocs_val_000000.npy"
 
 
@@ -374,8 +373,8 @@ def recorded(monkeypatch, loader):
 
 
 def test_next_batch_reads_the_following_batch_on_a_thread(data_dir, monkeypatch):
-    reference = ShardLoader(data_dir, "train", B, T, seed=2, shuffle=True)
-    loader = ShardLoader(data_dir, "train", B, T, rank=1, world_size=2, seed=2, shuffle=True)
+    reference = ShardLoader(data_dir, "train", B, T, seed=2)
+    loader = ShardLoader(data_dir, "train", B, T, rank=1, world_size=2, seed=2)
     calls = recorded(monkeypatch, loader)
     for step in range(4):
         x, y = loader.next_batch()
@@ -389,8 +388,8 @@ def test_next_batch_reads_the_following_batch_on_a_thread(data_dir, monkeypatch)
 
 
 def test_a_resume_in_place_reads_from_the_state_loaded_not_the_batch_read_ahead(data_dir):
-    loader = ShardLoader(data_dir, "train", B, T, seed=4, shuffle=True)
-    reference = ShardLoader(data_dir, "train", B, T, seed=4, shuffle=True)
+    loader = ShardLoader(data_dir, "train", B, T, seed=4)
+    reference = ShardLoader(data_dir, "train", B, T, seed=4)
     rows = loader.rows_per_epoch
     per_epoch = rows // B
     batches(loader, per_epoch - 2)  # two batches before the end of epoch 0
@@ -403,7 +402,7 @@ def test_a_resume_in_place_reads_from_the_state_loaded_not_the_batch_read_ahead(
             expected = reference.read_rows(range(first + i * B, first + (i + 1) * B))
             assert torch.equal(x, expected[0]) and torch.equal(y, expected[1]), (target, i)
     # a fresh loader from the state reads what the first one read after it, to the bit
-    restored = ShardLoader(data_dir, "train", B, T, seed=4, shuffle=True)
+    restored = ShardLoader(data_dir, "train", B, T, seed=4)
     restored.load_state_dict(state)
     for (x1, y1), (x2, y2) in zip(ahead, batches(restored, 5)):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
@@ -465,7 +464,6 @@ def test_the_vocabulary_check_names_the_shard_of_each_piece_of_a_window(tmp_path
     with pytest.raises(UserError) as error:
         loader.read_rows([0])
     assert str(error.value).startswith(f"{tmp_path / f'tiny_train_{bad_shard + 1:06d}.npy'} holds token id 77, ")
-    assert error.value.every_rank is False
     # the batch read ahead meets it on the thread; next_batch raises it when that batch is asked for
     loader = ShardLoader(str(tmp_path), "train", 1, 8, vocab_size=77)
     loader.load_state_dict({"epoch": 1, "row": loader.rows_per_epoch - 1, "num_tokens": 25, "seq_len": 8})
@@ -479,7 +477,7 @@ def test_an_id_in_a_window_inside_one_shard_names_that_shard(tmp_path, seed):
     # Shards of 3, 2 and 40 tokens, the id at position 20 of the third: every window of T + 1 = 5 that holds it
     # lies inside the third shard, wherever the (shuffled) order puts it
     small_shards(tmp_path, [3, 2, 40], bad=(2, 20, 60))
-    shuffle = dict(seed=seed, shuffle=True) if seed is not None else {}
+    shuffle = dict(seed=seed) if seed is not None else {}
     loader = ShardLoader(str(tmp_path), "train", 2, 4, vocab_size=60, **shuffle)
     with pytest.raises(UserError, match=r"tiny_train_000003.npy holds token id 60, beyond the model's vocab_size=60;"):
         loader.read_rows(range(loader.rows_per_epoch))

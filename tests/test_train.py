@@ -1732,7 +1732,7 @@ def test_mistaken_paths_get_one_line_naming_the_fix(straight, data_dir, tmp_path
         (["--sample-interval", "4", "--sample-prompt", ""], 2, "sample_prompt is empty"),
         (["--resume", str(tmp_path / "notes.txt")], 1, "notes.txt is not a readable checkpoint"),
         (["--init-from", "/nonexistent/gpt2"], 2, "init_from=/nonexistent/gpt2 does not exist"),
-        (["--init-from", step], 2, f"init_from={step} is a file: --resume a checkpoint, or fine-tune from its export"),
+        (["--init-from", step], 2, f"init_from={step} is a file: --resume a checkpoint, or fine-tune its export"),
         (["--overwrite", "--resume", step], 2, f"--overwrite starts a new run: no --resume {step}"),
         (["--data-dir", str(tmp_path / "notes.txt")], 1, "notes.txt is a file; give the directory of shards"),
     ]
