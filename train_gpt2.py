@@ -27,7 +27,6 @@ import re
 import statistics
 import threading
 import time
-from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -142,9 +141,8 @@ def get_lr(step, config):
 
 # --- One optimizer step -------------------------------------------------------------------------------------
 def train_step(model, optimizers, loader, accum, lr, config, device, autocast, scaler=None, wants_stop=bool):
-    """One optimizer step over accum micro batches -> (loss, grad norm, skipped, stop). One small all-reduce at
-    the end tells every rank what the others saw: a loss or gradient norm not finite anywhere skips the update
-    everywhere, and a rank whose wants_stop() is then true (a signal came, time is up) stops all after this step."""
+    """One optimizer step over accum micro batches -> (loss, grad norm, skipped, stop). One all-reduce at the end: a
+    loss or norm not finite on any rank skips the update on all; wants_stop() on any (a signal, time up) stops all."""
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
@@ -257,7 +255,9 @@ def train(argv, launch):
             held = f"{source}, another run's checkpoint, is at step {step}"  # --resume PATH, into a new log dir
         print0(f"nothing to do: {held} ({limits}); --overwrite starts a new one")
         return 0
-    log = launch.enter_context(closing(RunLog(config, step, source, enabled=master)))  # one history from here
+    log = launch.enter_context(
+        contextlib.closing(RunLog(config, step, source, enabled=master))
+    )  # one history from here
     if master:
         common.write_settings(given, os.path.join(config.log_dir, "config.toml"), leave_out=("overwrite", "resume"))
     log.text(run_header(config, device, world_size))
@@ -436,9 +436,8 @@ def load_hellaswag(config):
 # --- Evaluation: val loss, HellaSwag and samples ------------------------------------------------------------
 @torch.no_grad()
 def evaluate_val(model, val_loader, num_rows, rank, world_size, device, autocast):
-    """Mean loss over the tokens of the first num_rows val windows. Rank r takes rows r::W in batches of the
-    training shape (the last one padded with ignored targets: one shape for compile); the summed losses and
-    token counts are all-reduced, so the result does not depend on W."""
+    """Mean loss over the tokens of the first num_rows val windows, whatever the world size W: rank r sums rows r::W
+    in batches of the training shape (the last padded with ignored targets: one shape for compile)."""
     rows, B = list(range(rank, num_rows, world_size)), val_loader.B
     totals = torch.zeros(2, dtype=torch.float64)
     for i in range(0, len(rows), B):
@@ -487,9 +486,8 @@ def out_of_memory(config):
 
 
 def first_to_say():
-    """Whether this rank is the first to report an error: the ranks count in torchrun's store, which outlives a rank
-    that failed (True without torchrun; the store's handle is private, but there is no public one). The others'
-    errors follow from the first (a lost peer): they stay quiet."""
+    """Whether this rank is the first to report an error (counted in torchrun's store, which outlives a failed rank;
+    its handle is private, there is no public one): the others' errors follow from it (a lost peer), they stay quiet."""
     return not dist.is_initialized() or dist.distributed_c10d._get_default_store().add("error", 1) == 1
 
 
@@ -544,14 +542,13 @@ def check_resumable(saved, config):
 
 
 # --- The launch: signals, errors and exit codes -------------------------------------------------------------
-class Launch(ExitStack):
-    """What one launch holds until it ends (the log directory's lock and history) and its signal handlers.
-    SIGTERM, SIGUSR1 (what SLURM and spot instances send before a kill) and Ctrl-C end the run after this
-    step, with a checkpoint, on every rank. A second Ctrl-C quits at once."""
+class Launch(contextlib.ExitStack):
+    """What one launch holds until it ends (the log directory's lock and history), and its signal handlers: SIGTERM,
+    SIGUSR1 (sent by SLURM and spot instances before a kill) and Ctrl-C stop every rank after this step, with a
+    checkpoint. A second Ctrl-C quits at once."""
 
-    def __init__(self):
-        super().__init__()
-        self.signal, self.config = None, None  # config: the run's, once it is known
+    signal = None  # the first stop signal that came
+    config = None  # the run's settings, once they are known
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python only lets it set handlers
