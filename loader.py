@@ -1,18 +1,16 @@
 """The shard loader: (x, y) windows of T+1 tokens over a split's shards, for every rank, resumable.
 
-A split's shards, in the epoch's order, form one stream; row i is stream[i*T : i*T + T + 1], which may
-span shards. Rows are counted from the start of training and run on into the next epoch, with its own
-shard and row order (seeded by (seed, epoch): the same on every rank). Rank r of W reads micro batch
-g = (step * accum + micro_step) * W + r, rows [g*B, (g+1)*B): the ranks' rows are what one process reads
-with W times the accumulation, and the state (the next row) holds for any B and W. A background thread
-reads the next micro batch while the GPU works on this one.
+A split's shards, in the epoch's order, form one stream; row i is stream[i*T : i*T + T + 1], which may span shards.
+Rows are counted from the start of training and run on into the next epoch, with its own shard and row order (seeded
+by (seed, epoch): the same on every rank). Rank r of W reads micro batch g = (step * accum + micro_step) * W + r,
+rows [g*B, (g+1)*B): the ranks' rows are what one process reads with W times the accumulation, and the state (the
+next row) holds for any B and W. A background thread reads the next micro batch while the GPU works on this one.
 
-    loader = ShardLoader("edu_fineweb10B", "train", batch_size=16, seq_len=1024, rank=rank, world_size=8, seed=1337)
+    loader = ShardLoader("edu_fineweb10B", "train", B=16, T=1024, rank=rank, world_size=8, seed=1337)
     x, y = loader.next_batch()   # (16, 1024) int64 each; y is x shifted by one
     state = loader.state_dict()  # goes into the checkpoint; load_state_dict resumes
 """
 
-import glob
 import os
 import re
 import weakref
@@ -24,6 +22,7 @@ import torch
 from common import UserError
 
 READER = ThreadPoolExecutor(1, thread_name_prefix="loader")  # reads the next micro batch while this one trains
+SHARD_NAME = re.compile(r"(.+)_(val|train)_\d{6}\.npy")  # [1]: the dataset's prefix, [2]: the split
 
 
 def find_shards(data_dir, split):
@@ -32,8 +31,7 @@ def find_shards(data_dir, split):
         raise UserError(f"--data-dir {data_dir} is a file; give the directory of shards that fineweb.py wrote")
     if not os.path.isdir(data_dir):
         raise UserError(f"data directory {data_dir} does not exist; make it with `python fineweb.py` (or try --demo)")
-    names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(data_dir), "*.npy")))
-    shards = [match for name in names if (match := re.fullmatch(r"(.+)_(val|train)_\d{6}\.npy", name))]
+    shards = [match for name in sorted(os.listdir(data_dir)) if (match := SHARD_NAME.fullmatch(name))]
     if len(prefixes := sorted({match[1] for match in shards})) > 1:
         why = f"{data_dir} holds shards of {len(prefixes)} datasets ({', '.join(prefixes)})"
         raise UserError(f"{why}; keep one prefix a directory: move the others into a directory of their own")
@@ -56,23 +54,21 @@ def open_shard(path):
 
 
 class ShardLoader:
-    def __init__(
-        self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, vocab_size=None, seed=None, pin_memory=False
-    ):
-        """seed: shuffle the shards and rows of each epoch with it (None: in order). A train split must hold a micro
-        batch for every rank; a val split, one row (evaluate_val pads its batches)."""
+    def __init__(self, data_dir, split, B, T, rank=0, world_size=1, vocab_size=None, seed=None, pin_memory=False):
+        """B rows of T tokens a micro batch. seed: shuffle the shards and rows of each epoch with it (None: in order). A
+        train split must hold a micro batch for every rank; a val split, one row (evaluate_val pads its batches)."""
         self.paths = find_shards(data_dir, split)
         self.shards = [open_shard(p) for p in self.paths]
-        self.split, self.B, self.T, self.rank, self.world_size = split, batch_size, seq_len, rank, world_size
+        self.split, self.B, self.T, self.rank, self.world_size = split, B, T, rank, world_size
         self.vocab_size, self.seed, self.pin_memory = vocab_size, seed, pin_memory
         self.num_tokens = sum(len(s) for s in self.shards)
-        self.rows_per_epoch = max(0, (self.num_tokens - 1) // seq_len)  # each window needs T+1 tokens
-        min_rows = batch_size * world_size if split == "train" else 1
+        self.rows_per_epoch = max(0, (self.num_tokens - 1) // T)  # each window needs T+1 tokens
+        min_rows = B * world_size if split == "train" else 1
         if self.rows_per_epoch < min_rows:
             why = f"the {split} split of {data_dir} holds {self.num_tokens} tokens, fewer than one batch of {min_rows}"
-            raise UserError(f"{why} windows of {seq_len}+1 tokens; use more data or a smaller --batch-size/--seq-len")
+            raise UserError(f"{why} windows of {T}+1 tokens; use more data or a smaller --batch-size/--seq-len")
         self.row, self._order_of = 0, None  # the next row to read (counted over epochs); _order's last epoch
-        self._ahead = None  # (first row, the future of its micro batch), read on READER
+        self._ahead = {}  # {first row: the future of its micro batch}, read on READER
         # For read-ahead advice to the OS (POSIX only): the shards' files, open for as long as the loader lives
         self.files = [os.open(path, os.O_RDONLY) for path in self.paths] if hasattr(os, "posix_fadvise") else None
         weakref.finalize(self, lambda files: [os.close(fd) for fd in files or []], self.files)
@@ -115,8 +111,7 @@ class ShardLoader:
                     pieces.append(self._checked(shard_order[k], self.shards[shard_order[k]][:need]))
                     k += 1
                 windows[j] = np.concatenate(pieces)
-        windows = torch.from_numpy(windows)
-        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        x, y = torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
         return (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
 
     def _checked(self, shard, tokens):
@@ -131,23 +126,19 @@ class ShardLoader:
         meanwhile on a thread (_read_ahead; into pinned memory for a GPU: its copy can overlap the compute)."""
         first = self.row + self.rank * self.B
         self.row += self.B * self.world_size
-        if self._ahead is not None and self._ahead[0] == first:
-            batch = self._ahead[1].result()
-        else:  # the first batch, or the first after load_state_dict
-            batch = self.read_rows(range(first, first + self.B))
+        ahead = self._ahead.get(first)  # None: the first batch, or the first after load_state_dict
+        batch = self.read_rows(range(first, first + self.B)) if ahead is None else ahead.result()
         following = self.row + self.rank * self.B
-        self._ahead = (following, READER.submit(self._read_ahead, following))
+        self._ahead = {following: READER.submit(self._read_ahead, following)}
         return batch
 
     def _read_ahead(self, first):
         """The micro batch at row `first`, after asking the OS (POSIX_FADV_WILLNEED) to read the next one's windows
         in: a page fault in the gather would hold Python's lock, and the training loop waits for that lock."""
         if self.files is not None:
-            after = np.arange(first, first + self.B) + self.B * self.world_size
-            for _, shard_order, i, offsets in self._places(after):
-                for offset in offsets:
-                    start = self.shards[shard_order[i]].offset + 2 * int(offset)  # 2 bytes a token
-                    os.posix_fadvise(self.files[shard_order[i]], start, 2 * (self.T + 1), os.POSIX_FADV_WILLNEED)
+            for _, shard_order, i, offsets in self._places(np.arange(first, first + self.B) + self.B * self.world_size):
+                for start in self.shards[shard_order[i]].offset + 2 * offsets:  # 2 bytes a token
+                    os.posix_fadvise(self.files[shard_order[i]], int(start), 2 * (self.T + 1), os.POSIX_FADV_WILLNEED)
         return self.read_rows(range(first, first + self.B))
 
     def shard_list(self):
