@@ -221,10 +221,8 @@ def main(argv=None):
         if error is None:
             examples = load_examples(config.data or download())[: config.limit]
             model = load_model(config.model)
-    except ValueError as e:  # load_model's one line
-        error = UserError(str(e))
-    except UserError as e:
-        error = e
+    except (UserError, ValueError) as e:  # ValueError: load_model's one line
+        error = UserError(str(e), getattr(e, "exit_code", 1))
     try:
         agree(error, prefix="hellaswag.py: error: ")  # an error on one rank ends them all, printed once
         where = f"on {device}, {len(examples)} examples over {world_size} process(es)"
