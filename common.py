@@ -1,7 +1,6 @@
 """What two or more scripts share and no chapter is about: settings as flags, one error type, files written
 whole, a lock per directory, the device and its dtype, and the ranks agreeing on errors under torchrun.
-torch is imported inside the functions that need it: fineweb.py imports this file and does without torch.
-"""
+torch is imported inside the functions that need it: fineweb.py imports this file and does without torch."""
 
 import argparse
 import contextlib
@@ -13,7 +12,6 @@ import re
 import socket
 import sys
 import tomllib
-from contextlib import contextmanager, nullcontext
 from dataclasses import field, fields
 
 DTYPES = ("float32", "bfloat16", "float16")  # what a run computes in: float32, or autocast to a 16-bit type
@@ -81,8 +79,7 @@ def parse_settings(config_class, argv=None, description=None, preset=None):
     flags = preset(given) if preset else []  # a preset's and a file's settings as flags: one way in for every value
     if "config" in given:
         flags += config_file_flags(given["config"], config_class)
-    if flags:
-        given = vars(parser.parse_args(flags + argv))
+    given = vars(parser.parse_args(flags + argv))
     given.pop("config", None)
     config = config_class(**given)
     if problems := problems_of(config):
@@ -115,20 +112,17 @@ def config_file_flags(path, config_class):
 def write_settings(config, path, leave_out=()):
     """config's settings as a TOML file that --config reads back (None, "not set", is left out)."""
     values = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in leave_out}
+    text = "".join(f"{k} = {json.dumps(v, ensure_ascii=False)}\n" for k, v in values.items() if v is not None)
     # A JSON value is a TOML value, but for DEL, which TOML wants escaped and JSON leaves as it is
-    lines = [f"{k} = {json.dumps(v, ensure_ascii=False)}\n" for k, v in values.items() if v is not None]
-    text = "".join(lines).replace("\x7f", "\\u007f")
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.replace("\x7f", "\\u007f").encode()))
 
 
 def duration(text):
     """Seconds from '3h50m', '90m', '45s' or a plain number of seconds ('1h30' is refused: 30 what?)."""
-    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text.strip())
-    if text.strip().isdigit():
-        return int(text)
-    if not text.strip() or not match:
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?|(\d+)", text.strip())  # the last group: plain seconds
+    if not match or not any(match.groups()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 3h50m, 90m, 45s or 600")
-    return sum(int(n or 0) * s for n, s in zip(match.groups(), (3600, 60, 1)))
+    return sum(int(n or 0) * s for n, s in zip(match.groups(), (3600, 60, 1, 1)))
 
 
 # --- Files: written whole or not at all, and one process per directory --------------------------------------
@@ -165,7 +159,7 @@ def ancestry(path):  # `path` and its parents up to the first that exists: [:-1]
     return [path] if os.path.exists(path) else [path, *ancestry(os.path.dirname(path))]
 
 
-@contextmanager
+@contextlib.contextmanager
 def directory_lock(directory, what="run", made=()):
     """An fcntl lock on `<directory>/.lock`, which names its owner: a second process stops at once. The OS drops
     it when the process ends, however it ends; it works on NFS; forked workers do not inherit it. None on Windows.
@@ -223,11 +217,9 @@ def resolve_dtype(dtype, device):
     scaler), float32 on MPS and CPU (bf16 autocast is slow on CPUs without bf16, and unreliable on MPS)."""
     import torch
 
-    if dtype != "auto":
-        return dtype
-    if device.type == "cuda":
+    if dtype == "auto" and device.type == "cuda":
         return "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float16"
-    return "float32"
+    return "float32" if dtype == "auto" else dtype
 
 
 def autocast_dtype_for(dtype, device):
@@ -250,10 +242,8 @@ def autocast_and_scaler(dtype, device):
     import torch
 
     dtype = autocast_dtype_for(dtype, device)
-    if dtype is None:
-        return nullcontext(), None
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    return torch.autocast(device.type, dtype=dtype), scaler
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), scaler
 
 
 def check_compile(device):
@@ -272,12 +262,10 @@ def check_compile(device):
 def keep_freed_memory():
     """With glibc, keep freed memory in the process: glibc maps each large tensor afresh and unmaps it when freed,
     so each CPU step page-faults it in again (the demo's step on 2 cores: 2.0 s, not 0.9 s; 124M: ~6.1 s, not ~5.0)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks come from the heap, which is reused...
         libc.mallopt(-1, 2**31 - 1)  # ...and M_TRIM_THRESHOLD: not trimmed back after each step (a C int)
-    except (OSError, AttributeError):
-        pass  # not glibc
 
 
 # Dense peak FLOP/s (float32 as TF32 where the GPU has it, float16, bfloat16; None: no bf16 before Ampere)

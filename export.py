@@ -37,7 +37,7 @@ def main(argv=None):
         config = parse_settings(ExportConfig, argv, "Export a train_gpt2.py checkpoint as a Hugging Face folder.")
         checkpoint = read_checkpoint(config.checkpoint)
         hf_model = to_hf(model_from_checkpoint(checkpoint), getattr(torch, config.dtype))
-        save_folder(hf_model, config.output_dir, training_section(checkpoint, config.checkpoint))
+        save_folder(hf_model, config.output_dir, training_section(checkpoint))
     except (UserError, OSError, ValueError) as e:  # no checkpoint, no vocabulary, a full disk: nothing half written
         print(f"export.py: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
@@ -68,9 +68,12 @@ def save_folder(hf_model, directory, training=""):
     parent, name = os.path.split(os.path.abspath(directory))
     host = socket.gethostname()
     for stale in glob.glob(os.path.join(glob.escape(parent), f".*.{glob.escape(host)}.*.tmp")):
-        pid = stale.rsplit(".", 2)[-2]
-        if pid.isdigit() and not pid_alive(int(pid)):  # the staging folder of a killed export on this machine
+        try:
+            os.kill(int(stale.rsplit(".", 2)[-2]), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:  # the staging folder of a killed export on this machine
             shutil.rmtree(stale, ignore_errors=True)
+        except (ValueError, PermissionError):  # not a pid, or another user's process: not ours to remove
+            pass
     staging = os.path.join(parent, f".{name}.{host}.{os.getpid()}.tmp")  # this process's own
     os.makedirs(staging)
     try:
@@ -114,34 +117,23 @@ print(pipeline("text-generation", model="{directory}")("Once upon a time", max_n
 """
 
 
-def training_section(checkpoint, source):
-    """The card's training section: steps, tokens, and the last evaluations logged up to the checkpoint."""
+def training_section(checkpoint):
+    """The card's training section (read_checkpoint's dict): steps, tokens, the last evaluations logged up to it."""
     step, batch = checkpoint.get("step"), (checkpoint.get("config") or {}).get("total_batch_size")
     if step is None:
         return ""
     tokens = f" of {batch:,} tokens: {step * batch:,} tokens in all." if batch else "."
     lines = [f"Trained with train_gpt2.py for {step:,} steps{tokens}"]
-    source, events = Path(source).absolute(), []  # source: a log directory, or <log dir>/checkpoints/step_N.pt
-    in_log = source.is_dir() or source.parent.name == "checkpoints"  # not a checkpoint copied away from its log
-    log_dir = source if source.is_dir() else source.parent.parent
-    if in_log and (log_dir / "metrics.jsonl").is_file():
-        for line in (log_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
+    path, events = Path(checkpoint["path"]).absolute(), []  # <log dir>/checkpoints/step_N.pt
+    metrics = path.parent.parent / "metrics.jsonl"
+    if path.parent.name == "checkpoints" and metrics.is_file():  # not for a checkpoint copied away from its log
+        for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
             with contextlib.suppress(ValueError):  # a line cut short by a crash
                 events.append(json.loads(line))
     for key, label in (("val_loss", "val loss"), ("hellaswag_acc", "HellaSwag acc_norm")):
         logged = sorted((e["step"], e[key]) for e in events if e.get(key) is not None and e["step"] <= step)
         lines += [f"- {label}: {value:.4f} at step {at:,}" for at, value in logged[-1:]]  # the last one
     return "\n".join(lines)
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 def occupied(directory):

@@ -8,8 +8,7 @@
     log/abandoned/<time>/  checkpoints of a branch a rollback left
 
 Only rank 0 writes here; every rank reads the checkpoint it resumes from. Each file is whole or absent
-(atomic_write). Also here: reading a checkpoint as a model (load_model), for sample.py, hellaswag.py, export.py.
-"""
+(atomic_write). Also here: reading a checkpoint as a model (load_model), for sample.py, hellaswag.py, export.py."""
 
 import glob
 import json
