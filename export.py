@@ -1,8 +1,7 @@
 """Export a train_gpt2.py checkpoint as a Hugging Face folder that transformers, vLLM and lm_eval load:
 weights and configs, GPT-2's tokenizer, and a model card with the run's steps, val loss and HellaSwag.
 
-    python export.py log my-gpt2 [--dtype bfloat16]   # the run's latest checkpoint; bfloat16 halves the size
-"""
+    python export.py log my-gpt2 [--dtype bfloat16]   # the run's latest checkpoint; bfloat16 halves the size"""
 
 import contextlib
 import glob

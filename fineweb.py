@@ -5,8 +5,8 @@
     python fineweb.py --dataset python-docs --output-dir pydocs --shard-size 100000   # offline demo
 
 Each document becomes [<|endoftext|>] + its GPT-2 tokens, cut in input order every --shard-size tokens into
-<prefix>_{val|train}_{i:06d}.npy (shard 0: val). Rerun after Ctrl-C, a kill or lost network: it resumes, byte-identical.
-"""
+<prefix>_{val|train}_{i:06d}.npy (shard 0: val). Rerun after Ctrl-C, a kill or a lost network: it resumes, and the
+shards are byte-identical."""
 
 import errno
 import glob

@@ -6,15 +6,12 @@
     torchrun --standalone --nproc_per_node 8 hellaswag.py -m gpt2-xl         # examples over 8 GPUs
     evaluate(model, load_examples(download()), "cuda", rank=rank, world_size=world_size)  # in train_gpt2.py
 
-An example is a context ("A man is sitting on a roof. he") and four endings, one of them right (the 10,042 of
-the validation set, downloaded once into $HELLASWAG_CACHE or ~/.cache/gpt2-repro/hellaswag). Scored completion
-style, as for a base model, by the loss of " " + ending after the context: acc picks the lowest sum, acc_norm the
-lowest mean per token. The last line printed is `acc: X acc_norm: Y n: N`; on the full set:
-    OpenAI GPT-2 124M   acc 0.2859  acc_norm 0.2955
-    OpenAI GPT-2 1.5B   acc 0.3842  acc_norm 0.4893   (gpt2-xl)
-    GPT-3 small 125M             acc_norm 0.337     (GPT-3 paper, zero-shot; not released)
-(lm-evaluation-harness rewrites the text and normalises by characters: acc 0.2892, acc_norm 0.3114 for 124M.)
-"""
+An example is a context ("A man is sitting on a roof. he") and four endings, one of them right (the 10,042 of the
+validation set, downloaded once into $HELLASWAG_CACHE or ~/.cache/gpt2-repro/hellaswag). Scored completion style, as
+for a base model, by the loss of " " + ending after the context: acc picks the lowest sum, acc_norm the lowest mean
+per token. The last line printed is `acc: X acc_norm: Y n: N`. On the full set OpenAI's GPT-2 124M scores acc 0.2859,
+acc_norm 0.2955; gpt2-xl 0.3842 and 0.4893; GPT-3 small (paper, zero-shot) acc_norm 0.337. lm-evaluation-harness
+rewrites the text and normalises by characters: acc 0.2892, acc_norm 0.3114 for 124M."""
 
 import functools
 import hashlib

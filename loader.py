@@ -8,8 +8,7 @@ next row) holds for any B and W. A background thread reads the next micro batch 
 
     loader = ShardLoader("edu_fineweb10B", "train", B=16, T=1024, rank=rank, world_size=8, seed=1337)
     x, y = loader.next_batch()   # (16, 1024) int64 each; y is x shifted by one
-    state = loader.state_dict()  # goes into the checkpoint; load_state_dict resumes
-"""
+    state = loader.state_dict()  # goes into the checkpoint; load_state_dict resumes"""
 
 import os
 import re

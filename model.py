@@ -1,12 +1,11 @@
-"""GPT-2 (Radford et al. 2019): token + learned position embeddings, n_layer pre-LayerNorm blocks of
-causal self-attention and a 4x MLP, a final LayerNorm and an lm_head tied to the token embedding, with
-Hugging Face GPT-2's names. Imports only torch (transformers only inside from_pretrained).
+"""GPT-2 (Radford et al. 2019): token + learned position embeddings, n_layer pre-LayerNorm blocks of causal
+self-attention and a 4x MLP, a final LayerNorm and an lm_head tied to the token embedding, with Hugging Face GPT-2's
+names. Imports only torch (transformers only inside from_pretrained).
 
     model = GPT(GPTConfig())                  # 124M, GPT-2's initialisation
     model = GPT.from_pretrained("gpt2")       # OpenAI's weights (a hub name or a local HF folder)
     logits, loss = model(idx, targets)        # idx, targets: (B, T) int64
-    out = model.generate(idx, 32, top_k=50)   # idx + 32 sampled tokens; model.stream yields them one by one
-"""
+    out = model.generate(idx, 32, top_k=50)   # idx + 32 sampled tokens; model.stream yields them one by one"""
 
 from collections import OrderedDict
 from dataclasses import dataclass, fields

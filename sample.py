@@ -5,8 +5,7 @@
     python sample.py -m gpt2 --num-samples 4 --temperature 0.8 --seed 7     # OpenAI's GPT-2 (from the hub)
     echo "Once upon a time" | python sample.py -m log                       # the prompt from stdin
 
-The same seed, device and dtype give the same text. Without a prompt a sample starts a new document.
-"""
+The same seed, device and dtype give the same text. Without a prompt a sample starts a new document."""
 
 import sys
 from dataclasses import dataclass

@@ -2,8 +2,7 @@
 
 tiktoken's "gpt2" encoding downloads its vocabulary on first use; offline we build it from a local copy
 of tiktoken's r50k_base ranks (gpt2's merges and split pattern, checked by sha256): GPT2_TIKTOKEN_FILE,
-or the file `pip install --no-deps openai-whisper==20250625` ships. Exports carry it for transformers.
-"""
+or the file `pip install --no-deps openai-whisper==20250625` ships. Exports carry it for transformers."""
 
 import functools
 import importlib.util

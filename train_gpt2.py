@@ -9,8 +9,7 @@
     python train_gpt2.py --config configs/gpt2-124m-1gpu-24gb.toml  # settings from a file (flags win)
 
 The defaults are the GPT-3 small recipe on 10B tokens (TrainConfig). A log directory holds one run: relaunching
-continues it. The file reads in the order a run happens: settings, processes and device, set-up, the loop.
-"""
+continues it. The file reads in the order a run happens: settings, processes and device, set-up, the loop."""
 
 import signal
 import sys
@@ -182,10 +181,9 @@ def train_step(model, optimizers, loader, accum, lr, config, device, autocast, s
 
 # --- The run: processes and device, set-up, then the loop ---------------------------------------------------
 def train(argv, launch):
-    # Processes and device, as in build-nanogpt. torchrun starts one process per GPU and sets RANK,
-    # LOCAL_RANK and WORLD_SIZE; `python train_gpt2.py` is rank 0 of 1. Rank 0 alone prints and writes the
-    # log directory. A rank keeps its first error and meets the others before acting on it: no rank waits
-    # in vain for one that has given up.
+    # Processes and device, as in build-nanogpt. torchrun starts one process per GPU and sets RANK, LOCAL_RANK and
+    # WORLD_SIZE; `python train_gpt2.py` is rank 0 of 1. Rank 0 alone prints and writes the log directory. A rank
+    # keeps its first error and meets the others before acting on it: none waits in vain for one that has given up.
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size, master = int(os.environ.get("WORLD_SIZE", 1)), rank == 0
     config, error = TrainConfig(), None
@@ -210,15 +208,15 @@ def train(argv, launch):
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.dist_timeout))
         dist.barrier()  # the other ranks wait for rank 0's log directory and demo data, and HellaSwag's download
 
-    # Set-up, on every rank: the device's settings, data, model, optimizer and the checkpoint to resume.
-    # The ranks then agree once: an error on any rank (a file missing on one node) ends every rank with
-    # its message, and so do ranks that would train on different data or from different checkpoints.
+    # Set-up, on every rank: the device's settings, data, model, optimizer and the checkpoint to resume. The ranks
+    # then agree once: an error on any rank (a file missing on one node) ends every rank with its message, and so
+    # do ranks that would train on different data or from different checkpoints.
     given, step, shards = config, 0, None
     try:
         if error:
             raise error
-        # Device differences, settled once: bfloat16 autocast on GPUs from Ampere on, float16 with a
-        # gradient scaler before them, float32 on MPS and CPU; compile where Triton runs.
+        # Device differences, settled once: bf16 autocast on GPUs from Ampere on, float16 with a gradient scaler
+        # before them, float32 on MPS and CPU; compile where Triton runs.
         compiled = common.compile_by_default(device) if config.compile is None else config.compile
         config = launch.config = replace(config, dtype=common.resolve_dtype(config.dtype, device), compile=compiled)
         if config.compile:
@@ -255,15 +253,13 @@ def train(argv, launch):
             held = f"{source}, another run's checkpoint, is at step {step}"  # --resume PATH, into a new log dir
         print0(f"nothing to do: {held} ({limits}); --overwrite starts a new one")
         return 0
-    log = launch.enter_context(
-        contextlib.closing(RunLog(config, step, source, enabled=master))
-    )  # one history from here
+    log = launch.enter_context(contextlib.closing(RunLog(config, step, source, enabled=master)))  # one history
     if master:
         common.write_settings(given, os.path.join(config.log_dir, "config.toml"), leave_out=("overwrite", "resume"))
     log.text(run_header(config, device, world_size))
 
-    # One compiled module serves training (inside DDP), the val loss and HellaSwag; sampling runs the plain
-    # module's KV-cache loop, whose shapes change every token. Same weights throughout.
+    # One compiled module serves training (inside DDP), the val loss and HellaSwag; sampling runs the plain module's
+    # KV-cache loop, whose shapes change every token. Same weights throughout.
     model = torch.compile(raw_model) if config.compile else raw_model
     device_ids = [device.index] if device.type == "cuda" else None  # gradients as views of DDP's buckets: a copy
     train_model = DDP(model, device_ids, gradient_as_bucket_view=True) if world_size > 1 else model  # of them fewer
@@ -280,8 +276,8 @@ def train(argv, launch):
     flops_per_token, peak = raw_model.flops_per_token(T), config.peak_flops  # no peak, no MFU: CPU, MPS, unknown GPUs
     if peak is None and device.type == "cuda":
         peak = common.peak_flops_of(torch.cuda.get_device_name(device), config.dtype)
-    # For --time-limit: the slowest step and evaluation so far, and a checkpoint's time (until one is
-    # timed: the weights and AdamW's two moments at 100 MB/s). For the ETA: the latest step times.
+    # For --time-limit: the slowest step and evaluation so far, and a checkpoint's time (until one is timed: the
+    # weights and AdamW's two moments at 100 MB/s). For the ETA: the latest step times.
     started, slowest_step, slowest_eval, recent = clock(), 0.0, 0.0, collections.deque(maxlen=50)
     checkpoint_seconds, skipped_in_a_row, last_eval = 12 * raw_model.num_parameters() / 100e6, 0, {}
     while True:
@@ -544,8 +540,7 @@ def check_resumable(saved, config):
 # --- The launch: signals, errors and exit codes -------------------------------------------------------------
 class Launch(contextlib.ExitStack):
     """What one launch holds until it ends (the log directory's lock and history), and its signal handlers: SIGTERM,
-    SIGUSR1 (sent by SLURM and spot instances before a kill) and Ctrl-C stop every rank after this step, with a
-    checkpoint. A second Ctrl-C quits at once."""
+    SIGUSR1 (SLURM's and spot instances' warning) and Ctrl-C stop every rank after this step, with a checkpoint."""
 
     signal = None  # the first stop signal that came
     config = None  # the run's settings, once they are known
