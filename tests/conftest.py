@@ -9,15 +9,18 @@
 - `data_dir`: that corpus as train_gpt2.py's shards (fineweb.write_shards, 4,096 tokens each).
 - `run_main`: a script's main(argv) run in-process, giving (exit code, stdout, stderr).
 - `lock_in_another_process`: common.directory_lock tried from a second Python process.
+- `flaky_server`: the FlakyServer class, a local HTTP server that counts its requests (HellaSwag's download).
 - `trained_log`: the log directory of a real 6-step train_gpt2.py run of a tiny GPT, and
   `exported_run`: export.py's folder of its latest checkpoint (the notebook, export and sample tests).
 """
 
+import http.server
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 # No test may touch the network: without these a hub call retries for ~25 s before failing.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -105,6 +108,48 @@ def lock_in_another_process():
         return run.stdout.strip()
 
     return take
+
+
+class FlakyServer:
+    """An HTTP server on 127.0.0.1 in a thread: answers 503 to the first `failures` requests, then serves
+    `body`. Counts the requests it gets (under a lock: requests from several processes come in threads)."""
+
+    def __init__(self, body, failures=0):
+        self.body, self.failures, self.requests = body, failures, 0
+        server, lock = self, threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                with lock:
+                    server.requests += 1
+                    failing = server.requests <= server.failures
+                if failing:
+                    self.send_error(503, "try again later")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(server.body)))
+                self.end_headers()
+                self.wfile.write(server.body)
+
+            def log_message(self, *args):  # quiet
+                pass
+
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/hellaswag_val.jsonl"
+
+    def __enter__(self):
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def flaky_server():
+    """`with flaky_server(body, failures=0) as server:` serves body at server.url; server.requests counts."""
+    return FlakyServer
 
 
 @pytest.fixture

@@ -13,8 +13,11 @@ step STEP trains (after that step's evaluations):
                                 rank (SIGALRM ends the process after WAIT_LIMIT seconds, so it never hangs)
     kill-in-checkpoint          SIGKILL while the checkpoint after step STEP is half written
 and RANK:argv:FLAG=VALUE replaces a flag's value on that rank before anything runs,
-RANK:setup:blind makes every checkpoint unreadable on that rank (a node that does not see them), and
-RANK:setup:older makes that rank read the checkpoint before the newest (a stale view of them).
+RANK:setup:blind makes every checkpoint unreadable on that rank (a node that does not see them),
+RANK:setup:older makes that rank read the checkpoint before the newest (a stale view of them), and
+RANK:setup:hellaswag=URL,SIZE,SHA256 makes hellaswag.download() fetch URL pinned to SIZE and SHA256 on that rank
+(a local server's file, not the real one) and say on stderr, at each call, whether the rank has passed the barrier
+after set-up: `hooked_train.py: hellaswag.download() on rank R, local rank L, before|after the barrier`.
 """
 
 import os
@@ -24,7 +27,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
+import hellaswag  # noqa: E402
 import logdir  # noqa: E402
 import train_gpt2  # noqa: E402
 from model import GPT  # noqa: E402
@@ -55,6 +60,21 @@ for step, action in mine:
             return read(saved[saved.index(newest) - 1])
 
         logdir.read_checkpoint = read_older_checkpoint
+    elif action.startswith("hellaswag="):
+        url, size, sha256 = action[len("hellaswag=") :].rsplit(",", 2)
+        where = f"rank {rank}, local rank {os.environ.get('LOCAL_RANK', '0')}"
+        barriers_passed = []  # the dist.barrier() calls this rank has come out of
+
+        def download_from_url(download=hellaswag.download):  # train_gpt2.py calls hellaswag.download()
+            when = "after" if barriers_passed else "before"
+            print(f"hooked_train.py: hellaswag.download() on {where}, {when} the barrier", file=sys.stderr)
+            return download(url, size=int(size), sha256=sha256)
+
+        def counted_barrier(*args, barrier=dist.barrier, **kwargs):
+            barrier(*args, **kwargs)
+            barriers_passed.append(True)
+
+        hellaswag.download, dist.barrier = download_from_url, counted_barrier
 
 actions = {int(step): action for step, action in mine if step not in ("argv", "setup")}
 nan_now = infgrad_now = oom_now = False

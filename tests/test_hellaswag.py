@@ -7,12 +7,10 @@ random GPT-2 of the `hf_gpt2_dir` fixture.
 """
 
 import hashlib
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 from dataclasses import asdict
 
 import pytest
@@ -374,45 +372,11 @@ def test_download_caches_in_hellaswag_cache_when_no_directory_is_given(data_file
     assert open(path, "rb").read() == open(data_file, "rb").read()
 
 
-class FlakyServer:
-    """An HTTP server on 127.0.0.1 in a thread: answers 503 to the first `failures` requests, then serves
-    `body`. Counts the requests it gets."""
-
-    def __init__(self, body, failures=0):
-        self.body, self.failures, self.requests = body, failures, 0
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests += 1
-                if server.requests <= server.failures:
-                    self.send_error(503, "try again later")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(server.body)))
-                self.end_headers()
-                self.wfile.write(server.body)
-
-            def log_message(self, *args):  # quiet
-                pass
-
-        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/hellaswag_val.jsonl"
-
-    def __enter__(self):
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.http.shutdown()
-        self.http.server_close()
-
-
-def test_download_retries_with_a_growing_wait(data_file, tmp_path, capsys, monkeypatch):
+def test_download_retries_with_a_growing_wait(data_file, tmp_path, capsys, monkeypatch, flaky_server):
     body = open(data_file, "rb").read()
     waits = []
     monkeypatch.setattr(hellaswag.time, "sleep", waits.append)  # the waits it makes, not the clock's
-    with FlakyServer(body, failures=2) as server:
+    with flaky_server(body, failures=2) as server:
         path = hellaswag.download(server.url, str(tmp_path), **pins(data_file), tries=4, wait=0.01)
     assert open(path, "rb").read() == body and server.requests == 3 and waits == [0.01, 0.02]
     retries = [line for line in capsys.readouterr().err.splitlines() if "failed" in line]
@@ -421,10 +385,10 @@ def test_download_retries_with_a_growing_wait(data_file, tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize("damage", ["one byte changed", "cut short"])
-def test_a_download_that_fails_its_check_is_never_kept(damage, data_file, tmp_path):
+def test_a_download_that_fails_its_check_is_never_kept(damage, data_file, tmp_path, flaky_server):
     body = open(data_file, "rb").read()
     bad = body[:100] + bytes([body[100] ^ 1]) + body[101:] if damage == "one byte changed" else body[:-10]
-    with FlakyServer(bad) as server, pytest.raises(UserError) as error:
+    with flaky_server(bad) as server, pytest.raises(UserError) as error:
         hellaswag.download(server.url, str(tmp_path / "cache"), **pins(data_file), tries=3, wait=0)
     assert server.requests == 3  # each try fetched it again
     message = str(error.value)
@@ -433,16 +397,16 @@ def test_a_download_that_fails_its_check_is_never_kept(damage, data_file, tmp_pa
     assert os.listdir(tmp_path / "cache") == []
 
 
-def test_a_cached_file_that_fails_its_check_is_fetched_again(data_file, tmp_path, capsys):
+def test_a_cached_file_that_fails_its_check_is_fetched_again(data_file, tmp_path, capsys, flaky_server):
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / hellaswag.DATA_FILE).write_bytes(b"{}\n")  # say, from before the file was pinned
-    with FlakyServer(b"", failures=1) as server, pytest.raises(UserError, match="nothing was kept"):
+    with flaky_server(b"", failures=1) as server, pytest.raises(UserError, match="nothing was kept"):
         hellaswag.download(server.url, str(cache), **pins(data_file), tries=1)
     assert os.listdir(cache) == []  # the bad file is gone, even when the new download fails
     assert f"{cache / hellaswag.DATA_FILE} fails its check: downloading it again" in capsys.readouterr().err
     (cache / hellaswag.DATA_FILE).write_bytes(b"{}\n")
-    with FlakyServer(open(data_file, "rb").read()) as server:
+    with flaky_server(open(data_file, "rb").read()) as server:
         path = hellaswag.download(server.url, str(cache), **pins(data_file), wait=0)
     assert server.requests == 1 and open(path, "rb").read() == open(data_file, "rb").read()
 
@@ -466,7 +430,7 @@ def sha256_pinning(body):
     return Digest
 
 
-def test_a_plain_download_is_checked_against_the_pinned_size_and_sha256(tmp_path, monkeypatch):
+def test_a_plain_download_is_checked_against_the_pinned_size_and_sha256(tmp_path, monkeypatch, flaky_server):
     # download()'s own defaults, not the tests' pins: the file's size and sha256 as literals.
     assert (hellaswag.DATA_BYTES, hellaswag.DATA_SHA256) == (PINNED_BYTES, PINNED_SHA256)
     body = bytes(range(256)) * (PINNED_BYTES // 256) + b"x" * (PINNED_BYTES % 256)  # the pinned size
@@ -475,18 +439,18 @@ def test_a_plain_download_is_checked_against_the_pinned_size_and_sha256(tmp_path
         (body + b"\n", "has 12,246,619 bytes, not the pinned 12,246,618"),
         (body, "sha256 is " + hashlib.sha256(body).hexdigest()[:16] + "..., not the pinned " + PINNED_SHA256[:16]),
     ):
-        with FlakyServer(bad) as server, pytest.raises(UserError, match="nothing was kept") as error:
+        with flaky_server(bad) as server, pytest.raises(UserError, match="nothing was kept") as error:
             hellaswag.download(server.url, str(tmp_path / "cache"), tries=1)
         assert problem in str(error.value)
         assert os.listdir(tmp_path / "cache") == []
     # The right size and the pinned digest: kept, and then read from the cache. One changed byte is refused.
     monkeypatch.setattr(hellaswag.hashlib, "sha256", sha256_pinning(body))
-    with FlakyServer(body) as server:
+    with flaky_server(body) as server:
         path = hellaswag.download(server.url, str(tmp_path / "cache"), tries=1)
         assert hellaswag.download(server.url, str(tmp_path / "cache"), tries=1) == path and server.requests == 1
     assert open(path, "rb").read() == body
     changed = body[:1000] + bytes([body[1000] ^ 1]) + body[1001:]
-    with FlakyServer(changed) as server, pytest.raises(UserError, match="sha256 is"):
+    with flaky_server(changed) as server, pytest.raises(UserError, match="sha256 is"):
         hellaswag.download(server.url, str(tmp_path / "other"), tries=1)
 
 

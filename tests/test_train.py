@@ -188,14 +188,14 @@ class Background:
     """A run in the background (its own process group) whose stderr lines the test reads as they come, each
     wait with a deadline; leaving the `with` block kills whatever is left of it."""
 
-    def __init__(self, command):
+    def __init__(self, command, env=()):
         self.proc = subprocess.Popen(
             command,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
-            env=dict(os.environ, OMP_NUM_THREADS="1"),
+            env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)},
         )
         self.lines, self.seen = queue.Queue(), []
         threading.Thread(target=self._read, daemon=True).start()
@@ -616,10 +616,10 @@ def test_init_from_a_local_gpt2_starts_from_its_loss(hf_gpt2_dir, data_dir, tmp_
 # Resume and run management: one run per directory, one history, clean stops, no hangs
 
 
-def hooked(hooks, argv, torchrun=False, timeout=300):
+def hooked(hooks, argv, torchrun=False, timeout=300, env=()):
     """train_gpt2.py through tests/hooked_train.py: interruptions at steps the test chooses."""
     command = [HOOKED, *hooks, "--", *argv]
-    return run_process([*TORCHRUN, *command] if torchrun else [sys.executable, *command], timeout=timeout)
+    return run_process([*TORCHRUN, *command] if torchrun else [sys.executable, *command], timeout=timeout, env=env)
 
 
 def traceback_of_ours(stderr):
@@ -1190,42 +1190,92 @@ def test_compiled_training_evaluates_and_samples_without_recompiling(
     assert series(tmp_path, "hellaswag_acc")[2] == result["correct_norm"] / result["total"]
 
 
+def hellaswag_hook(server):
+    """tests/hooked_train.py's hook that makes every rank's hellaswag.download() fetch what server serves, pinned
+    to its size and sha256."""
+    return f"*:setup:hellaswag={server.url},{len(server.body)},{hashlib.sha256(server.body).hexdigest()}"
+
+
+def hellaswag_downloads(stderr, when):
+    """(rank, local rank) of each hellaswag.download() call that tests/hooked_train.py saw `when` ("before" or
+    "after") the rank passed the barrier after set-up, sorted."""
+    pattern = rf"hooked_train\.py: hellaswag\.download\(\) on rank (\d+), local rank (\d+), {when} the barrier"
+    return sorted((int(rank), int(local_rank)) for rank, local_rank in re.findall(pattern, stderr))
+
+
 @pytest.mark.multiprocess
 def test_compiled_model_inside_ddp_trains_like_the_plain_run_and_scores_hellaswag_over_ranks(
-    straight, data_dir, hellaswag_file, tmp_path
+    straight, data_dir, hellaswag_file, tmp_path, flaky_server
 ):
-    # The 8-GPU set-up in small: torch.compile inside DDP (2 gloo ranks), val loss, HellaSwag split
-    # over the ranks and all-reduced, samples on rank 0.
-    result = run_torchrun(
-        args(
-            data_dir,
-            tmp_path,
-            "--compile",
-            "--stop-at-step",
-            "4",
-            "--hellaswag-interval",
-            "2",
-            "--hellaswag-file",
-            hellaswag_file,
-            "--sample-interval",
-            "4",
-            "--sample-tokens",
-            "6",
+    # The 8-GPU set-up in small: torch.compile inside DDP (2 gloo ranks), val loss, HellaSwag downloaded once for
+    # the node (local rank 0 fetches it before the barrier, rank 1 reads that copy), split over the ranks and
+    # all-reduced, samples on rank 0.
+    log_dir = tmp_path / "log"
+    with flaky_server(open(hellaswag_file, "rb").read()) as server:
+        result = hooked(
+            [hellaswag_hook(server)],
+            args(
+                data_dir,
+                log_dir,
+                "--compile",
+                "--stop-at-step",
+                "4",
+                "--hellaswag-interval",
+                "2",
+                "--sample-interval",
+                "4",
+                "--sample-tokens",
+                "6",
+            ),
+            torchrun=True,
+            env={"HELLASWAG_CACHE": str(tmp_path / "cache")},
         )
-    )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert server.requests == 1 and hellaswag_downloads(result.stderr, "before") == [(0, 0)], result.stderr[-3000:]
+    assert {rank for rank, _ in hellaswag_downloads(result.stderr, "after")} == {0, 1}  # both read the cached copy
     assert result.stdout.count("sample 0: ") == 1  # step 0, printed once (rank 0)
     for key in ("train_loss", "grad_norm"):
-        got, want = series(tmp_path, key), series(straight, key)
+        got, want = series(log_dir, key), series(straight, key)
         assert sorted(got) == [0, 1, 2, 3]
         for step in got:
             assert got[step] == pytest.approx(want[step], abs=1e-4), (key, step)
-    assert series(tmp_path, "val_loss")[0] == pytest.approx(series(straight, "val_loss")[0], abs=1e-4)
-    assert sorted(series(tmp_path, "hellaswag_acc")) == [0, 2]
-    # The all-reduced accuracy = one process scoring every example with the weights of step 2.
-    model = model_from_checkpoint(os.path.join(tmp_path, "checkpoints", "step_00000002.pt"))
+    assert series(log_dir, "val_loss")[0] == pytest.approx(series(straight, "val_loss")[0], abs=1e-4)
+    assert sorted(series(log_dir, "hellaswag_acc")) == [0, 2]
+    # The all-reduced accuracy = one process scoring every example (of the served file) with the weights of step 2.
+    model = model_from_checkpoint(os.path.join(log_dir, "checkpoints", "step_00000002.pt"))
     reference = hellaswag.evaluate(model, hellaswag.load_examples(hellaswag_file), "cpu")
-    assert series(tmp_path, "hellaswag_acc")[2] == reference["correct_norm"] / reference["total"]
+    assert series(log_dir, "hellaswag_acc")[2] == reference["correct_norm"] / reference["total"]
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a rendezvous the test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_on_two_nodes_each_node_downloads_hellaswag_once_before_the_barrier(
+    data_dir, hellaswag_file, tmp_path, flaky_server
+):
+    # Two torchrun agents, one process each, meet at a c10d rendezvous on 127.0.0.1: two nodes, each with its own
+    # HellaSwag cache. Each node's local rank 0 (one of them global rank 1) fetches the file before the barrier.
+    endpoint = f"127.0.0.1:{free_port()}"
+    argv = args(data_dir, tmp_path / "log", "--stop-at-step", "1", "--eval-interval", "0", "--hellaswag-interval", "4")
+
+    def node(n, hook):  # node n's torchrun agent; node 0's hosts the rendezvous
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
+        rendezvous = ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-conf=is_host={n == 0}"]
+        command = [*torchrun, *rendezvous, HOOKED, hook, "--", *argv]
+        return Background(command, env={"HELLASWAG_CACHE": str(tmp_path / f"cache{n}")})
+
+    with flaky_server(open(hellaswag_file, "rb").read()) as server:
+        with node(0, hellaswag_hook(server)) as first, node(1, hellaswag_hook(server)) as second:
+            (code_0, stderr_0), (code_1, stderr_1) = first.wait(), second.wait()
+    assert code_0 == code_1 == 0, (stderr_0 + stderr_1)[-3000:]
+    assert server.requests == 2 and hellaswag_downloads(stderr_0 + stderr_1, "before") == [(0, 0), (1, 0)]
+    assert all(os.path.isfile(tmp_path / f"cache{n}" / hellaswag.DATA_FILE) for n in (0, 1))
+    assert sorted(series(tmp_path / "log", "hellaswag_acc")) == [0]
 
 
 def test_bf16_autocast_trains_close_to_float32(straight, data_dir, tmp_path):
