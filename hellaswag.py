@@ -41,10 +41,9 @@ DATA_BYTES, DATA_SHA256 = 12_246_618, "0aa3b88843990f3f10a97b9575c94d7b71fb22052
 
 
 def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False):
-    """Score examples[rank::world_size] -> this rank's {"correct", "correct_norm", "total", "predictions"}, a
-    prediction being {"index", "label", "pred", "pred_norm", "losses" (4 means)}. model: our GPT or transformers'
-    GPT-2, maybe compiled, on `device`; not DDP's wrapper (ranks score different numbers of batches). Longest examples
-    first, in batches padded to their longest row, the last filled with dummy rows: little padding, few shapes."""
+    """Score examples[rank::world_size] -> this rank's {"correct", "correct_norm", "total", "predictions"}, a prediction
+    being {"index", "label", "pred", "pred_norm", "losses" (4 means)}. model: our GPT or transformers' GPT-2, maybe
+    compiled, not DDP's wrapper (ranks run unequal batch counts). Longest examples first: little padding, few shapes."""
     ours = isinstance(getattr(model, "_orig_mod", model), GPT)  # maybe compiled
     block_size = model.config.block_size if ours else model.config.n_positions
     device = torch.device(device)
@@ -86,9 +85,8 @@ def tokenize(ctx, endings):
 
 
 def build_batch(rendered, batch_size, seq_len):
-    """Rows ctx + ending for up to batch_size examples -> tokens (4 * batch_size, seq_len), right-padded and cut to
-    their last seq_len tokens, and per scored token: positions (flat index r * seq_len + t of the position that
-    predicts it), targets (the token) and rows (r)."""
+    """Up to batch_size examples' rows ctx + ending -> tokens (4 * batch_size, seq_len), right-padded, cut to their last
+    seq_len; per scored token: positions (flat r * seq_len + t of the one predicting it), targets and rows (r)."""
     tokens = torch.zeros(4 * batch_size, seq_len, dtype=torch.long)  # padding: token 0, never scored
     positions, rows = [], []
     for i, (ctx, endings) in enumerate(rendered):
@@ -193,11 +191,9 @@ class HellaSwagConfig:
 
 
 def main(argv=None):
-    # Under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE) each process scores its share of the examples
-    # on its own GPU and rank 0 alone prints. A rank keeps its first error; the ranks agree before scoring.
+    # Under torchrun each process scores its share on its own GPU; rank 0 alone prints. The ranks agree on errors first.
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    error = None
+    world_size, error = int(os.environ.get("WORLD_SIZE", 1)), None
     try:
         config = parse_settings(HellaSwagConfig, argv, "Score a GPT-2 on HellaSwag, completion style.")
         device = pick_device(config.device)

@@ -29,8 +29,7 @@ class GPTConfig:
     def from_name(cls, name, **overrides):
         if name not in GPT2_SIZES:
             raise ValueError(f"unknown GPT-2 size {name!r}; choose one of {', '.join(GPT2_SIZES)}")
-        n_layer, n_head, n_embd = GPT2_SIZES[name]
-        return cls(**{"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, **overrides})
+        return cls(**(GPT2_SIZES[name] | overrides))
 
     def problems(self):
         found = [f"{f.name}={value} must be positive" for f in fields(self) if (value := getattr(self, f.name)) <= 0]
@@ -39,11 +38,11 @@ class GPTConfig:
         return found
 
 
-GPT2_SIZES = {  # n_layer, n_head and n_embd of GPT-2's four sizes: 124M, 350M, 774M and 1558M parameters
-    "gpt2": (12, 12, 768),
-    "gpt2-medium": (24, 16, 1024),
-    "gpt2-large": (36, 20, 1280),
-    "gpt2-xl": (48, 25, 1600),
+GPT2_SIZES = {  # GPT-2's four sizes: 124M, 350M, 774M and 1558M parameters
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
 }
 
 
@@ -72,14 +71,9 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1, self.attn = nn.LayerNorm(config.n_embd), CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = nn.Sequential(
-            OrderedDict(
-                c_fc=nn.Linear(config.n_embd, 4 * config.n_embd),
-                gelu=nn.GELU(approximate="tanh"),  # GPT-2 used the tanh approximation
-                c_proj=nn.Linear(4 * config.n_embd, config.n_embd),
-            )
-        )
-        self.mlp.c_proj.RESIDUAL_PROJECTION = True
+        c_fc, c_proj = nn.Linear(config.n_embd, 4 * config.n_embd), nn.Linear(4 * config.n_embd, config.n_embd)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=c_fc, gelu=nn.GELU(approximate="tanh"), c_proj=c_proj))  # as in GPT-2
+        c_proj.RESIDUAL_PROJECTION = True
 
     def forward(self, x, kv_cache=None, layer=0):
         x = x + self.attn(self.ln_1(x), kv_cache, layer)  # pre-LayerNorm: the residual stream stays clean
@@ -90,14 +84,9 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd),
-            )
-        )
+        wte, wpe = nn.Embedding(config.vocab_size, config.n_embd), nn.Embedding(config.block_size, config.n_embd)
+        h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.transformer = nn.ModuleDict(dict(wte=wte, wpe=wpe, h=h, ln_f=nn.LayerNorm(config.n_embd)))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         # GPT-2's initialisation: N(0, 0.02) everywhere, zero biases, and the projections into the residual
@@ -143,8 +132,6 @@ class GPT(nn.Module):
     def configure_optimizers(self, learning_rate, adamw, muon=None):
         """-> ({name: optimizer}, a line saying what each updates). AdamW decays the 2+-dim weights only; with muon,
         Muon takes the blocks' 2-D weights, its updates scaled to AdamW's size so that one lr serves both."""
-        adamw = dict(adamw)
-        weight_decay = adamw.pop("weight_decay")
 
         def for_muon(name, p):  # the matmul weights inside the blocks; not the embeddings (nor the tied head)
             return muon is not None and name.startswith("transformer.h.") and p.dim() == 2
@@ -152,7 +139,7 @@ class GPT(nn.Module):
         named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
         hidden, rest = [p for n, p in named if for_muon(n, p)], [p for n, p in named if not for_muon(n, p)]
         decay, no_decay = [p for p in rest if p.dim() >= 2], [p for p in rest if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": adamw["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
         fused = rest[0].device.type in ("cuda", "cpu", "mps")  # the whole update in a few kernel launches
         optimizers = {"optimizer": torch.optim.AdamW(groups, lr=learning_rate, fused=fused, **adamw)}
         if hidden:

@@ -20,8 +20,7 @@ GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838
 @functools.cache
 def get_tokenizer() -> tiktoken.Encoding:
     """GPT-2's tokenizer; what a user can fix (no network and no file, a wrong file) raises a one-line OSError."""
-    path = local_ranks_file()
-    if path is None:
+    if (path := local_ranks_file()) is None:
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # requests' connection and HTTP errors, a proxy, a read-only cache...
@@ -32,10 +31,7 @@ def get_tokenizer() -> tiktoken.Encoding:
     except ValueError:  # the hash differs, or a line is not "<base64 token> <rank>"
         fix = "unset GPT2_TIKTOKEN_FILE or name a gpt2.tiktoken file"
         raise OSError(f"{path} is not GPT-2's vocabulary; {fix}") from None
-    special = {"<|endoftext|>": EOT}
-    return tiktoken.Encoding(
-        "gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens=special, explicit_n_vocab=EOT + 1
-    )
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": EOT})
 
 
 def save_for_transformers(directory, model_max_length):
@@ -49,8 +45,7 @@ def save_for_transformers(directory, model_max_length):
     TikTokenConverter(
         vocab_file=ranks_file, pattern=r50k_pat_str, extra_special_tokens=[eot], additional_special_tokens=[eot]
     ).converted().save(os.path.join(directory, "tokenizer.json"))
-    # PreTrainedTokenizerFast: tokenizer.json as it is, in transformers 4 and 5; no clean-up: decode gives back the
-    # exact text, as tiktoken does
+    # PreTrainedTokenizerFast reads tokenizer.json as it is (transformers 4 and 5); no clean-up: decode is exact
     config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=eot, eos_token=eot, pad_token=eot)
     config.update(model_max_length=model_max_length, clean_up_tokenization_spaces=False)
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:

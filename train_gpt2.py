@@ -181,9 +181,8 @@ def train_step(model, optimizers, loader, accum, lr, config, device, autocast, s
 
 # --- The run: processes and device, set-up, then the loop ---------------------------------------------------
 def train(argv, launch):
-    # Processes and device, as in build-nanogpt. torchrun starts one process per GPU and sets RANK, LOCAL_RANK and
-    # WORLD_SIZE; `python train_gpt2.py` is rank 0 of 1. Rank 0 alone prints and writes the log directory. A rank
-    # keeps its first error and meets the others before acting on it: none waits in vain for one that has given up.
+    # Processes and device, as in build-nanogpt: torchrun runs a process per GPU with RANK, LOCAL_RANK, WORLD_SIZE set;
+    # rank 0 alone prints and writes. A rank holds its first error until all meet, so none waits on one that gave up.
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size, master = int(os.environ.get("WORLD_SIZE", 1)), rank == 0
     config, error = TrainConfig(), None
@@ -208,15 +207,13 @@ def train(argv, launch):
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.dist_timeout))
         dist.barrier()  # the other ranks wait for rank 0's log directory and demo data, and HellaSwag's download
 
-    # Set-up, on every rank: the device's settings, data, model, optimizer and the checkpoint to resume. The ranks
-    # then agree once: an error on any rank (a file missing on one node) ends every rank with its message, and so
-    # do ranks that would train on different data or from different checkpoints.
+    # Set-up on every rank: device settings, data, model, optimizer, checkpoint to resume. Then the ranks agree once:
+    # an error on any rank (a file missing on one node) ends all with its message; so do different data or checkpoints.
     given, step, shards = config, 0, None
     try:
         if error:
             raise error
-        # Device differences, settled once: bf16 autocast on GPUs from Ampere on, float16 with a gradient scaler
-        # before them, float32 on MPS and CPU; compile where Triton runs.
+        # Device differences, settled once: bf16 on GPUs from Ampere on, float16 and a scaler before, float32 elsewhere
         compiled = common.compile_by_default(device) if config.compile is None else config.compile
         config = launch.config = replace(config, dtype=common.resolve_dtype(config.dtype, device), compile=compiled)
         if config.compile:
@@ -258,8 +255,7 @@ def train(argv, launch):
         common.write_settings(given, os.path.join(config.log_dir, "config.toml"), leave_out=("overwrite", "resume"))
     log.text(run_header(config, device, world_size))
 
-    # One compiled module serves training (inside DDP), the val loss and HellaSwag; sampling runs the plain module's
-    # KV-cache loop, whose shapes change every token. Same weights throughout.
+    # One compiled module for training (in DDP) and evaluations; sampling (new shapes every token) runs the plain one.
     model = torch.compile(raw_model) if config.compile else raw_model
     device_ids = [device.index] if device.type == "cuda" else None  # gradients as views of DDP's buckets: a copy
     train_model = DDP(model, device_ids, gradient_as_bucket_view=True) if world_size > 1 else model  # of them fewer
@@ -345,8 +341,7 @@ def train(argv, launch):
 
 
 def check_same_everywhere(values):
-    """Every rank's (resume step, train shards), from the agreement: a rank that differs from rank 0 ends the run
-    (every rank holds the same values, so each finds the same problem: rank 0 prints it once)."""
+    """Every rank's (resume step, train shards), known to all: one unlike rank 0's ends all, rank 0 saying why."""
     for rank, (step, shards) in enumerate(values):
         if step != values[0][0]:
             where = f"rank {rank} would resume at step {step}, rank 0 at {values[0][0]}"
@@ -364,12 +359,11 @@ def due(interval, step, last):
 
 def stopped(config, step, launch, out_of_time):
     """The line that ends a launch stopped before max_steps: why, and how to go on."""
+    why, go_on = "a stop signal on another rank", "relaunch the same command to continue"
     if step == config.stop_at_step:
         why, go_on = "--stop-at-step", "raise --stop-at-step or leave it out and relaunch to continue"
-    else:
-        why, go_on = "a stop signal on another rank", "relaunch the same command to continue"
-        if launch.signal or out_of_time:
-            why = signal.Signals(launch.signal).name if launch.signal else "--time-limit"
+    elif launch.signal or out_of_time:
+        why = signal.Signals(launch.signal).name if launch.signal else "--time-limit"
     return f"stopped after step {step - 1} ({why}); checkpoint step_{step:08d}.pt saved; {go_on}"
 
 
@@ -377,8 +371,7 @@ clock = time.perf_counter  # steps, evaluations and --time-limit are timed with 
 
 
 def stopwatch(device):
-    """-> a function giving the seconds of the device's work since this call: CUDA events on a GPU time its stream
-    without stopping it (no device-wide synchronize before the step), the clock elsewhere."""
+    """-> a function giving the seconds since this call: CUDA events on a GPU (no device synchronize), else clock()."""
     if device.type != "cuda":
         start = clock()
         return lambda: clock() - start
@@ -449,7 +442,7 @@ def evaluate_val(model, val_loader, num_rows, rank, world_size, device, autocast
 
 def evaluate_hellaswag(model, examples, rank, world_size, device, config):
     """acc_norm over all examples, split over ranks by hellaswag.py and reduced here."""
-    dtype = None if config.dtype == "float32" else getattr(torch, config.dtype)
+    dtype = common.autocast_dtype_for(config.dtype, device)
     # batch_size // 4 examples = batch_size rows (4 endings each), no longer than training rows
     result = hellaswag.evaluate(model, examples, device, max(1, config.batch_size // 4), rank, world_size, dtype)
     return mean_over_ranks(torch.tensor([result["correct_norm"], result["total"]], dtype=torch.float64), device)
@@ -488,9 +481,8 @@ def first_to_say():
 
 
 # --- Settings that cannot work together, and what a resumed run must keep -----------------------------------
-# A resumed run keeps what it learns (LEARNING); where and how it runs and reports may change, the micro
-# batch and device count too (the loader counts rows), and the lr schedule (RETUNABLE: a rollback after
-# a loss spike may lower it; the change is printed).
+# A resumed run keeps what it learns (LEARNING); how and where it runs may change, micro batch and device count too
+# (the loader counts rows), and the lr schedule (RETUNABLE: a rollback after a loss spike may lower it; it is printed).
 LEARNING = (
     "model n_layer n_head n_embd block_size vocab_size init_from seq_len shuffle total_batch_size max_steps "
     "weight_decay beta1 beta2 adam_eps optimizer muon_momentum muon_weight_decay muon_ns_steps dtype seed"
@@ -571,8 +563,7 @@ def main(argv=None):
             dist.destroy_process_group()  # on a clean exit only: after an error another rank may never join it
         return exit_code
     except (UserError, OSError) as e:
-        # An error every rank met was printed once by common.agree(); a rank's own error is printed by that
-        # rank, which then exits (and torchrun stops the others).
+        # common.agree() printed the errors all ranks met; a rank prints its own and exits (torchrun stops the rest)
         if not getattr(e, "reported", False) and first_to_say():
             print(f"error: {f'rank {rank}: ' if rank else ''}{e}", file=sys.stderr, flush=True)
         return getattr(e, "exit_code", 1)
@@ -599,8 +590,7 @@ def main(argv=None):
 def cli():
     exit_code = main()
     if "RANK" in os.environ:
-        # Under torchrun, leave without the interpreter's clean-up: DDP keeps gloo's threads alive to the
-        # end, and one that frees a tensor during shutdown aborts the process (pytorch/pytorch#190489).
+        # Skip the interpreter's clean-up: a gloo thread of DDP's freeing a tensor in it aborts (pytorch/pytorch#190489)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exit_code)
