@@ -210,10 +210,10 @@ class RunLog:
 
     def summary(self, step, seconds, last_eval):
         """What a finished run did, where it is, and what to do with it."""
-        evals = ", ".join(f"{name} {value:.4f}" for name, value in last_eval.items()) or "no evaluation"
+        evals = ", ".join(f"{name} {value:.4f}" for name, value in last_eval.items()) or "none"
         checkpoints, log_dir = list_checkpoints(self.config.log_dir), self.config.log_dir
         done = f"done: {step} steps, {step * self.config.total_batch_size:,} tokens, {hms(seconds)} this launch"
-        done += f"; last {evals}; latest checkpoint {checkpoints[-1] if checkpoints else 'none'}"
+        done += f"; last evaluation {evals}; latest checkpoint {checkpoints[-1] if checkpoints else 'none'}"
         play = f"PLAY_LOG_DIR={log_dir} jupyter notebook play.ipynb"
         return f"{done}\nnext: python sample.py -m {log_dir} | python export.py {log_dir} my-gpt2 | {play}"
 

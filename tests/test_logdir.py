@@ -749,7 +749,7 @@ def test_the_summary_says_what_was_done_where_it_is_and_what_next(tmp_path):
     config = settings(tmp_path, "--total-batch-size", 524288)
     log = RunLog(config, 0, None, enabled=True)
     assert log.summary(0, 5, {}) == (
-        f"done: 0 steps, 0 tokens, 5s this launch; last no evaluation; latest checkpoint none\n"
+        f"done: 0 steps, 0 tokens, 5s this launch; last evaluation none; latest checkpoint none\n"
         f"next: python sample.py -m {tmp_path} | python export.py {tmp_path} my-gpt2 | PLAY_LOG_DIR={tmp_path} "
         f"jupyter notebook play.ipynb"
     )
@@ -757,8 +757,8 @@ def test_the_summary_says_what_was_done_where_it_is_and_what_next(tmp_path):
     latest = write_checkpoint(tmp_path, 19073)
     summary = log.summary(19073, 3 * 3600 + 5 * 60 + 9, {"val loss": 3.07123, "hellaswag": 0.30456})
     assert summary.split("\n")[0] == (
-        f"done: 19073 steps, 9,999,745,024 tokens, 3h05m this launch; last val loss 3.0712, hellaswag 0.3046; "
-        f"latest checkpoint {latest}"
+        "done: 19073 steps, 9,999,745,024 tokens, 3h05m this launch; "
+        f"last evaluation val loss 3.0712, hellaswag 0.3046; latest checkpoint {latest}"
     )
     log.close()
 

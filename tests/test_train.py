@@ -2058,7 +2058,8 @@ def test_each_step_line_says_where_the_run_is_and_the_run_ends_with_a_summary(st
     done = [line for line in lines if line.startswith("done: ")]
     latest = os.path.join(straight, "checkpoints", f"step_{STEPS:08d}.pt")
     val_8 = f"{series(straight, 'val_loss')[STEPS]:.4f}"
-    summary = rf"done: {STEPS} steps, {STEPS * 256:,} tokens, (\d+m\d\ds|\d+s) this launch; last val loss {val_8}; "
+    summary = rf"done: {STEPS} steps, {STEPS * 256:,} tokens, (\d+m\d\ds|\d+s) this launch; "
+    summary += rf"last evaluation val loss {val_8}; "
     assert len(done) == 1 and re.fullmatch(summary + rf"latest checkpoint {re.escape(latest)}", done[0]), done
     assert lines[-1] == (
         f"next: python sample.py -m {straight} | python export.py {straight} my-gpt2 | PLAY_LOG_DIR={straight} "
