@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 # No test may touch the network: without these a hub call retries for ~25 s before failing.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -69,13 +70,27 @@ def data_dir(tmp_path_factory, corpus_documents):
     return str(path)
 
 
+# What python does not show by default (outside __main__): the others reach a script's stderr.
+HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
 @pytest.fixture
 def run_main(capsys):
+    """main(argv) -> (its return value or sys.exit code, stdout, stderr); the warnings that python shows by default
+    (not the deprecation, import and resource ones) are on stderr, where the script's own process prints them."""
+
     def run(main, *argv):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as e:  # argparse's usage errors
-            code = e.code
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, HIDDEN_WARNINGS):
+                sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            try:
+                code = main([str(a) for a in argv])
+            except SystemExit as e:  # argparse's usage errors, and a main that ends with sys.exit
+                code = e.code
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 
