@@ -7,14 +7,18 @@
 - `hf_gpt2_dir`: a randomly initialised transformers GPT2LMHeadModel saved with save_pretrained,
   the offline stand-in for OpenAI's weights.
 - `data_dir`: that corpus as train_gpt2.py's shards (fineweb.write_shards, 4,096 tokens each).
-- `run_main`: a script's main(argv) run in-process, giving (exit code, stdout, stderr).
+- `run_main`: a script's main(argv) run in-process, giving (exit code, stdout, stderr), with the warnings
+  python would print on stderr; `call_main`: the same for fixtures of any scope.
 - `lock_in_another_process`: common.directory_lock tried from a second Python process.
 - `trained_log`: the log directory of a real 6-step train_gpt2.py run of a tiny GPT, and
   `exported_run`: export.py's folder of its latest checkpoint (the notebook, export and sample tests).
 """
 
+import contextlib
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -74,27 +78,63 @@ def data_dir(tmp_path_factory, corpus_documents):
 HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
 
 
+@contextlib.contextmanager
+def warnings_on_stderr():
+    """Every warning python shows by default is written to sys.stderr when it happens, as in the script's own
+    process (pytest would otherwise collect them aside)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, HIDDEN_WARNINGS):
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield
+
+
+def exit_code_of(main, argv, seconds=300):
+    """main(argv)'s return value, or the code of the sys.exit it ends with (argparse's usage errors); the test fails
+    after `seconds` (SIGALRM) rather than wait forever on a main that never ends."""
+
+    def expire(signum, frame):
+        pytest.fail(f"{main.__module__}.main ran over {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        with warnings_on_stderr():
+            return main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture
 def run_main(capsys):
-    """main(argv) -> (its return value or sys.exit code, stdout, stderr); the warnings that python shows by default
-    (not the deprecation, import and resource ones) are on stderr, where the script's own process prints them."""
+    """run(main, *argv) -> (its return value or sys.exit code, stdout, stderr), in this process."""
 
     def run(main, *argv):
-        def show(message, category, filename, lineno, file=None, line=None):
-            if not issubclass(category, HIDDEN_WARNINGS):
-                sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = show
-            try:
-                code = main([str(a) for a in argv])
-            except SystemExit as e:  # argparse's usage errors, and a main that ends with sys.exit
-                code = e.code
+        code = exit_code_of(main, argv)
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def call_main():
+    """run_main for fixtures of any scope: call(main, *argv) -> (exit code, stdout, stderr), in this process."""
+
+    def call(main, *argv):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = exit_code_of(main, argv)
+        return code, out.getvalue(), err.getvalue()
+
+    return call
 
 
 @pytest.fixture
