@@ -12,6 +12,7 @@
 - `lock_in_another_process`: common.directory_lock tried from a second Python process.
 - `trained_log`: the log directory of a real 6-step train_gpt2.py run of a tiny GPT, and
   `exported_run`: export.py's folder of its latest checkpoint (the notebook, export and sample tests).
+- `cpu_demo`: the demo's run on the CPU, 8 steps (test_gpu's and test_train's demo tests).
 """
 
 import contextlib
@@ -269,3 +270,17 @@ def exported_run(trained_log, tmp_path_factory):
     directory = tmp_path_factory.mktemp("exported") / "tiny-gpt2"
     assert export.main([str(trained_log), str(directory)]) == 0
     return directory
+
+
+@pytest.fixture(scope="session")
+def cpu_demo(tmp_path_factory):
+    """The demo on the CPU with dtype and compile left to the device, 8 steps, val loss over 2,048 tokens, its data
+    made by the run (test_gpu.run_demo_with_auto_defaults): test_gpu checks the run, test_train's demo test what
+    `--demo` does."""
+    from test_gpu import run_demo_with_auto_defaults
+    from test_train import HELLASWAG
+
+    directory = tmp_path_factory.mktemp("demo")
+    hellaswag_file = directory / "hellaswag_val.jsonl"
+    hellaswag_file.write_text("".join(json.dumps({"ctx": c, "endings": e, "label": n}) + "\n" for c, e, n in HELLASWAG))
+    return run_demo_with_auto_defaults("cpu", directory, str(hellaswag_file), steps=8, val_tokens=2048)

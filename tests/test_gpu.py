@@ -10,6 +10,7 @@ GPT-2's vocabulary comes from GPT2_TIKTOKEN_FILE (tokenizer.py); nothing here ne
 """
 
 import gc
+import io
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import replace
 
 import pytest
@@ -52,7 +53,11 @@ def hellaswag_file(tmp_path_factory):
 # The demo with the auto defaults: loss falls; val loss, HellaSwag and samples; no recompiles
 
 
-def check_demo_with_auto_defaults(device, tmp_path, hellaswag_file, monkeypatch, capsys, steps):
+def run_demo_with_auto_defaults(device, directory, hellaswag_file, steps, val_tokens):
+    """train_gpt2.py on the demo's settings in `directory` (its data made there by the run), dtype and compile left to
+    the device, `steps` steps with val (over val_tokens), HellaSwag and samples at 0, steps/2 and the end -> its argv,
+    exit code, what it printed, its log and data directories, and the graphs compiled after each training step."""
+    torch._dynamo.reset()  # compiles from nothing, as a new process does
     counters = torch._dynamo.utils.counters
     before = counters["stats"]["unique_graphs"]  # the count runs over the whole process
     graphs = []  # graphs compiled by this run, after each training step (and the evaluations before it)
@@ -63,44 +68,52 @@ def check_demo_with_auto_defaults(device, tmp_path, hellaswag_file, monkeypatch,
         return result
 
     train_step = train_gpt2.train_step
-    monkeypatch.setattr(train_gpt2, "train_step", counting_train_step)
-    log, half = tmp_path / "log", steps // 2
+    log, half = directory / "log", steps // 2
     # demo.toml pins float32 and no compile (the CPU demo), and no flag gives either back to the device: its copy
     # without those two lines (demo = true in it: the same data and preset otherwise)
-    settings = tmp_path / "demo-auto.toml"
+    settings = directory / "demo-auto.toml"
     with open(train_gpt2.DEMO_CONFIG) as f:
         settings.write_text("".join(line for line in f if not line.startswith(("dtype ", "compile "))))
-    assert (
-        main(
-            [
-                "--config",
-                str(settings),
-                "--device",
-                device,
-                "--data-dir",
-                str(tmp_path / "demo_data"),
-                "--log-dir",
-                str(log),
-                "--hellaswag-file",
-                hellaswag_file,
-                "--max-steps",
-                str(steps),
-                "--warmup-steps",
-                str(steps // 5),
-                "--eval-interval",
-                str(half),
-                "--hellaswag-interval",
-                str(half),
-                "--sample-interval",
-                str(half),
-                "--sample-tokens",
-                "16",
-            ]
-        )
-        == 0
-    )
+    argv = [
+        "--config",
+        str(settings),
+        "--device",
+        device,
+        "--data-dir",
+        str(directory / "demo_data"),
+        "--log-dir",
+        str(log),
+        "--hellaswag-file",
+        hellaswag_file,
+        "--max-steps",
+        str(steps),
+        "--warmup-steps",
+        str(steps // 5),
+        "--eval-interval",
+        str(half),
+        "--val-tokens",
+        str(val_tokens),
+        "--hellaswag-interval",
+        str(half),
+        "--sample-interval",
+        str(half),
+        "--sample-tokens",
+        "16",
+    ]
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as monkeypatch, redirect_stdout(out):
+        monkeypatch.setattr(train_gpt2, "train_step", counting_train_step)
+        code = main(argv)
+    return dict(argv=argv, code=code, out=out.getvalue(), log=log, data=directory / "demo_data", graphs=graphs)
+
+
+def check_demo_with_auto_defaults(device, run, steps):
+    """The demo's run with the auto defaults (run_demo_with_auto_defaults): loss falls; val loss, HellaSwag and
+    samples; no recompiles -> the dtype and compile it resolved."""
+    assert run["code"] == 0
+    log, half, graphs = run["log"], steps // 2, run["graphs"]
     dtype, compiled = resolve_dtype("auto", torch.device(device)), common.compile_by_default(torch.device(device))
-    out = capsys.readouterr().out
+    out = run["out"]
     assert f"dtype {dtype} (auto), compile {'on' if compiled else 'off'} (auto); " in out
     assert "tokens per step = 8 x 128 x 1 devices x 2 micro steps; " in out  # demo.toml's micro batch
     config = checkpoint(log, steps)["config"]
@@ -122,18 +135,18 @@ def check_demo_with_auto_defaults(device, tmp_path, hellaswag_file, monkeypatch,
 
 @pytest.mark.gpu
 @needs_cuda
-def test_demo_on_cuda_with_bf16_and_compile(tmp_path, hellaswag_file, monkeypatch, capsys):
-    dtype, compiled = check_demo_with_auto_defaults("cuda", tmp_path, hellaswag_file, monkeypatch, capsys, steps=150)
+def test_demo_on_cuda_with_bf16_and_compile(tmp_path, hellaswag_file):
+    run = run_demo_with_auto_defaults("cuda", tmp_path, hellaswag_file, steps=150, val_tokens=8192)  # demo.toml's
+    dtype, compiled = check_demo_with_auto_defaults("cuda", run, steps=150)
     if torch.cuda.get_device_capability() >= (8, 0):
         assert dtype == "bfloat16"
     assert compiled  # Triton works on this GPU: torch.compile is on
 
 
-def test_demo_on_cpu_with_the_auto_defaults(tmp_path, hellaswag_file, monkeypatch, capsys):
-    assert check_demo_with_auto_defaults("cpu", tmp_path, hellaswag_file, monkeypatch, capsys, steps=8) == (
-        "float32",
-        False,
-    )
+def test_demo_on_cpu_with_the_auto_defaults(cpu_demo):
+    # conftest's cpu_demo: run_demo_with_auto_defaults on "cpu", 8 steps, val loss over 2,048 tokens (test_train's
+    # demo test reads the same run)
+    assert check_demo_with_auto_defaults("cpu", cpu_demo, steps=8) == ("float32", False)
 
 
 # -----------------------------------------------------------------------------
