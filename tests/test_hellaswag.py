@@ -662,8 +662,19 @@ def test_unloadable_model_is_one_line(data_file, tmp_path, run_main):
     assert not predictions.exists()
 
 
+def checkpoint_of(hf_gpt2_dir, path):
+    """hf_gpt2_dir's GPT-2 as a train_gpt2.py-style checkpoint at path: the torchrun tests' model, which their ranks
+    load without importing transformers (seconds of CPU in every process)."""
+    model = GPT.from_pretrained(hf_gpt2_dir)
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "step": 10}, path)
+    return str(path)
+
+
 @pytest.mark.multiprocess
 def test_torchrun_splits_examples_and_reduces(hf_gpt2_dir, data_file, reference, tmp_path):
+    # The ranks score hf_gpt2_dir's weights from a checkpoint of them (as test_checkpoint_and_its_hf_export_...
+    # shows, a checkpoint and the Hugging Face folder score identically).
+    model = checkpoint_of(hf_gpt2_dir, tmp_path / "step_00000010.pt")
     predictions = tmp_path / "predictions.jsonl"
     proc = subprocess.run(
         [
@@ -675,7 +686,7 @@ def test_torchrun_splits_examples_and_reduces(hf_gpt2_dir, data_file, reference,
             "2",
             SCRIPT,
             "-m",
-            hf_gpt2_dir,
+            model,
             "--data",
             data_file,
             "--device",
@@ -706,12 +717,12 @@ def test_torchrun_splits_examples_and_reduces(hf_gpt2_dir, data_file, reference,
 @pytest.mark.multiprocess
 def test_under_torchrun_a_file_missing_on_rank_1_ends_both_ranks_with_its_message(hf_gpt2_dir, data_file, tmp_path):
     # As when one node lacks the file: rank 1 is handed a path that does not exist, rank 0 the real one.
-    missing = str(tmp_path / "not-on-this-node.jsonl")
+    missing, model = str(tmp_path / "not-on-this-node.jsonl"), checkpoint_of(hf_gpt2_dir, tmp_path / "model.pt")
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(
         f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport hellaswag\n"
         f"data = {missing!r} if os.environ['RANK'] == '1' else {data_file!r}\n"
-        f"hellaswag.main(['-m', {hf_gpt2_dir!r}, '--device', 'cpu', '--data', data])\n"
+        f"hellaswag.main(['-m', {model!r}, '--device', 'cpu', '--data', data])\n"
     )
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper)],
