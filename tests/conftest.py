@@ -82,11 +82,13 @@ HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
 @contextlib.contextmanager
 def warnings_on_stderr():
     """Every warning python shows by default is written to sys.stderr when it happens, as in the script's own
-    process (pytest would otherwise collect them aside)."""
+    process; pytest still gets every warning for its summary."""
+    pytests = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         if not issubclass(category, HIDDEN_WARNINGS):
             sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+        pytests(message, category, filename, lineno, file, line)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
