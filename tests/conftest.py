@@ -7,20 +7,26 @@
 - `hf_gpt2_dir`: a randomly initialised transformers GPT2LMHeadModel saved with save_pretrained,
   the offline stand-in for OpenAI's weights.
 - `data_dir`: that corpus as train_gpt2.py's shards (fineweb.write_shards, 4,096 tokens each).
-- `run_main`: a script's main(argv) run in-process, giving (exit code, stdout, stderr).
+- `run_main`: a script's main(argv) run in-process, giving (exit code, stdout, stderr), with the warnings
+  python would print on stderr; `call_main`: the same for fixtures of any scope.
 - `lock_in_another_process`: common.directory_lock tried from a second Python process.
 - `flaky_server`: the FlakyServer class, a local HTTP server that counts its requests (HellaSwag's download).
 - `trained_log`: the log directory of a real 6-step train_gpt2.py run of a tiny GPT, and
   `exported_run`: export.py's folder of its latest checkpoint (the notebook, export and sample tests).
+- `cpu_demo`: the demo's run on the CPU, 8 steps (test_gpu's and test_train's demo tests).
 """
 
+import contextlib
 import http.server
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 
 # No test may touch the network: without these a hub call retries for ~25 s before failing.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -72,17 +78,78 @@ def data_dir(tmp_path_factory, corpus_documents):
     return str(path)
 
 
+# What python does not show by default (outside __main__): the others reach a script's stderr.
+HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+@contextlib.contextmanager
+def warnings_on_stderr():
+    """Every warning python shows by default is written to sys.stderr when it happens, as in the script's own
+    process; pytest still gets every warning for its summary."""
+    pytests = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, HIDDEN_WARNINGS):
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+        pytests(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield
+
+
+def exit_code_of(main, argv, seconds=300):
+    """main(argv)'s return value, or the code of the sys.exit it ends with (argparse's usage errors); the test fails
+    after `seconds` (SIGALRM) rather than wait forever on a main that never ends. A deadline already set (a
+    fixture's, as in test_fineweb.py) is left as it is, and bounds this call too."""
+    if signal.getitimer(signal.ITIMER_REAL)[0]:
+        return call_main_of(main, argv)
+
+    def expire(signum, frame):
+        pytest.fail(f"{main.__module__}.main ran over {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        return call_main_of(main, argv)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def call_main_of(main, argv):
+    """main(argv)'s return value or sys.exit code, with the warnings python shows by default on stderr."""
+    with warnings_on_stderr():
+        try:
+            return main([str(a) for a in argv])
+        except SystemExit as e:
+            return e.code
+
+
 @pytest.fixture
 def run_main(capsys):
+    """run(main, *argv) -> (its return value or sys.exit code, stdout, stderr), in this process."""
+
     def run(main, *argv):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as e:  # argparse's usage errors
-            code = e.code
+        code = exit_code_of(main, argv)
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def call_main():
+    """run_main for fixtures of any scope: call(main, *argv) -> (exit code, stdout, stderr), in this process."""
+
+    def call(main, *argv):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = exit_code_of(main, argv)
+        return code, out.getvalue(), err.getvalue()
+
+    return call
 
 
 @pytest.fixture
@@ -259,3 +326,17 @@ def exported_run(trained_log, tmp_path_factory):
     directory = tmp_path_factory.mktemp("exported") / "tiny-gpt2"
     assert export.main([str(trained_log), str(directory)]) == 0
     return directory
+
+
+@pytest.fixture(scope="session")
+def cpu_demo(tmp_path_factory):
+    """The demo on the CPU with dtype and compile left to the device, 8 steps, val loss over 2,048 tokens, its data
+    made by the run (test_gpu.run_demo_with_auto_defaults): test_gpu checks the run, test_train's demo test what
+    `--demo` does."""
+    from test_gpu import run_demo_with_auto_defaults
+    from test_train import HELLASWAG
+
+    directory = tmp_path_factory.mktemp("demo")
+    hellaswag_file = directory / "hellaswag_val.jsonl"
+    hellaswag_file.write_text("".join(json.dumps({"ctx": c, "endings": e, "label": n}) + "\n" for c, e, n in HELLASWAG))
+    return run_demo_with_auto_defaults("cpu", directory, str(hellaswag_file), steps=8, val_tokens=2048)

@@ -38,17 +38,19 @@ def ns_flops(shapes, steps=5):
     return sum(steps * (2 * m * m * n + 2 * m * m * m + 2 * m * m * n) for m, n in (sorted(s) for s in shapes))
 
 
-def run_bench(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
+def run_bench(call_main, *args):
+    """`python bench.py ARGS` as bench.main in this process (conftest's call_main): its exit code, stdout and stderr.
+    The ddp section's ranks are processes of their own, as they are from the command line."""
+    import bench
+
+    return subprocess.CompletedProcess(["bench.py", *args], *call_main(bench.main, *args))
 
 
 @pytest.fixture(scope="module")
-def eager_result():
+def eager_result(call_main):
     """Every single-process section, eager, float32 and bf16 autocast, on the test preset (a 2-layer GPT)."""
     sections = "matmul,train,optimizer,data,sample,hellaswag,fineweb"
-    proc = run_bench("--preset", "test", "--modes", "eager", "--sections", sections, "--json")
+    proc = run_bench(call_main, "--preset", "test", "--modes", "eager", "--sections", sections, "--json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -236,9 +238,9 @@ def test_table_has_a_row_per_measurement(eager_result, capsys):
 
 
 @pytest.mark.multiprocess
-def test_ddp_section_runs_train_step_on_two_ranks(eager_result):
+def test_ddp_section_runs_train_step_on_two_ranks(eager_result, call_main):
     """bench.py starts itself under torch.distributed.run: 2 gloo ranks, a row for each setting."""
-    proc = run_bench("--preset", "test", "--sections", "ddp", "--modes", "eager", "--json")
+    proc = run_bench(call_main, "--preset", "test", "--sections", "ddp", "--modes", "eager", "--json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["ddp"]
     assert [(r["gradient_as_bucket_view"], r["bucket_cap_mb"]) for r in rows] == [
@@ -260,9 +262,10 @@ def test_ddp_section_runs_train_step_on_two_ranks(eager_result):
         assert r["held_memory_bytes"] == pytest.approx(copies * 4 * PARAMETERS, rel=0.1)
 
 
-def test_compiled_step_does_not_recompile():
+def test_compiled_step_does_not_recompile(call_main):
     """One compiled float32 step after the compiling one (CPU inductor takes ~20-30 s)."""
     proc = run_bench(
+        call_main,
         "--preset",
         "test",
         "--sections",
@@ -283,9 +286,9 @@ def test_compiled_step_does_not_recompile():
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in r["attention_kernels"]
 
 
-def test_bad_flags_exit_2_with_one_line():
+def test_bad_flags_exit_2_with_one_line(call_main):
     proc = run_bench(
-        "--preset", "test", "--dtypes", "float64", "--seq-len", "128", "--sections", "train,nope,data",
+        call_main, "--preset", "test", "--dtypes", "float64", "--seq-len", "128", "--sections", "train,nope,data",
         "--data-tokens", "4200", "--ddp-processes", "1", "--ddp-bucket-mb", "25,0",
     )  # fmt: skip
     assert proc.returncode == 2 and proc.stdout == ""
@@ -313,14 +316,16 @@ def test_demo_preset_is_train_gpt2_demo_model_and_flags_win():
         assert getattr(config, key) == demo[key], key
 
 
-def test_missing_hellaswag_file_is_a_usage_error(tmp_path):
-    proc = run_bench("--preset", "test", "--sections", "hellaswag", "--hellaswag-file", str(tmp_path / "none.jsonl"))
+def test_missing_hellaswag_file_is_a_usage_error(tmp_path, call_main):
+    proc = run_bench(
+        call_main, "--preset", "test", "--sections", "hellaswag", "--hellaswag-file", str(tmp_path / "none.jsonl")
+    )
     assert proc.returncode == 2 and "--hellaswag-file" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_float16_steps_with_the_gradient_scaler_and_mfu_uses_the_given_peak():
+def test_float16_steps_with_the_gradient_scaler_and_mfu_uses_the_given_peak(call_main):
     proc = run_bench(
-        "--preset", "test", "--sections", "matmul,train", "--modes", "eager", "--dtypes", "float16,float32",
+        call_main, "--preset", "test", "--sections", "matmul,train", "--modes", "eager", "--dtypes", "float16,float32",
         "--peak-flops", "1e12", "--json",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

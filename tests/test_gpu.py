@@ -10,6 +10,7 @@ GPT-2's vocabulary comes from GPT2_TIKTOKEN_FILE (tokenizer.py); nothing here ne
 """
 
 import gc
+import io
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import replace
 
 import pytest
@@ -52,7 +53,11 @@ def hellaswag_file(tmp_path_factory):
 # The demo with the auto defaults: loss falls; val loss, HellaSwag and samples; no recompiles
 
 
-def check_demo_with_auto_defaults(device, tmp_path, hellaswag_file, monkeypatch, capsys, steps):
+def run_demo_with_auto_defaults(device, directory, hellaswag_file, steps, val_tokens):
+    """train_gpt2.py on the demo's settings in `directory` (its data made there by the run), dtype and compile left to
+    the device, `steps` steps with val (over val_tokens), HellaSwag and samples at 0, steps/2 and the end -> its argv,
+    exit code, what it printed, its log and data directories, and the graphs compiled after each training step."""
+    torch._dynamo.reset()  # compiles from nothing, as a new process does
     counters = torch._dynamo.utils.counters
     before = counters["stats"]["unique_graphs"]  # the count runs over the whole process
     graphs = []  # graphs compiled by this run, after each training step (and the evaluations before it)
@@ -63,44 +68,52 @@ def check_demo_with_auto_defaults(device, tmp_path, hellaswag_file, monkeypatch,
         return result
 
     train_step = train_gpt2.train_step
-    monkeypatch.setattr(train_gpt2, "train_step", counting_train_step)
-    log, half = tmp_path / "log", steps // 2
+    log, half = directory / "log", steps // 2
     # demo.toml pins float32 and no compile (the CPU demo), and no flag gives either back to the device: its copy
     # without those two lines (demo = true in it: the same data and preset otherwise)
-    settings = tmp_path / "demo-auto.toml"
+    settings = directory / "demo-auto.toml"
     with open(train_gpt2.DEMO_CONFIG) as f:
         settings.write_text("".join(line for line in f if not line.startswith(("dtype ", "compile "))))
-    assert (
-        main(
-            [
-                "--config",
-                str(settings),
-                "--device",
-                device,
-                "--data-dir",
-                str(tmp_path / "demo_data"),
-                "--log-dir",
-                str(log),
-                "--hellaswag-file",
-                hellaswag_file,
-                "--max-steps",
-                str(steps),
-                "--warmup-steps",
-                str(steps // 5),
-                "--eval-interval",
-                str(half),
-                "--hellaswag-interval",
-                str(half),
-                "--sample-interval",
-                str(half),
-                "--sample-tokens",
-                "16",
-            ]
-        )
-        == 0
-    )
+    argv = [
+        "--config",
+        str(settings),
+        "--device",
+        device,
+        "--data-dir",
+        str(directory / "demo_data"),
+        "--log-dir",
+        str(log),
+        "--hellaswag-file",
+        hellaswag_file,
+        "--max-steps",
+        str(steps),
+        "--warmup-steps",
+        str(steps // 5),
+        "--eval-interval",
+        str(half),
+        "--val-tokens",
+        str(val_tokens),
+        "--hellaswag-interval",
+        str(half),
+        "--sample-interval",
+        str(half),
+        "--sample-tokens",
+        "16",
+    ]
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as monkeypatch, redirect_stdout(out):
+        monkeypatch.setattr(train_gpt2, "train_step", counting_train_step)
+        code = main(argv)
+    return dict(argv=argv, code=code, out=out.getvalue(), log=log, data=directory / "demo_data", graphs=graphs)
+
+
+def check_demo_with_auto_defaults(device, run, steps):
+    """The demo's run with the auto defaults (run_demo_with_auto_defaults): loss falls; val loss, HellaSwag and
+    samples; no recompiles -> the dtype and compile it resolved."""
+    assert run["code"] == 0
+    log, half, graphs = run["log"], steps // 2, run["graphs"]
     dtype, compiled = resolve_dtype("auto", torch.device(device)), common.compile_by_default(torch.device(device))
-    out = capsys.readouterr().out
+    out = run["out"]
     assert f"dtype {dtype} (auto), compile {'on' if compiled else 'off'} (auto); " in out
     assert "tokens per step = 8 x 128 x 1 devices x 2 micro steps; " in out  # demo.toml's micro batch
     config = checkpoint(log, steps)["config"]
@@ -122,18 +135,18 @@ def check_demo_with_auto_defaults(device, tmp_path, hellaswag_file, monkeypatch,
 
 @pytest.mark.gpu
 @needs_cuda
-def test_demo_on_cuda_with_bf16_and_compile(tmp_path, hellaswag_file, monkeypatch, capsys):
-    dtype, compiled = check_demo_with_auto_defaults("cuda", tmp_path, hellaswag_file, monkeypatch, capsys, steps=150)
+def test_demo_on_cuda_with_bf16_and_compile(tmp_path, hellaswag_file):
+    run = run_demo_with_auto_defaults("cuda", tmp_path, hellaswag_file, steps=150, val_tokens=8192)  # demo.toml's
+    dtype, compiled = check_demo_with_auto_defaults("cuda", run, steps=150)
     if torch.cuda.get_device_capability() >= (8, 0):
         assert dtype == "bfloat16"
     assert compiled  # Triton works on this GPU: torch.compile is on
 
 
-def test_demo_on_cpu_with_the_auto_defaults(tmp_path, hellaswag_file, monkeypatch, capsys):
-    assert check_demo_with_auto_defaults("cpu", tmp_path, hellaswag_file, monkeypatch, capsys, steps=8) == (
-        "float32",
-        False,
-    )
+def test_demo_on_cpu_with_the_auto_defaults(cpu_demo):
+    # conftest's cpu_demo: run_demo_with_auto_defaults on "cpu", 8 steps, val loss over 2,048 tokens (test_train's
+    # demo test reads the same run)
+    assert check_demo_with_auto_defaults("cpu", cpu_demo, steps=8) == ("float32", False)
 
 
 # -----------------------------------------------------------------------------
@@ -186,22 +199,23 @@ def device_args(data_dir, log_dir, device, *flags):
     return [flag for flag in args(data_dir, log_dir, "--device", device, *flags) if flag != "--no-compile"]
 
 
-def check_stop_and_resume(device, data_dir, tmp_path, tolerance, *flags):
-    """A run stopped at step 4 and relaunched against one straight run of 8 steps (tiny GPT)."""
+def check_stop_and_resume(device, data_dir, tmp_path, tolerance, *flags, steps=8):
+    """A run stopped half way and relaunched against one straight run of `steps` steps (tiny GPT)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    for log_dir, stop in ((straight, ()), (resumed, ("--stop-at-step", "4")), (resumed, ())):
+    length = ("--max-steps", str(steps))
+    for log_dir, stop in ((straight, ()), (resumed, ("--stop-at-step", str(steps // 2))), (resumed, ())):
         torch._dynamo.reset()  # each launch compiles afresh, as a new process does
-        assert main(device_args(data_dir, log_dir, device, *flags, *stop)) == 0
+        assert main(device_args(data_dir, log_dir, device, *flags, *length, *stop)) == 0
     for key in ("train_loss", "grad_norm", "val_loss"):
         got, want = series(resumed, key), series(straight, key)
         assert got.keys() == want.keys()
         for step in want:
             assert got[step] == pytest.approx(want[step], rel=tolerance, abs=0), (key, step)
     losses = series(straight, "train_loss")
-    assert all(math.isfinite(v) for v in losses.values()) and losses[7] < losses[0] - 0.5
+    assert all(math.isfinite(v) for v in losses.values()) and losses[steps - 1] < losses[0] - 0.5
     # float16's loss scale and its count of good steps continue across the relaunch
-    assert checkpoint(resumed, 8).get("scaler") == checkpoint(straight, 8).get("scaler")  # None: no scaler
-    return checkpoint(straight, 8)
+    assert checkpoint(resumed, steps).get("scaler") == checkpoint(straight, steps).get("scaler")  # None: no scaler
+    return checkpoint(straight, steps)
 
 
 @pytest.mark.gpu
@@ -226,9 +240,11 @@ def test_stop_and_resume_on_cpu_with_the_auto_defaults_is_bitwise(data_dir, tmp_
 
 
 def test_float16_with_the_scaler_trains_and_resumes_bitwise_on_cpu(data_dir, tmp_path):
-    final = check_stop_and_resume("cpu", data_dir, tmp_path, 0, "--dtype", "float16")
-    # 8 good steps in a row: the resumed run counted on from the checkpoint's 4, not from 0
-    assert final["scaler"]["scale"] == 2.0**16 and final["scaler"]["_growth_tracker"] == 8
+    # 4 steps, stopped after 2: float16's matmuls are emulated on a CPU (about 1 s a step here); the loss falls
+    # 10.81 -> 10.18 (0.5 asked)
+    final = check_stop_and_resume("cpu", data_dir, tmp_path, 0, "--dtype", "float16", steps=4)
+    # 4 good steps in a row: the resumed run counted on from the checkpoint's 2, not from 0
+    assert final["scaler"]["scale"] == 2.0**16 and final["scaler"]["_growth_tracker"] == 4
 
 
 # -----------------------------------------------------------------------------

@@ -458,23 +458,12 @@ def test_a_plain_download_is_checked_against_the_pinned_size_and_sha256(tmp_path
 # The command line
 
 
-def run_cli(*args, env=None):
-    return subprocess.run(
-        [sys.executable, SCRIPT, *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        timeout=300,
-    )
-
-
 def read_predictions(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
-def test_checkpoint_and_its_hf_export_score_identically(hf_gpt2_dir, data_file, reference, tmp_path):
+def test_checkpoint_and_its_hf_export_score_identically(hf_gpt2_dir, data_file, reference, tmp_path, run_main):
     # A train_gpt2.py-style checkpoint with a padded vocabulary, and its export to HF format.
     model = GPT.from_pretrained(hf_gpt2_dir, vocab_size=50304)
     checkpoint = tmp_path / "step_00000010.pt"
@@ -485,7 +474,8 @@ def test_checkpoint_and_its_hf_export_score_identically(hf_gpt2_dir, data_file, 
     outputs = {}
     for name, path in (("checkpoint", checkpoint), ("export", export)):
         predictions = tmp_path / f"{name}.jsonl"
-        proc = run_cli(
+        code, out, err = run_main(
+            hellaswag.main,
             "-m",
             str(path),
             "--data",
@@ -499,8 +489,8 @@ def test_checkpoint_and_its_hf_export_score_identically(hf_gpt2_dir, data_file, 
             "--predictions",
             str(predictions),
         )
-        assert proc.returncode == 0, proc.stderr
-        outputs[name] = (proc.stdout.strip().splitlines()[-1], read_predictions(predictions))
+        assert code is None, err  # main returned: exit code 0
+        outputs[name] = (out.strip().splitlines()[-1], read_predictions(predictions))
 
     line, predictions = outputs["checkpoint"]
     assert outputs["export"][0] == line
@@ -529,22 +519,25 @@ def bad_lines(examples):
 
 
 @pytest.mark.parametrize("case", ["not JSON", "missing key", "three endings", "label out of range"])
-def test_malformed_line_stops_with_its_line_number(case, examples, hf_gpt2_dir, tmp_path):
+def test_malformed_line_stops_with_its_line_number(case, examples, hf_gpt2_dir, tmp_path, run_main):
     cases, good = bad_lines(examples)
     bad, message = cases[case]
     data = tmp_path / "bad.jsonl"
     data.write_text(f"{good}\n{good}\n{bad}\n{good}\n", encoding="utf-8")
     predictions = tmp_path / "predictions.jsonl"
-    proc = run_cli("-m", hf_gpt2_dir, "--data", str(data), "--device", "cpu", "--predictions", str(predictions))
-    assert proc.returncode == 1
-    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"{data} {message}" in proc.stderr
+    code, _, err = run_main(
+        hellaswag.main, "-m", hf_gpt2_dir, "--data", data, "--device", "cpu", "--predictions", predictions
+    )
+    assert code == 1
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{data} {message}" in err
     assert os.listdir(tmp_path) == ["bad.jsonl"]  # no predictions, not even a temp file
 
 
-def test_usage_errors_are_listed_together(tmp_path):
+def test_usage_errors_are_listed_together(tmp_path, run_main):
     predictions = tmp_path / "predictions.jsonl"
-    proc = run_cli(
+    code, _, err = run_main(
+        hellaswag.main,
         "-m",
         str(tmp_path / "nothing.pt"),
         "--data",
@@ -554,10 +547,10 @@ def test_usage_errors_are_listed_together(tmp_path):
         "--predictions",
         str(predictions),
     )
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err, err
     for flag in ("--model", "--data", "batch_size=0"):
-        assert flag in proc.stderr
+        assert flag in err
     assert os.listdir(tmp_path) == []
 
 
@@ -601,36 +594,51 @@ def test_a_disk_error_while_writing_the_predictions_is_one_line_exit_1(
     assert "Traceback" not in err and not (tmp_path / "predictions.jsonl").exists()
 
 
-def test_predictions_path_is_checked_before_the_evaluation(data_file, hf_gpt2_dir, tmp_path):
+def test_predictions_path_is_checked_before_the_evaluation(data_file, hf_gpt2_dir, tmp_path, run_main):
     (tmp_path / "a_file").write_text("not a directory")
     for predictions, phrase in ((tmp_path, "is a directory"), (tmp_path / "a_file" / "p.jsonl", "you can write in")):
-        proc = run_cli("-m", hf_gpt2_dir, "--data", data_file, "--device", "cpu", "--predictions", str(predictions))
-        assert proc.returncode == 2 and proc.stdout == ""  # refused before the model was even loaded
-        assert proc.stderr.count("\n") == 1 and "--predictions" in proc.stderr and phrase in proc.stderr, proc.stderr
+        code, out, err = run_main(
+            hellaswag.main, "-m", hf_gpt2_dir, "--data", data_file, "--device", "cpu", "--predictions", predictions
+        )
+        assert code == 2 and out == ""  # refused before the model was even loaded
+        assert err.count("\n") == 1 and "--predictions" in err and phrase in err, err
 
 
-def test_a_file_that_is_not_a_checkpoint_is_one_line(data_file, tmp_path):
+def test_a_file_that_is_not_a_checkpoint_is_one_line(data_file, tmp_path, run_main):
     fake = tmp_path / "fake.pt"
     fake.write_text("these are notes, not weights")
-    proc = run_cli("-m", str(fake), "--data", data_file, "--device", "cpu")
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"cannot load model {fake}" in proc.stderr and "is not a readable checkpoint" in proc.stderr
-    assert "weights_only" not in proc.stderr
+    code, _, err = run_main(hellaswag.main, "-m", fake, "--data", data_file, "--device", "cpu")
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"cannot load model {fake}" in err and "is not a readable checkpoint" in err
+    assert "weights_only" not in err
 
 
-def test_unloadable_model_is_one_line(data_file, tmp_path):
+def test_unloadable_model_is_one_line(data_file, tmp_path, run_main):
     not_a_model = tmp_path / "not_a_model"
     not_a_model.mkdir()
     predictions = tmp_path / "predictions.jsonl"
-    proc = run_cli("-m", str(not_a_model), "--data", data_file, "--device", "cpu", "--predictions", str(predictions))
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"hellaswag.py: error: cannot load model {not_a_model}")
-    assert "Traceback" not in proc.stderr
+    code, _, err = run_main(
+        hellaswag.main, "-m", not_a_model, "--data", data_file, "--device", "cpu", "--predictions", predictions
+    )
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith(f"hellaswag.py: error: cannot load model {not_a_model}")
+    assert "Traceback" not in err
     assert not predictions.exists()
+
+
+def checkpoint_of(hf_gpt2_dir, path):
+    """hf_gpt2_dir's GPT-2 as a train_gpt2.py-style checkpoint at path: the torchrun tests' model, which their ranks
+    load without importing transformers (seconds of CPU in every process)."""
+    model = GPT.from_pretrained(hf_gpt2_dir)
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "step": 10}, path)
+    return str(path)
 
 
 @pytest.mark.multiprocess
 def test_torchrun_splits_examples_and_reduces(hf_gpt2_dir, data_file, reference, tmp_path):
+    # The ranks score hf_gpt2_dir's weights from a checkpoint of them (as test_checkpoint_and_its_hf_export_...
+    # shows, a checkpoint and the Hugging Face folder score identically).
+    model = checkpoint_of(hf_gpt2_dir, tmp_path / "step_00000010.pt")
     predictions = tmp_path / "predictions.jsonl"
     proc = subprocess.run(
         [
@@ -642,7 +650,7 @@ def test_torchrun_splits_examples_and_reduces(hf_gpt2_dir, data_file, reference,
             "2",
             SCRIPT,
             "-m",
-            hf_gpt2_dir,
+            model,
             "--data",
             data_file,
             "--device",
@@ -673,12 +681,12 @@ def test_torchrun_splits_examples_and_reduces(hf_gpt2_dir, data_file, reference,
 @pytest.mark.multiprocess
 def test_under_torchrun_a_file_missing_on_rank_1_ends_both_ranks_with_its_message(hf_gpt2_dir, data_file, tmp_path):
     # As when one node lacks the file: rank 1 is handed a path that does not exist, rank 0 the real one.
-    missing = str(tmp_path / "not-on-this-node.jsonl")
+    missing, model = str(tmp_path / "not-on-this-node.jsonl"), checkpoint_of(hf_gpt2_dir, tmp_path / "model.pt")
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(
         f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport hellaswag\n"
         f"data = {missing!r} if os.environ['RANK'] == '1' else {data_file!r}\n"
-        f"hellaswag.main(['-m', {hf_gpt2_dir!r}, '--device', 'cpu', '--data', data])\n"
+        f"hellaswag.main(['-m', {model!r}, '--device', 'cpu', '--data', data])\n"
     )
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper)],

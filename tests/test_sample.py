@@ -2,8 +2,6 @@
 own greedy generate."""
 
 import io
-import os
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +11,6 @@ import sample
 from logdir import model_from_checkpoint
 from model import GPT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "The following identifiers are used as reserved words"
 
 
@@ -114,36 +111,25 @@ def test_the_defaults_and_each_sampling_flag_reach_the_sampler(trained_log, toke
     assert code == 0 and out == PROMPT + expected + "\n", err
 
 
-def test_no_prompt_starts_a_new_document(trained_log, tokenizer, run_main):
+def test_no_prompt_starts_a_new_document(trained_log, tokenizer, run_main, monkeypatch):
     expected = continuation(latest_model(trained_log), tokenizer, [50256], 8, top_k=1)  # after <|endoftext|>
     code, out, err = run_main(sample.main, "-m", trained_log, "--prompt", "", "--top-k", "1", "--max-new-tokens", "8")
     assert code == 0 and out == expected + "\n", err
-    # An empty --prompt is a prompt: stdin is not read.
-    command = [
-        sys.executable,
-        "sample.py",
-        "-m",
-        str(trained_log),
-        "--prompt",
-        "",
-        "--top-k",
-        "1",
-        "--max-new-tokens",
-        "8",
-    ]
-    proc = subprocess.run(command, input="Once upon a time\n", capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0 and proc.stdout == out, proc.stderr
+    # An empty --prompt is a prompt: stdin, piped (not a terminal), is not read.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Once upon a time\n"))
+    again = run_main(sample.main, "-m", trained_log, "--prompt", "", "--top-k", "1", "--max-new-tokens", "8")
+    assert again == (code, out, err) and sys.stdin.read() == "Once upon a time\n"
 
 
-def test_prompt_from_stdin(trained_log, run_main):
+def test_prompt_from_stdin(trained_log, run_main, monkeypatch):
     code, expected, _ = run_main(
         sample.main, "-m", trained_log, "--prompt", "  Once upon a time", "--top-k", "1", "--max-new-tokens", "8"
     )
     assert code == 0 and expected.startswith("  Once upon a time")
-    command = [sys.executable, "sample.py", "-m", str(trained_log), "--top-k", "1", "--max-new-tokens", "8"]
-    proc = subprocess.run(command, input="  Once upon a time\n", capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == expected  # the line end that closes the input is not part of the prompt
+    monkeypatch.setattr(sys, "stdin", io.StringIO("  Once upon a time\n"))  # piped: not a terminal
+    code, out, err = run_main(sample.main, "-m", trained_log, "--top-k", "1", "--max-new-tokens", "8")
+    assert code == 0, err
+    assert out == expected  # the line end that closes the input is not part of the prompt
 
 
 def scripted_stream(rows, interrupt_after=None):

@@ -2,16 +2,12 @@
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import tiktoken
 
 import tokenizer
 from tokenizer import EOT, get_tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_offline_tokenizer_is_gpt2s():
@@ -22,29 +18,18 @@ def test_offline_tokenizer_is_gpt2s():
     assert enc.decode(enc.encode_ordinary(" naïve café, 1984!")) == " naïve café, 1984!"
 
 
-def test_a_wrong_vocabulary_file_is_refused_with_one_line(tmp_path, corpus_documents):
+def test_a_wrong_vocabulary_file_is_refused_with_one_line(tmp_path, corpus_documents, run_main, fresh_tokenizer):
+    import train_gpt2
+
     wrong = tmp_path / "gpt2.tiktoken"
     wrong.write_text(corpus_documents[0])
-    # In a fresh process, since get_tokenizer() is cached: the training script's error path.
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train_gpt2.py",
-            "--demo",
-            "--data-dir",
-            str(tmp_path / "d"),
-            "--log-dir",
-            str(tmp_path / "l"),
-        ],
-        cwd=ROOT,
-        env={**os.environ, "GPT2_TIKTOKEN_FILE": str(wrong)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert "is not GPT-2's vocabulary" in result.stderr and "GPT2_TIKTOKEN_FILE" in result.stderr
+    # The training script's error path, in this process: fresh_tokenizer empties get_tokenizer()'s cache before (the
+    # wrong file is read, as in a new process) and after (the right one again).
+    fresh_tokenizer.setenv("GPT2_TIKTOKEN_FILE", str(wrong))
+    code, _, err = run_main(train_gpt2.main, "--demo", "--data-dir", tmp_path / "d", "--log-dir", tmp_path / "l")
+    assert code == 1
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "is not GPT-2's vocabulary" in err and "GPT2_TIKTOKEN_FILE" in err
     assert not (tmp_path / "d").exists() and not (tmp_path / "l").exists()  # nothing written
 
 

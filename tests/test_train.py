@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import pytest
@@ -686,28 +686,28 @@ def test_a_corrupt_latest_checkpoint_falls_back_and_is_set_aside(straight, data_
 
 
 @pytest.mark.multiprocess
-def test_a_run_killed_mid_checkpoint_relaunched_finishes_like_one_never_killed(straight, data_dir, tmp_path):
+def test_a_run_killed_mid_checkpoint_relaunched_finishes_like_one_never_killed(straight, data_dir, tmp_path, run_main):
     argv = args(data_dir, tmp_path)
     result = hooked(["0:3:kill-in-checkpoint"], argv)  # SIGKILL with step 4's checkpoint half written
     assert result.returncode == -signal.SIGKILL
     assert [name for name in os.listdir(tmp_path / "checkpoints") if name.endswith(".tmp")]  # what the kill left
     assert sorted(series(tmp_path, "train_loss")) == [0, 1, 2, 3]
-    result = run_subprocess(argv)
-    assert result.returncode == 0, result.stderr
-    assert "resuming at step 2" in result.stdout
+    code, out, err = run_main(main, *argv)  # the relaunch, in this process
+    assert code == 0, err
+    assert "resuming at step 2" in out
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000004.pt", "step_00000006.pt", "step_00000008.pt"]
     assert series(tmp_path, "train_loss") == series(straight, "train_loss")  # also: no step twice
     assert series(tmp_path, "val_loss") == series(straight, "val_loss")
 
 
-def test_a_new_run_in_a_used_log_dir_is_refused_and_changes_nothing(straight, data_dir, tmp_path):
+def test_a_new_run_in_a_used_log_dir_is_refused_and_changes_nothing(straight, data_dir, tmp_path, run_main):
     log_dir = tmp_path / "run"
     shutil.copytree(straight, log_dir)
     before = snapshot(log_dir)
-    result = run_subprocess(args(data_dir, log_dir, "--resume", "never", "--seed", "2"))
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert f"{log_dir} holds a run (checkpoints, metrics.jsonl, log.txt" in result.stderr
-    assert "--resume auto" in result.stderr and "--overwrite" in result.stderr and "another --log-dir" in result.stderr
+    code, _, err = run_main(main, *args(data_dir, log_dir, "--resume", "never", "--seed", "2"))
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{log_dir} holds a run (checkpoints, metrics.jsonl, log.txt" in err
+    assert "--resume auto" in err and "--overwrite" in err and "another --log-dir" in err
     assert snapshot(log_dir) == before
 
 
@@ -793,8 +793,7 @@ def test_sigterm_mid_run_checkpoints_exits_0_and_the_relaunch_continues_exactly(
         "continue" in result.stdout
     )
     assert sorted(series(tmp_path, "train_loss")) == [0, 1, 2, 3]
-    result = run_subprocess(argv)
-    assert result.returncode == 0, result.stderr
+    assert main(argv) == 0  # the relaunch, in this process
     assert series(tmp_path, "train_loss") == series(straight, "train_loss")
     assert same_model(tmp_path, straight)
 
@@ -816,7 +815,7 @@ def test_ctrl_c_stops_cleanly_with_130_and_twice_quits_at_once(straight, data_di
         and lines[1].endswith("step_00000002.pt; relaunch the same command to resume")
     )
     assert sorted(series(tmp_path / "twice", "train_loss")) == [0, 1, 2]  # step 3 never ran
-    assert run_subprocess(args(data_dir, tmp_path / "twice")).returncode == 0
+    assert main(args(data_dir, tmp_path / "twice")) == 0  # the relaunch, in this process
     assert series(tmp_path / "twice", "train_loss") == series(straight, "train_loss")
 
 
@@ -847,9 +846,16 @@ def test_time_limit_stops_before_the_limit_with_room_for_a_step_and_a_checkpoint
     assert series(tmp_path, "train_loss") == series(straight, "train_loss")
 
 
-def test_an_injected_non_finite_loss_or_gradient_is_skipped_and_training_goes_on(data_dir, tmp_path):
-    # Step 2: a NaN loss. Step 3: a finite loss, but an inf in one weight's gradient (float32, no scaler).
-    result = hooked(["0:2:nan", "0:3:infgrad"], args(data_dir, tmp_path, "--keep-checkpoints", "4"))
+@pytest.fixture(scope="module")
+def non_finite(data_dir, tmp_path_factory):
+    """One process, 8 steps: a NaN loss at step 2; at step 3 a finite loss, but an inf in one weight's gradient
+    (float32, no scaler). The hooked run's result and its log directory."""
+    log_dir = tmp_path_factory.mktemp("non-finite")
+    return hooked(["0:2:nan", "0:3:infgrad"], args(data_dir, log_dir, "--keep-checkpoints", "4")), log_dir
+
+
+def test_an_injected_non_finite_loss_or_gradient_is_skipped_and_training_goes_on(non_finite, data_dir):
+    result, tmp_path = non_finite
     assert result.returncode == 0, result.stderr
     train = [r for r in metrics(tmp_path) if "train_loss" in r]
     assert [r["step"] for r in train] == list(range(STEPS))
@@ -944,23 +950,28 @@ def test_under_torchrun_only_rank_0_prints_and_every_rank_fails(data_dir, tmp_pa
 
 
 @pytest.mark.multiprocess
-def test_under_torchrun_a_non_finite_loss_or_gradient_on_one_rank_skips_the_step_on_every_rank(data_dir, tmp_path):
+def test_under_torchrun_a_non_finite_loss_or_gradient_on_one_rank_skips_the_step_on_every_rank(
+    non_finite, data_dir, tmp_path
+):
     # Rank 1 alone sees a NaN loss at step 2 and, under a finite loss, an inf gradient at step 3: both ranks
-    # skip both updates (else their weights would part: step 4 shows it), as one process does with the same faults.
-    flags = ("--stop-at-step", "5", "--keep-checkpoints", "4")
-    result = hooked(["1:2:nan", "1:3:infgrad"], args(data_dir, tmp_path / "ddp", *flags), torchrun=True)
+    # skip both updates (else their weights would part: step 4 shows it), as one process does with the same faults
+    # (the `non_finite` run).
+    result = hooked(
+        ["1:2:nan", "1:3:infgrad"], args(data_dir, tmp_path / "ddp", "--keep-checkpoints", "4"), torchrun=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert hooked(["0:2:nan", "0:3:infgrad"], args(data_dir, tmp_path / "one", *flags)).returncode == 0
+    one_result, one_dir = non_finite
+    assert one_result.returncode == 0, one_result.stderr
     assert [r["step"] for r in metrics(tmp_path / "ddp") if r.get("skipped")] == [2, 3]
-    ddp, one = series(tmp_path / "ddp", "grad_norm"), series(tmp_path / "one", "grad_norm")
-    assert ddp.keys() == one.keys() == {0, 1, 2, 3, 4} and ddp[2] is ddp[3] is one[2] is one[3] is None
-    assert all(ddp[s] == pytest.approx(one[s], abs=1e-5) for s in (0, 1, 4))
-    ddp, one = series(tmp_path / "ddp", "train_loss"), series(tmp_path / "one", "train_loss")
-    assert ddp[2] is one[2] is None and all(ddp[s] == pytest.approx(one[s], abs=1e-5) for s in (0, 1, 3, 4))
+    ddp, one = series(tmp_path / "ddp", "grad_norm"), series(one_dir, "grad_norm")
+    assert ddp.keys() == one.keys() == set(range(STEPS)) and ddp[2] is ddp[3] is one[2] is one[3] is None
+    assert all(ddp[s] == pytest.approx(one[s], abs=1e-5) for s in (0, 1, 4, 5, 6, 7))
+    ddp, one = series(tmp_path / "ddp", "train_loss"), series(one_dir, "train_loss")
+    assert ddp[2] is one[2] is None and all(ddp[s] == pytest.approx(one[s], abs=1e-5) for s in (0, 1, 3, 4, 5, 6, 7))
     # both ranks skipped both steps: the weights after step 3 are those after step 1, as in one process
     before, after = checkpoint(tmp_path / "ddp", 2)["model"], checkpoint(tmp_path / "ddp", 4)["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)
-    ddp, one = checkpoint(tmp_path / "ddp", 5)["model"], checkpoint(tmp_path / "one", 5)["model"]
+    ddp, one = checkpoint(tmp_path / "ddp", STEPS)["model"], checkpoint(one_dir, STEPS)["model"]
     assert all(torch.allclose(ddp[k], one[k], atol=1e-5) for k in one)
 
 
@@ -1793,7 +1804,9 @@ def test_mistaken_paths_get_one_line_naming_the_fix(straight, data_dir, tmp_path
 
 
 @pytest.mark.multiprocess
-def test_a_second_run_on_a_log_dir_in_use_is_refused_and_the_first_finishes_untouched(straight, data_dir, tmp_path):
+def test_a_second_run_on_a_log_dir_in_use_is_refused_and_the_first_finishes_untouched(
+    straight, data_dir, tmp_path, run_main
+):
     fifo = tmp_path / "go"
     os.mkfifo(fifo)
     argv = args(data_dir, tmp_path / "log")
@@ -1801,12 +1814,12 @@ def test_a_second_run_on_a_log_dir_in_use_is_refused_and_the_first_finishes_unto
         writer = fifo_writer(fifo, first.proc)  # once the first run waits at step 0, holding the log dir's lock
         assert writer is not None, first.wait()
         try:
-            second = run_subprocess(argv)
+            second_code, _, second_err = run_main(main, *argv)  # this process: another one than the first's
         finally:
             os.close(writer)  # the first run goes on
         code, stderr = first.wait()
-    assert second.returncode == 1 and second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
-    assert f"is in use by another train_gpt2.py run (pid {first.proc.pid} on {socket.gethostname()})" in second.stderr
+    assert second_code == 1 and second_err.count("\n") == 1 and "Traceback" not in second_err
+    assert f"is in use by another train_gpt2.py run (pid {first.proc.pid} on {socket.gethostname()})" in second_err
     assert code == 0, stderr[-3000:]
     assert series(tmp_path / "log", "train_loss") == series(straight, "train_loss")
     assert same_model(tmp_path / "log", straight)
@@ -1816,40 +1829,22 @@ def test_a_second_run_on_a_log_dir_in_use_is_refused_and_the_first_finishes_unto
 # The newcomer's first command
 
 
-def test_demo_builds_its_data_and_trains_end_to_end(tmp_path, capsys):
-    data, log = tmp_path / "demo_data", tmp_path / "log_demo"
-    assert (
-        main(
-            [
-                "--demo",
-                "--data-dir",
-                str(data),
-                "--log-dir",
-                str(log),
-                "--max-steps",
-                "4",
-                "--warmup-steps",
-                "1",
-                "--eval-interval",
-                "4",
-                "--val-tokens",
-                "2048",
-                "--sample-interval",
-                "4",
-                "--sample-tokens",
-                "8",
-            ]
-        )
-        == 0
-    )
+def test_demo_builds_its_data_and_trains_end_to_end(cpu_demo):
+    # conftest's cpu_demo: the demo's settings from a copy of configs/demo.toml without its dtype and compile lines,
+    # 8 steps on the CPU, val loss over 2,048 tokens (test_gpu checks the run further). `--demo` with the same flags
+    # is that run on a CPU: the same settings, once dtype and compile are resolved.
+    data, log, out = cpu_demo["data"], cpu_demo["log"], cpu_demo["out"]
+    assert cpu_demo["code"] == 0
     assert sorted(os.listdir(data))[-1].startswith("pydocs_val_") and len(os.listdir(data)) > 5
-    out = capsys.readouterr().out
     assert "val loss" in out and "sample 0: \"Hello, I'm a language model," in out
-    assert sorted(series(log, "train_loss")) == [0, 1, 2, 3]
+    assert sorted(series(log, "train_loss")) == list(range(8))
     val = series(log, "val_loss")
-    assert sorted(val) == [0, 4] and val[4] < val[0] - 0.5  # it learns (10.75 -> 9.78 measured)
-    config = checkpoint(log, 4)["config"]
+    assert sorted(val) == [0, 4, 8] and val[8] < val[0] - 1.0  # it learns (10.75 -> 9.08 measured)
+    config = checkpoint(log, 8)["config"]
     assert (config["n_layer"], config["n_embd"], config["seq_len"], config["demo"]) == (4, 128, 128, True)
+    flags = cpu_demo["argv"]
+    assert flags[:2] == ["--config", str(log.parent / "demo-auto.toml")]
+    assert asdict(parse_args(["--demo", *flags[2:]])) == config
 
 
 # -----------------------------------------------------------------------------
