@@ -40,7 +40,8 @@ def sample(model, enc, prompt, config, device):
     if streaming:
         print(prompt, end="", flush=True)
     for tokens in model.stream(idx, config.max_new_tokens, config.temperature, config.top_k, generator):
-        rows = [row + [token] for row, token in zip(rows, tokens[:, 0].tolist())]
+        for row, token in zip(rows, tokens[:, 0].tolist()):
+            row.append(token)  # in place: a copy of every row each token would grow with the sample
         text = decode(enc, rows[0])
         if streaming and not text.endswith("\ufffd"):  # else wait for the rest of a multi-byte character
             print(text[len(shown) :], end="", flush=True)
